@@ -1,0 +1,249 @@
+"""bench.py: speed and memory of the chunked scan in kernels.py, printed as tables.
+
+    python bench.py                  CPU: torch backend vs the dense SSD formulation vs the step-by-step loop,
+                                     float32, (B=4, L=4096, H=8, P=64, N=64), then memory against L
+    python bench.py --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla vs causal
+                                     scaled_dot_product_attention, bfloat16, B=8, H=32, P=64, N=128, L up to 32768
+
+Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
+CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
+held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above the inputs.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import chunked_scan, scan_reference
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dense per-chunk formulation (the form of the Mamba-2 paper's minimal SSD listing), written here for comparison:
+# every chunk's (C, C) decay matrix and the (nc + 1, nc + 1) chunk-to-chunk decay matrix are materialised at once,
+# and the pass over chunks is one matrix product instead of a loop.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _segment_sums(x):
+    """sum_{j < t <= i} x_t for i >= j, -inf above the diagonal.  (..., T) -> (..., T, T)"""
+    cum = x.cumsum(-1)
+    diff = cum[..., :, None] - cum[..., None, :]
+    causal = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool, device=x.device).tril()
+    return diff.masked_fill(~causal, float("-inf"))
+
+
+def dense_scan(q, k, v, log_decay, initial_state=None, chunk_size=64):
+    """Same contract as kernels.chunked_scan; L must be a multiple of chunk_size. q/k are expanded per head."""
+    B, L, G, N = q.shape
+    H, P = v.shape[2], v.shape[3]
+    R, C = H // G, chunk_size
+    q = q.repeat_interleave(R, dim=2).unflatten(1, (L // C, C))  # (B, nc, C, H, N)
+    k = k.repeat_interleave(R, dim=2).unflatten(1, (L // C, C))
+    v = v.unflatten(1, (L // C, C))  # (B, nc, C, H, P)
+    log_decay = log_decay.unflatten(1, (L // C, C)).permute(0, 3, 1, 2)  # (B, H, nc, C)
+    cum = log_decay.cumsum(-1)
+    within = torch.exp(_segment_sums(log_decay))  # (B, H, nc, C, C)
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", q, k, within, v)
+    decay_to_end = torch.exp(cum[..., -1:] - cum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", k, decay_to_end, v)
+    start = torch.zeros_like(states[:, :1]) if initial_state is None else initial_state[:, None].float()
+    states = torch.cat([start, states], dim=1)  # (B, nc + 1, H, P, N)
+    between = torch.exp(_segment_sums(F.pad(cum[..., -1], (1, 0))))  # (B, H, nc + 1, nc + 1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", between, states)
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", q, states[:, :-1], torch.exp(cum))
+    return (y_diag + y_off).reshape(B, L, H, P), states[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_inputs(B, L, G, H, N, P, dtype, device, requires_grad):
+    """Random scan inputs.  q, k (B, L, G, N); v (B, L, H, P); log_decay (B, L, H)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, L, G, N, generator=gen) / N ** 0.5
+    k = torch.randn(B, L, G, N, generator=gen) / N ** 0.5
+    v = torch.randn(B, L, H, P, generator=gen)
+    log_decay = -torch.rand(B, L, H, generator=gen) * 0.1
+    tensors = [q.to(dtype), k.to(dtype), v.to(dtype), log_decay]
+    return [t.to(device).requires_grad_(requires_grad) for t in tensors]
+
+
+def implementations(device):
+    """name -> function with chunked_scan's positional contract."""
+    impls = {
+        "torch": lambda *x: chunked_scan(*x, backend="torch"),
+        "dense": dense_scan,
+        "loop": scan_reference,
+    }
+    if device == "cuda":
+        impls = {"triton": lambda *x: chunked_scan(*x, backend="triton"), "torch": impls["torch"]}
+        impls.update(_external_gpu_baselines())
+    return impls
+
+
+def _external_gpu_baselines():
+    """flash-linear-attention's chunk_simple_gla (the same recurrence) when installed, and causal attention."""
+    impls = {}
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        def fla_scan(q, k, v, log_decay):  # q, k expanded per head by prepare, outside the timing
+            y, final = chunk_simple_gla(q, k, v, log_decay, scale=1.0, output_final_state=True)
+            return y, final
+
+        fla_scan.prepare = lambda q, k, v, g: [x.expand(-1, -1, v.shape[2], -1).contiguous().detach()
+                                               .requires_grad_(x.requires_grad) for x in (q, k)] + [v, g]
+        impls["fla chunk_simple_gla"] = fla_scan
+    except Exception as error:  # noqa: BLE001 - any import failure means "not available here"
+        print(f"(flash-linear-attention not available: {type(error).__name__}: {error})", file=sys.stderr)
+
+    def causal_attention(q, k, v, log_decay):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out, out.new_zeros(())
+
+    # a Transformer head of the same width: q, k, v all (B, H, L, P)
+    causal_attention.prepare = lambda q, k, v, g: [
+        torch.randn(v.shape[0], v.shape[2], v.shape[1], v.shape[3], dtype=v.dtype, device=v.device,
+                    requires_grad=v.requires_grad) for _ in range(3)] + [g]
+    impls["causal attention (sdpa)"] = causal_attention
+    return impls
+
+
+def _resident_mb():
+    """This process's current resident memory in MB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return 0.0
+
+
+def _peak_resident_mb():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KB on Linux
+
+
+def measure(impl, mode, B, L, G, H, N, P, dtype, device, repeats):
+    """Time one implementation in one mode ('fwd' or 'fwd+bwd').  Returns {seconds, tokens_per_s, peak_mb}."""
+    fn = implementations(device)[impl]
+    inputs = make_inputs(B, L, G, H, N, P, getattr(torch, dtype), device, requires_grad=(mode == "fwd+bwd"))
+    if hasattr(fn, "prepare"):
+        inputs = fn.prepare(*inputs)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def once():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(*inputs)
+        else:
+            y, final = fn(*inputs)
+            (y.float().sum() + final.float().sum()).backward()
+            for t in inputs:
+                t.grad = None
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mb = torch.cuda.memory_allocated() / 2 ** 20
+    else:
+        base_mb = _resident_mb()
+    once()  # warm-up: compilation, autotuning, allocator
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else _peak_resident_mb()
+    return {"seconds": best, "tokens_per_s": B * L / best, "peak_mb": max(0.0, peak - base_mb)}
+
+
+def measure_isolated(**spec):
+    """On the CPU, measure in a fresh process so that its peak memory belongs to this measurement alone."""
+    if spec["device"] == "cuda":
+        return measure(**spec)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", json.dumps(spec)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+
+def print_table(title, header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    print(f"\n{title}")
+    for i, row in enumerate([header] + rows):
+        print("  ".join(str(x).rjust(w) if j else str(x).ljust(w) for j, (x, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cpu_tables(repeats):
+    shape = dict(B=4, L=4096, G=1, H=8, N=64, P=64, dtype="float32", device="cpu")
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}")
+    results, rows = {}, []
+    for impl in ["torch", "dense", "loop"]:
+        for mode in ["fwd", "fwd+bwd"]:
+            r = measure_isolated(impl=impl, mode=mode, repeats=1 if impl == "loop" else repeats, **shape)
+            results[impl, mode] = r
+            rows.append([impl, mode, f"{r['seconds'] * 1e3:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}"])
+    print_table("chunked scan on CPU", ["implementation", "mode", "ms", "tokens/s", "peak MB"], rows)
+    for mode in ["fwd", "fwd+bwd"]:
+        torch_s = results["torch", mode]["seconds"]
+        print(f"{mode}: torch backend is {results['dense', mode]['seconds'] / torch_s:.1f}x faster than dense, "
+              f"{results['loop', mode]['seconds'] / torch_s:.0f}x faster than the loop")
+
+    rows = []
+    for L in [1024, 4096, 16384]:
+        r = measure_isolated(impl="torch", mode="fwd+bwd", repeats=repeats, **{**shape, "L": L})
+        rows.append([L, f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}", f"{r['peak_mb'] / L * 1024:.1f}"])
+    print_table("torch backend, fwd+bwd, against L (memory per token should stay flat)",
+                ["L", "tokens/s", "peak MB", "MB per 1k tokens"], rows)
+
+
+def gpu_tables(repeats):
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    names = list(implementations("cuda"))
+    for mode in ["fwd", "fwd+bwd"]:
+        rows = []
+        for L in [2048, 8192, 32768]:
+            row = [L]
+            for impl in names:
+                try:
+                    r = measure(impl=impl, mode=mode, B=8, L=L, G=1, H=32, N=128, P=64, dtype="bfloat16",
+                                device="cuda", repeats=repeats)
+                    row.append(f"{r['seconds'] * 1e3:.2f} ms / {r['peak_mb']:.0f} MB")
+                except Exception as error:  # noqa: BLE001 - an out-of-memory baseline is a result, not a crash
+                    row.append(type(error).__name__)
+                torch.cuda.empty_cache()
+            rows.append(row)
+        print_table(f"{mode}, bfloat16, B=8, H=32, P=64, N=128, G=1 (time / peak memory above inputs)",
+                    ["L"] + names, rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="which table to print")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions after the warm-up (best is kept)")
+    parser.add_argument("--_measure", help=argparse.SUPPRESS)  # internal: one isolated CPU measurement
+    args = parser.parse_args()
+    if args._measure:
+        print(json.dumps(measure(**json.loads(args._measure))))
+    elif args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("bench.py: --device cuda needs a CUDA GPU; run without it for the CPU table")
+        gpu_tables(args.repeats)
+    else:
+        cpu_tables(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

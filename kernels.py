@@ -1,0 +1,614 @@
+"""kernels.py: the chunked scan of a gated linear recurrence, with an initial and a final state.
+
+Every sequence mixer in this project (Mamba-2's SSD and gated linear attention) is the same recurrence. Per batch
+row and head, with a state S of shape (P, N):
+
+    S_t = exp(log_decay_t) * S_{t-1} + v_t k_t^T          (decay the memory, then write v_t at key k_t)
+    y_t = S_t q_t                                         (read the memory with query q_t)
+    S_{-1} = initial_state  (zeros when None)             final_state = S_{L-1}
+
+Mamba-2 maps onto it with q = C, k = B, v = x * dt, log_decay = A * dt; linear attention with its own q, k, v and a
+log forget gate (0 for no gate). The paper this project reproduces is about S_{-1}: models trained only from the zero
+state fail on the states that long sequences reach, so the scan must start from any state and hand its final state on.
+
+Shape letters used throughout:
+    B batch rows      L sequence length     H heads             P value width (Mamba-2's headdim)
+    G q/k groups      R = H // G heads per group (head h reads group h // R, Mamba-2's ngroups)
+    N key width (Mamba-2's d_state)         C chunk size        nc = ceil(L / C) chunks
+
+The chunked algorithm. A step-by-step loop (scan_reference) is exact but sequential in L. Cut the sequence into
+chunks of C positions; within a chunk let A_i = log_decay_0 + ... + log_decay_i (cumulative, restarted per chunk)
+and let S_prev be the state entering the chunk. Unrolling the recurrence inside the chunk gives four pieces:
+
+    1. intra-chunk output   y_i  = sum_{j<=i} exp(A_i - A_j) (q_i . k_j) v_j       a masked (C, C) "attention"
+    2. per-chunk states     X    = sum_j exp(A_last - A_j) v_j k_j^T               what the chunk alone writes
+    3. pass over chunks     S_end = exp(A_last) S_prev + X                         sequential, but only nc steps;
+                            the initial state enters at the first chunk, the final state leaves after the last
+    4. inter-chunk output   y_i += exp(A_i) S_prev q_i                             what earlier chunks contribute
+
+Pieces 1, 2 and 4 are independent across chunks (matrix products); only piece 3 is sequential, over nc steps. Every exponent
+above is a difference A_i - A_j with i >= j (or A_i itself), so it is <= 0: nothing overflows however negative the
+decay, and since A restarts at every chunk its magnitude never grows with L. Entries with j > i are masked to -inf
+before exponentiating, never computed and then zeroed.
+
+Two implementations of the same four pieces live here, and scan_reference is the definition both are tested against:
+    _scan_torch   plain PyTorch, differentiated by autograd, walking the chunks in order (fast on CPUs: every
+                  intermediate stays small); memory O(L * C), nothing L x L.
+    _scan_triton  Triton kernels for the forward and the backward, wired through torch.autograd.Function; pieces
+                  1, 2 and 4 run for all chunks at once, one program per (chunk, row, head).
+The public entry point is chunked_scan(..., backend="auto" | "torch" | "triton").
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # triton is optional: without it (macOS, no wheel) the torch path still works
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the kernels below are then defined against this stand-in and never launched
+    HAS_TRITON = False
+
+    class _TritonStandIn:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _TritonStandIn()
+
+
+def _widen_bfloat16_in_interpreted_dot():
+    """Make tl.dot correct for bfloat16 under TRITON_INTERPRET=1 (how CI runs the kernels on CPU).
+
+    triton's CPU interpreter stores bfloat16 as its raw 16 bits and multiplies those bits in tl.dot. Widening them
+    to float32 first (a bfloat16 is the top half of a float32) gives the products the GPU computes. The kernels
+    themselves are untouched; only the interpreter's dot is wrapped, and only when it has the expected shape.
+    """
+    from triton.runtime import interpreter
+    import numpy as np
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot") or getattr(builder, "_bf16_widened", False):
+        return
+    original_dot = builder.create_dot
+
+    def widen(x):
+        if x.dtype == tl.bfloat16 and x.data.dtype == np.uint16:
+            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return x
+
+    def create_dot(self, a, b, *args, **kwargs):
+        return original_dot(self, widen(a), widen(b), *args, **kwargs)
+
+    builder.create_dot, builder._bf16_widened = create_dot, True
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    _widen_bfloat16_in_interpreted_dot()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The definition
+# ----------------------------------------------------------------------------------------------------------------
+
+def scan_reference(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backend="auto"):
+    """The recurrence one step at a time, in float64: the definition every fast path is tested against.
+
+    q, k (B, L, G, N); v (B, L, H, P); log_decay (B, L, H); initial_state (B, H, P, N) or None.
+    Returns y (B, L, H, P) in v's dtype and final_state (B, H, P, N) in float32 (float64 for float64 inputs).
+    chunk_size and backend are accepted so that the signature matches chunked_scan; they change nothing here.
+    """
+    B, L, G, N = _check_inputs(q, k, v, log_decay, initial_state)
+    H, P = v.shape[2], v.shape[3]
+    R = H // G
+    state = (torch.zeros(B, H, P, N, dtype=torch.float64, device=v.device) if initial_state is None
+             else initial_state.to(torch.float64))
+    outputs = []
+    for t in range(L):
+        q_t = q[:, t].to(torch.float64).repeat_interleave(R, dim=1)  # (B, H, N)
+        k_t = k[:, t].to(torch.float64).repeat_interleave(R, dim=1)  # (B, H, N)
+        v_t = v[:, t].to(torch.float64)  # (B, H, P)
+        decay_t = torch.exp(log_decay[:, t].to(torch.float64))[:, :, None, None]  # (B, H, 1, 1)
+        state = decay_t * state + v_t[:, :, :, None] * k_t[:, :, None, :]
+        outputs.append(torch.einsum("bhpn,bhn->bhp", state, q_t))
+    y = torch.stack(outputs, dim=1) if L > 0 else v.new_zeros(B, 0, H, P, dtype=torch.float64)
+    return y.to(v.dtype), state.to(_state_dtype(v))
+
+
+def _state_dtype(v):
+    """The state is kept in float32 (float64 only when the inputs are float64, for tests)."""
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(q, k, v, log_decay, initial_state):
+    """Validate shapes with one clear message each; return (B, L, G, N)."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, L, G, N); got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    B, L, G, N = q.shape
+    if v.dim() != 4 or v.shape[:2] != (B, L):
+        raise ValueError(f"v must be (B, L, H, P) with B, L = {B}, {L} as in q; got {tuple(v.shape)}")
+    H, P = v.shape[2], v.shape[3]
+    if H % G != 0:
+        raise ValueError(f"the number of heads H={H} must be a multiple of the number of q/k groups G={G}")
+    if log_decay.shape != (B, L, H):
+        raise ValueError(f"log_decay must be (B, L, H) = {(B, L, H)}; got {tuple(log_decay.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, P, N):
+        raise ValueError(f"initial_state must be (B, H, P, N) = {(B, H, P, N)} or None; "
+                         f"got {tuple(initial_state.shape)}")
+    if L < 1:
+        raise ValueError("the sequence length L must be at least 1")
+    return B, L, G, N
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chunked algorithm in PyTorch
+# ----------------------------------------------------------------------------------------------------------------
+
+def _to_chunks(x, chunk_size):
+    """(B, L, ...) -> (B, nc, C, ...), zero-padding L up to a multiple of C.
+
+    Zero padding is harmless: a padded position has k = v = 0 (writes nothing) and log_decay = 0 (decays nothing),
+    so the state after the padding equals the state after the last real token.
+    """
+    pad = (-x.shape[1]) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    return x.unflatten(1, (x.shape[1] // chunk_size, chunk_size))
+
+
+def _masked_decay(cum_decay):
+    """exp(A_i - A_j) for i >= j and 0 above the diagonal.  (..., C) -> (..., C, C)
+
+    The mask is applied to the exponent (-inf) rather than to the result, so exp never sees a positive number and
+    no inf * 0 = nan can arise in the backward pass.
+    """
+    C = cum_decay.shape[-1]
+    diff = cum_decay[..., :, None] - cum_decay[..., None, :]
+    causal = torch.ones(C, C, dtype=torch.bool, device=cum_decay.device).tril()
+    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+
+
+def _scan_torch(q, k, v, log_decay, initial_state, chunk_size):
+    """The chunked algorithm in PyTorch, walking the chunks in order.  Shapes as chunked_scan.
+
+    Pieces 1, 2 and 4 are batched matrix products inside each chunk, and piece 3 is the hand-over from one
+    iteration to the next. Walking the chunks (rather than materialising every chunk at once, as the Triton path
+    does in parallel) keeps each intermediate a few hundred kilobytes: on a CPU they stay in cache, which measured
+    about 3x faster than the all-chunks-at-once form (bench.py). Heads are split as H = (G, R) so that q and k,
+    which have G groups, broadcast over the R heads of their group without being copied.
+    """
+    B, L, G, N = q.shape
+    H, P = v.shape[2], v.shape[3]
+    R, C = H // G, chunk_size
+    dtype = _state_dtype(v)
+    # chunk-major layouts; unbind once, because indexing chunk c inside the loop would make autograd zero-fill a
+    # full-size gradient for every chunk
+    q_chunks = _to_chunks(q.to(dtype), C).permute(1, 0, 3, 2, 4).unsqueeze(3).unbind(0)  # nc x (B, G, 1, C, N)
+    k_chunks = _to_chunks(k.to(dtype), C).permute(1, 0, 3, 2, 4).unsqueeze(3).unbind(0)  # nc x (B, G, 1, C, N)
+    v_chunks = _to_chunks(v.to(dtype), C).unflatten(3, (G, R)).permute(1, 0, 3, 4, 2, 5).unbind(0)  # (B,G,R,C,P)
+    cum_decay = _to_chunks(log_decay.to(dtype), C).cumsum(2)  # A_i, restarted at every chunk: (B, nc, C, H)
+    cum_chunks = cum_decay.unflatten(3, (G, R)).permute(1, 0, 3, 4, 2).unbind(0)  # nc x (B, G, R, C)
+
+    state = (torch.zeros(B, G, R, P, N, dtype=dtype, device=v.device) if initial_state is None
+             else initial_state.to(dtype).reshape(B, G, R, P, N))  # the initial state enters here
+    outputs = []
+    for q_c, k_c, v_c, cum in zip(q_chunks, k_chunks, v_chunks, cum_chunks):
+        # 1. intra-chunk output: a causal, decay-weighted (C, C) attention inside the chunk
+        scores = q_c @ k_c.transpose(-1, -2)  # (B, G, 1, C, C), shared by the R heads of a group
+        y = (scores * _masked_decay(cum)) @ v_c  # (B, G, R, C, P)
+        # 4. inter-chunk output: read the state entering the chunk, decayed to each position
+        y = y + (q_c * torch.exp(cum)[..., None]) @ state.transpose(-1, -2)
+        outputs.append(y)
+        # 2. what the chunk writes, decayed to its end; 3. the hand-over to the next chunk
+        decay_to_end = torch.exp(cum[..., -1:] - cum)  # (B, G, R, C)
+        written = (v_c * decay_to_end[..., None]).transpose(-1, -2) @ k_c  # (B, G, R, P, N)
+        state = torch.exp(cum[..., -1, None, None]) * state + written  # the final state leaves after the loop
+
+    y = torch.stack(outputs, dim=1)  # (B, nc, G, R, C, P)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(B, -1, H, P)[:, :L]
+    return y.to(v.dtype), state.reshape(B, H, P, N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chunked algorithm in Triton
+#
+# Layouts: q, k (B, L, G, N), v and dy (B, L, H, P) contiguous; cum (B, H, nc*C) float32 holds A restarted per
+# chunk (zero-padded, so the padding repeats A_last); states (B, nc, H, P, N) float32. Program ids are widened to
+# int64 before any offset arithmetic, so tensors beyond 2^31 elements are addressed correctly, and every grid puts
+# the large count (chunks x rows x heads) on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 stop at 65535).
+#
+# Forward:   _chunk_state_kernel (piece 2) -> _state_pass_kernel (piece 3) -> _chunk_output_kernel (pieces 1 + 4)
+# Backward:  the same three pieces run backwards. The gradient of the state at the end of chunk c obeys
+#                dS_end[c-1] = exp(A_last[c]) dS_end[c] + sum_i exp(A_i) dy_i q_i^T
+#            which is piece 3 again, in reverse, fed by a piece-2-like sum (_chunk_state_kernel with dy and q).
+#            Then _grad_qk_kernel and _grad_v_kernel differentiate pieces 1, 2 and 4 chunk by chunk.
+#            The log_decay gradient uses an identity: inside a chunk A enters only through exp(A_i) q_i,
+#            exp(-A_j) k_j and exp(A_last) S_end, so dL/dA_t = q_t.dq_t - k_t.dk_t (+ <dS_end, S_end> at the
+#            chunk's last position), with dq, dk the gradients of head h alone; log_decay_s then collects
+#            dA_t for t >= s in its chunk (a reverse cumulative sum).
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _chunk_state_kernel(rows_ptr, cols_ptr, cum_ptr, out_ptr, L, H, G, P, N, num_chunks,
+                        CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        WEIGHT_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[b, c, h] = sum_i w_i rows_i cols_i^T over chunk c: a (P, N) tile per program.
+
+    Forward (piece 2): rows = v, cols = k, w_i = exp(A_last - A_i).  Backward: rows = dy, cols = q, w_i = exp(A_i).
+    Grid: (nc * B * H, P-blocks * N-blocks).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    chunk, bh = pid % num_chunks, pid // num_chunks
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    p = (tl.program_id(1) // num_n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = (tl.program_id(1) % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_seq = t < L
+
+    cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
+    if WEIGHT_TO_END:
+        cum_last = tl.load(cum_ptr + bh * num_chunks * CHUNK + chunk * CHUNK + CHUNK - 1)
+        weight = tl.exp(cum_last - cum)
+    else:
+        weight = tl.exp(cum)
+    rows = tl.load(rows_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :],
+                   mask=in_seq[:, None] & (p[None, :] < P), other=0.0)
+    cols = tl.load(cols_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :],
+                   mask=in_seq[:, None] & (n[None, :] < N), other=0.0)
+    weighted_rows = (rows * weight[:, None]).to(cols.dtype)
+    tile = tl.dot(tl.trans(weighted_rows), cols, input_precision=DOT_PRECISION)  # (BLOCK_P, BLOCK_N)
+    out = out_ptr + ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :]
+    tl.store(out, tile, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _state_pass_kernel(states_ptr, cum_ptr, initial_ptr, final_ptr, H, state_size, num_chunks,
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_INITIAL: tl.constexpr):
+    """Piece 3, forward: S_end = exp(A_last) S_prev + X, chunk after chunk.
+
+    On entry states[b, c, h] holds X (the chunk's own contribution); on exit it holds S_prev, the state entering
+    chunk c, which is what the output kernel reads. Each program owns BLOCK entries of one (b, h) state.
+    Grid: (B * H, ceil(P * N / BLOCK)).
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < state_size
+    if HAS_INITIAL:
+        state = tl.load(initial_ptr + bh * state_size + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(num_chunks):
+        ptr = states_ptr + ((b * num_chunks + c) * H + h) * state_size + offs
+        written = tl.load(ptr, mask=valid, other=0.0)
+        tl.store(ptr, state, mask=valid)
+        chunk_decay = tl.exp(tl.load(cum_ptr + bh * num_chunks * CHUNK + c * CHUNK + CHUNK - 1))
+        state = chunk_decay * state + written
+    tl.store(final_ptr + bh * state_size + offs, state, mask=valid)
+
+
+@triton.jit
+def _state_pass_backward_kernel(dstates_ptr, states_ptr, final_ptr, dfinal_ptr, cum_ptr, dinitial_ptr,
+                                end_dot_ptr, H, state_size, num_chunks,
+                                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Piece 3, backward: dS_end[c-1] = exp(A_last[c]) dS_end[c] + D[c], from the last chunk to the first.
+
+    On entry dstates[b, c, h] holds D[c] = sum_i exp(A_i) dy_i q_i^T; on exit it holds dS_end[c], the gradient of
+    the state leaving chunk c. Also writes this block's share of <dS_end[c], S_end[c]> (for the log_decay
+    gradient) to end_dot[bh, block, c], and the initial state's gradient. Grid: (B * H, ceil(P * N / BLOCK)).
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    block = tl.program_id(1)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < state_size
+    dstate = tl.load(dfinal_ptr + bh * state_size + offs, mask=valid, other=0.0)
+    state_end = tl.load(final_ptr + bh * state_size + offs, mask=valid, other=0.0)
+    for step in range(num_chunks):
+        c = num_chunks - 1 - step
+        ptr = dstates_ptr + ((b * num_chunks + c) * H + h) * state_size + offs
+        from_outputs = tl.load(ptr, mask=valid, other=0.0)
+        tl.store(ptr, dstate, mask=valid)
+        tl.store(end_dot_ptr + (bh * tl.num_programs(1) + block) * num_chunks + c, tl.sum(dstate * state_end))
+        # the state leaving chunk c - 1 is the state entering chunk c
+        state_end = tl.load(states_ptr + ((b * num_chunks + c) * H + h) * state_size + offs, mask=valid, other=0.0)
+        chunk_decay = tl.exp(tl.load(cum_ptr + bh * num_chunks * CHUNK + c * CHUNK + CHUNK - 1))
+        dstate = chunk_decay * dstate + from_outputs
+    tl.store(dinitial_ptr + bh * state_size + offs, dstate, mask=valid)
+
+
+@triton.jit
+def _causal_decay(cum, cum_col):
+    """exp(A_i - A_j) where i >= j, else 0; the exponent is masked before exp.  (C,), (C,) -> (C, C)"""
+    i = tl.arange(0, cum.shape[0])
+    diff = cum[:, None] - cum_col[None, :]
+    return tl.exp(tl.where(i[:, None] >= i[None, :], diff, float("-inf")))
+
+
+@triton.jit
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, y_ptr, L, H, G, P, N, num_chunks,
+                         CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Pieces 1 + 4: y_i = sum_{j<=i} exp(A_i - A_j)(q_i.k_j) v_j + exp(A_i) S_prev q_i for one chunk, one head and
+    BLOCK_P value columns.  Grid: (nc * B * H, P-blocks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunk, bh = pid % num_chunks, pid // num_chunks
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    t = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_seq = t < L
+
+    cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
+    qk_mask = in_seq[:, None] & (n[None, :] < N)
+    q = tl.load(q_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
+    v = tl.load(v_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :],
+                mask=in_seq[:, None] & (p[None, :] < P), other=0.0)
+    entering = tl.load(states_ptr + ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :],
+                       mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * _causal_decay(cum, cum)  # (C, C)
+    y = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PRECISION)
+    from_state = tl.dot(q, tl.trans(entering.to(q.dtype)), input_precision=DOT_PRECISION)  # (C, BLOCK_P)
+    y += tl.exp(cum)[:, None] * from_state
+    tl.store(y_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=in_seq[:, None] & (p[None, :] < P))
+
+
+@triton.jit
+def _grad_qk_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, cum_ptr, states_ptr, dstates_ptr, dq_ptr, dk_ptr, dcum_ptr,
+                    L, H, G, P, N, num_chunks, batch,
+                    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Gradients of q and k for one chunk, one group and BLOCK_N key columns, summed over the group's R heads
+    inside the program (no atomics, deterministic). Per head h, with ds_ij = exp(A_i - A_j)(dy_i . v_j), j <= i:
+
+        dq_i += sum_j ds_ij k_j + exp(A_i) S_prev^T dy_i              (pieces 1 and 4)
+        dk_j += sum_i ds_ij q_i + exp(A_last - A_j) dS_end^T v_j      (pieces 1 and 2)
+
+    and head h's share of dL/dA_t = q_t.dq_t - k_t.dk_t over these columns goes to dcum[n_block, b, h, t].
+    Grid: (nc * B * G, N-blocks).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    chunk, bg = pid % num_chunks, pid // num_chunks
+    b, g = bg // G, bg % G
+    heads_per_group = H // G
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p = tl.arange(0, BLOCK_P)
+    t = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_seq = t < L
+
+    qk_mask = in_seq[:, None] & (n[None, :] < N)
+    qk_offs = ((b * L + t[:, None]) * G + g) * N + n[None, :]
+    q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0)
+    dq = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+    dk = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+    for r in range(heads_per_group):
+        h = g * heads_per_group + r
+        bh = b * H + h
+        cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
+        cum_last = tl.load(cum_ptr + bh * num_chunks * CHUNK + chunk * CHUNK + CHUNK - 1)
+        pv_mask = in_seq[:, None] & (p[None, :] < P)
+        pv_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]
+        v = tl.load(v_ptr + pv_offs, mask=pv_mask, other=0.0)
+        dy = tl.load(dy_ptr + pv_offs, mask=pv_mask, other=0.0).to(v.dtype)
+        state_offs = ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :]
+        state_mask = (p[:, None] < P) & (n[None, :] < N)
+        entering = tl.load(states_ptr + state_offs, mask=state_mask, other=0.0)
+        dstate_end = tl.load(dstates_ptr + state_offs, mask=state_mask, other=0.0)
+
+        ds = tl.dot(dy, tl.trans(v), input_precision=DOT_PRECISION) * _causal_decay(cum, cum)  # (C, C)
+        dq_head = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq_head += tl.exp(cum)[:, None] * tl.dot(dy, entering.to(dy.dtype), input_precision=DOT_PRECISION)
+        dk_head = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk_head += tl.exp(cum_last - cum)[:, None] * tl.dot(v, dstate_end.to(v.dtype),
+                                                             input_precision=DOT_PRECISION)
+        dcum = tl.sum(q.to(tl.float32) * dq_head, axis=1) - tl.sum(k.to(tl.float32) * dk_head, axis=1)
+        tl.store(dcum_ptr + ((tl.program_id(1) * batch + b) * H + h) * num_chunks * CHUNK + t, dcum)
+        dq += dq_head
+        dk += dk_head
+    tl.store(dq_ptr + qk_offs, dq.to(dq_ptr.dtype.element_ty), mask=qk_mask)
+    tl.store(dk_ptr + qk_offs, dk.to(dk_ptr.dtype.element_ty), mask=qk_mask)
+
+
+@triton.jit
+def _grad_v_kernel(q_ptr, k_ptr, dy_ptr, cum_ptr, dstates_ptr, dv_ptr, L, H, G, P, N, num_chunks,
+                   CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Gradient of v for one chunk, one head and BLOCK_P value columns (pieces 1 and 2):
+
+        dv_j = sum_{i>=j} exp(A_i - A_j)(q_i . k_j) dy_i + exp(A_last - A_j) dS_end k_j
+
+    Grid: (nc * B * H, P-blocks).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    chunk, bh = pid % num_chunks, pid // num_chunks
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    t = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_seq = t < L
+
+    cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
+    cum_last = tl.load(cum_ptr + bh * num_chunks * CHUNK + chunk * CHUNK + CHUNK - 1)
+    qk_mask = in_seq[:, None] & (n[None, :] < N)
+    q = tl.load(q_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
+    pv_mask = in_seq[:, None] & (p[None, :] < P)
+    dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], mask=pv_mask, other=0.0).to(k.dtype)
+    dstate_end = tl.load(dstates_ptr + ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :],
+                         mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+
+    # transposed scores: row j, column i, kept where i >= j
+    decay_t = tl.trans(_causal_decay(cum, cum))
+    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * decay_t  # (C, C)
+    dv = tl.dot(scores_t.to(dy.dtype), dy, input_precision=DOT_PRECISION)
+    dv += tl.exp(cum_last - cum)[:, None] * tl.dot(k, tl.trans(dstate_end.to(k.dtype)),
+                                                   input_precision=DOT_PRECISION)
+    tl.store(dv_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=pv_mask)
+
+
+def _block(size, cap):
+    """A power-of-two tile width: at least 16 (the smallest tl.dot operand), at most cap."""
+    return min(cap, max(16, triton.next_power_of_2(size)))
+
+
+def _dot_precision(dtype):
+    """float32 inputs get exact float32 products unless the user allowed TF32 matmuls globally."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _chunk_cumsum(log_decay, chunk_size):
+    """A restarted at every chunk.  (B, L, H) -> (B, H, nc * C) float32, contiguous along positions."""
+    cum = _to_chunks(log_decay.float(), chunk_size).cumsum(2)  # (B, nc, C, H)
+    return cum.flatten(1, 2).transpose(1, 2).contiguous()
+
+
+def _triton_states(rows, cols, cum, initial_state, chunk_size):
+    """Pieces 2 and 3 forward.  Returns states (B, nc, H, P, N) holding the state entering each chunk, and the
+    final state (B, H, P, N), both float32."""
+    B, L, H, P = rows.shape
+    G, N = cols.shape[2], cols.shape[3]
+    nc = cum.shape[2] // chunk_size
+    states = torch.empty(B, nc, H, P, N, dtype=torch.float32, device=rows.device)
+    block_p, block_n = _block(P, 64), _block(N, 64)
+    grid = (nc * B * H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))
+    _chunk_state_kernel[grid](rows, cols, cum, states, L, H, G, P, N, nc, CHUNK=chunk_size, BLOCK_P=block_p,
+                              BLOCK_N=block_n, WEIGHT_TO_END=True, DOT_PRECISION=_dot_precision(cols.dtype))
+    final = torch.empty(B, H, P, N, dtype=torch.float32, device=rows.device)
+    block = _block(P * N, 1024)
+    _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](
+        states, cum, initial_state, final, H, P * N, nc, CHUNK=chunk_size, BLOCK=block,
+        HAS_INITIAL=initial_state is not None)
+    return states, final
+
+
+class _TritonChunkedScan(torch.autograd.Function):
+    """Forward and backward of the chunked scan, each a short sequence of Triton kernels (see the section above).
+
+    Only the inputs and the final state are saved; the per-chunk states are recomputed in the backward pass, which
+    costs one cheap pass and saves (B, nc, H, P, N) float32 of activation memory per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size):
+        B, L, G, N = q.shape
+        H, P = v.shape[2], v.shape[3]
+        cum = _chunk_cumsum(log_decay, chunk_size)
+        states, final = _triton_states(v, k, cum, initial_state, chunk_size)
+        y = torch.empty_like(v)
+        block_p = _block(P, 64)
+        _chunk_output_kernel[(states.shape[1] * B * H, triton.cdiv(P, block_p))](
+            q, k, v, cum, states, y, L, H, G, P, N, states.shape[1], CHUNK=chunk_size, BLOCK_P=block_p,
+            BLOCK_N=_block(N, 128), DOT_PRECISION=_dot_precision(q.dtype))
+        ctx.save_for_backward(q, k, v, cum, initial_state, final)
+        ctx.chunk_size, ctx.log_decay_dtype = chunk_size, log_decay.dtype
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        q, k, v, cum, initial_state, final = ctx.saved_tensors
+        C = ctx.chunk_size
+        B, L, G, N = q.shape
+        H, P = v.shape[2], v.shape[3]
+        dy, dfinal = dy.contiguous(), dfinal.float().contiguous()
+        precision = _dot_precision(q.dtype)
+        states, _ = _triton_states(v, k, cum, initial_state, C)
+        nc = states.shape[1]
+
+        # backward piece 3: D[c] = sum_i exp(A_i) dy_i q_i^T, then the reverse pass turns it into dS_end[c]
+        dstates = torch.empty_like(states)
+        block_p, block_n = _block(P, 64), _block(N, 64)
+        _chunk_state_kernel[(nc * B * H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))](
+            dy, q, cum, dstates, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=block_n,
+            WEIGHT_TO_END=False, DOT_PRECISION=precision)
+        block = _block(P * N, 1024)
+        num_blocks = triton.cdiv(P * N, block)
+        end_dot = torch.empty(B * H, num_blocks, nc, dtype=torch.float32, device=q.device)
+        dinitial = torch.empty_like(final)
+        _state_pass_backward_kernel[(B * H, num_blocks)](
+            dstates, states, final, dfinal, cum, dinitial, end_dot, H, P * N, nc, CHUNK=C, BLOCK=block)
+
+        # pieces 1, 2, 4 backward
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        block_n = _block(N, 64)
+        dcum = torch.empty(triton.cdiv(N, block_n), B, H, nc * C, dtype=torch.float32, device=q.device)
+        _grad_qk_kernel[(nc * B * G, triton.cdiv(N, block_n))](
+            q, k, v, dy, cum, states, dstates, dq, dk, dcum, L, H, G, P, N, nc, B, CHUNK=C,
+            BLOCK_P=_block(P, 128), BLOCK_N=block_n, DOT_PRECISION=precision)
+        dv = torch.empty_like(v)
+        _grad_v_kernel[(nc * B * H, triton.cdiv(P, block_p))](
+            q, k, dy, cum, dstates, dv, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=_block(N, 128),
+            DOT_PRECISION=precision)
+
+        # log_decay_s collects dA_t for t >= s within its chunk; <dS_end, S_end> sits at every chunk's last
+        # position, so after the reverse cumulative sum it reaches every position of the chunk
+        dcum = dcum.sum(0).view(B, H, nc, C)
+        dlog_decay = dcum.flip(-1).cumsum(-1).flip(-1) + end_dot.sum(1).view(B, H, nc, 1)
+        dlog_decay = dlog_decay.flatten(2)[:, :, :L].transpose(1, 2).to(ctx.log_decay_dtype)
+        dinitial = None if initial_state is None else dinitial.to(initial_state.dtype)
+        return dq, dk, dv, dlog_decay, dinitial, None
+
+
+def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
+    """Checks what the kernels need, then runs them.  Shapes as chunked_scan."""
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
+                           "importing triton); use backend='torch' on CPU")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"the triton backend needs chunk_size a power of two >= 16; got {chunk_size}")
+    if max(v.shape[3], q.shape[3]) > 256:
+        raise ValueError("the triton backend supports P and N up to 256; use backend='torch' for larger heads")
+    output_dtype = v.dtype
+    compute_dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    q, k, v = (x.to(compute_dtype).contiguous() for x in (q, k, v))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    y, final_state = _TritonChunkedScan.apply(q, k, v, log_decay.contiguous(), initial_state, chunk_size)
+    return y.to(output_dtype), final_state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backend="auto"):
+    """Run the recurrence S_t = exp(log_decay_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t from initial_state.
+
+    q, k          (B, L, G, N)
+    v             (B, L, H, P)   H a multiple of G; head h reads q/k group h // (H // G)
+    log_decay     (B, L, H)      values <= 0
+    initial_state (B, H, P, N) or None (the zero state)
+    returns y (B, L, H, P) in v's dtype, final_state (B, H, P, N) in float32
+
+    backend: "torch" (plain PyTorch, any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
+    "auto" (triton for CUDA tensors when triton imports, else torch). A gradient arriving on final_state flows
+    back into every input, so callers may backpropagate through a carried state.
+    """
+    _check_inputs(q, k, v, log_decay, initial_state)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+    if backend == "auto":
+        backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch"
+    if backend == "triton":
+        return _scan_triton(q, k, v, log_decay, initial_state, chunk_size)
+    return _scan_torch(q, k, v, log_decay, initial_state, chunk_size)
