@@ -96,6 +96,25 @@ if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
 # The definition
 # ----------------------------------------------------------------------------------------------------------------
 
+def scan_step(q, k, v, log_decay, state=None):
+    """One step of the recurrence: O(1) work per token, for generation.
+
+    q, k (B, G, N); v (B, H, P); log_decay (B, H); state (B, H, P, N) or None (zeros).
+    Returns y (B, H, P) in v's dtype and the new state (B, H, P, N) in float32 (float64 for float64 inputs).
+    """
+    B, G, N = q.shape
+    H, P = v.shape[1], v.shape[2]
+    dtype = _state_dtype(v)
+    if state is None:
+        state = torch.zeros(B, H, P, N, dtype=dtype, device=v.device)
+    q = q.to(dtype).repeat_interleave(H // G, dim=1)  # (B, H, N): head h reads group h // (H // G)
+    k = k.to(dtype).repeat_interleave(H // G, dim=1)
+    decay = torch.exp(log_decay.to(dtype))[:, :, None, None]  # (B, H, 1, 1)
+    state = decay * state.to(dtype) + v.to(dtype)[:, :, :, None] * k[:, :, None, :]
+    y = (state @ q[:, :, :, None]).squeeze(-1)  # (B, H, P)
+    return y.to(v.dtype), state
+
+
 def scan_reference(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backend="auto"):
     """The recurrence one step at a time, in float64: the definition every fast path is tested against.
 
@@ -103,21 +122,14 @@ def scan_reference(q, k, v, log_decay, initial_state=None, *, chunk_size=64, bac
     Returns y (B, L, H, P) in v's dtype and final_state (B, H, P, N) in float32 (float64 for float64 inputs).
     chunk_size and backend are accepted so that the signature matches chunked_scan; they change nothing here.
     """
-    B, L, G, N = _check_inputs(q, k, v, log_decay, initial_state)
-    H, P = v.shape[2], v.shape[3]
-    R = H // G
-    state = (torch.zeros(B, H, P, N, dtype=torch.float64, device=v.device) if initial_state is None
-             else initial_state.to(torch.float64))
+    _check_inputs(q, k, v, log_decay, initial_state)
+    f64 = torch.float64
+    state = None if initial_state is None else initial_state.to(f64)
     outputs = []
-    for t in range(L):
-        q_t = q[:, t].to(torch.float64).repeat_interleave(R, dim=1)  # (B, H, N)
-        k_t = k[:, t].to(torch.float64).repeat_interleave(R, dim=1)  # (B, H, N)
-        v_t = v[:, t].to(torch.float64)  # (B, H, P)
-        decay_t = torch.exp(log_decay[:, t].to(torch.float64))[:, :, None, None]  # (B, H, 1, 1)
-        state = decay_t * state + v_t[:, :, :, None] * k_t[:, :, None, :]
-        outputs.append(torch.einsum("bhpn,bhn->bhp", state, q_t))
-    y = torch.stack(outputs, dim=1) if L > 0 else v.new_zeros(B, 0, H, P, dtype=torch.float64)
-    return y.to(v.dtype), state.to(_state_dtype(v))
+    for t in range(q.shape[1]):
+        y_t, state = scan_step(q[:, t].to(f64), k[:, t].to(f64), v[:, t].to(f64), log_decay[:, t].to(f64), state)
+        outputs.append(y_t)
+    return torch.stack(outputs, dim=1).to(v.dtype), state.to(_state_dtype(v))
 
 
 def _state_dtype(v):

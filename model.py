@@ -1,0 +1,452 @@
+"""model.py: Mamba-2 and gated linear attention language models whose recurrent state is explicit.
+
+Everything the paper studies is about the recurrent state, so the model exposes it: forward() starts from any State
+and returns the State after the last token, and step() advances it one token at a time. Reading a sequence whole,
+in uneven pieces that hand the State on, or token by token gives the same outputs (tests/test_model.py).
+
+    LM.forward(idx, targets=None, state=None) -> (logits, loss, state)    idx (B, L) -> logits (B, L, V)
+    LM.step(idx_t, state) -> (logits_t, state)                            idx_t (B,) -> logits_t (B, V)
+
+Both mixers reduce their sequence mixing to kernels.chunked_scan, S_t = exp(log_decay_t) S_{t-1} + v_t k_t^T,
+y_t = S_t q_t:
+    mamba2  the official Mamba-2 block: q = C, k = B, v = x * dt, log_decay = A * dt, with a short causal
+            convolution before the scan whose last inputs are part of the state. Parameter names follow the
+            official Mamba2 module (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj).
+    gla     gated linear attention: q, k, v projections and a data-dependent forget gate per head
+            (log_decay = logsigmoid(.) / temperature); gate="none" gives plain linear attention (log_decay = 0),
+            whose state only grows: a model that fails beyond its training length by construction.
+
+Shape letters: B batch, L length, D d_model, V vocabulary, H heads, P value width per head, N key width per head
+(Mamba-2's d_state), G q/k groups (Mamba-2's ngroups), W convolution width.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import BACKENDS, chunked_scan, scan_step
+
+MIXERS = ("mamba2", "gla")
+GATES = ("data", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an LM. vocab_size, d_model, n_layer and mixer are required."""
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    mixer: str  # "mamba2" or "gla"
+    # mamba2 (defaults of the official Mamba-2 language models)
+    d_state: int = 128  # N
+    d_conv: int = 4  # W
+    expand: int = 2  # d_inner = expand * d_model
+    headdim: int = 64  # P
+    ngroups: int = 1  # G
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple = (1.0, 16.0)
+    # gla
+    n_heads: int = 4
+    expand_k: float = 0.5  # key width = expand_k * d_model, split over the heads
+    expand_v: float = 1.0  # value width = expand_v * d_model
+    gate: str = "data"  # "data": forget gate from the input; "none": plain linear attention
+    gate_temperature: float = 16.0
+    # blocks
+    mlp: Optional[bool] = None  # a SwiGLU MLP after each mixer; None means off for mamba2, on for gla
+    norm_eps: float = 1e-5
+    pad_vocab_multiple: int = 64
+    # the scan
+    chunk_size: int = 64
+    backend: str = "auto"  # "auto", "torch" or "triton" (see kernels.chunked_scan)
+
+    def __post_init__(self):
+        if self.mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {self.mixer!r}; choose one of {MIXERS}")
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; choose one of {GATES}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        if min(self.vocab_size, self.d_model, self.n_layer) < 1:
+            raise ValueError("vocab_size, d_model and n_layer must be positive")
+        if self.mixer == "mamba2" and (self.expand * self.d_model) % self.headdim:
+            raise ValueError(f"expand * d_model = {self.expand * self.d_model} must be a multiple of "
+                             f"headdim = {self.headdim}")
+        if self.mixer == "mamba2" and ((self.expand * self.d_model) // self.headdim) % self.ngroups:
+            raise ValueError(f"the number of heads must be a multiple of ngroups = {self.ngroups}")
+        if self.mixer == "gla":
+            for name, width in (("key", self.expand_k * self.d_model), ("value", self.expand_v * self.d_model)):
+                if width != int(width) or int(width) % self.n_heads:
+                    raise ValueError(f"the {name} width {width} must be an integer multiple of n_heads = "
+                                     f"{self.n_heads}")
+        if self.mlp is None:
+            self.mlp = self.mixer == "gla"
+        self.A_init_range = tuple(self.A_init_range)
+
+    @property
+    def padded_vocab_size(self):
+        """Rows of the embedding: a multiple of pad_vocab_multiple, which makes the output matmul faster."""
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recurrent state
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class State:
+    """The model's recurrent state after some prefix: per layer, the SSM state and the convolution state.
+
+    ssm[i]   (B, H, P, N) float32: the memory S of layer i's scan
+    conv[i]  (B, conv channels, W - 1): the last W - 1 inputs of layer i's causal convolution (mamba2), or None
+    Rows are batch rows, so selecting or reordering rows selects or reorders sequences.
+    """
+    ssm: List[torch.Tensor]
+    conv: List[Optional[torch.Tensor]] = field(default_factory=list)
+
+    def map(self, fn):
+        """A new State with fn applied to every tensor."""
+        return State([fn(s) for s in self.ssm], [None if c is None else fn(c) for c in self.conv])
+
+    def detach(self):
+        """Cut the gradient history: what truncated backpropagation and state passing hand on."""
+        return self.map(torch.Tensor.detach)
+
+    def clone(self):
+        return self.map(torch.Tensor.clone)
+
+    def select(self, rows):
+        """Rows (an index tensor, a list, a slice or a boolean mask) of every tensor, in the given order."""
+        return self.map(lambda t: t[rows])
+
+    def to(self, device=None, dtype=None):
+        """Move to a device; dtype (if given) applies to the SSM states, which are float32 by default."""
+        return State([s.to(device=device, dtype=dtype or s.dtype) for s in self.ssm],
+                     [None if c is None else c.to(device=device) for c in self.conv])
+
+    def zero_rows(self, rows):
+        """The same State with the given rows (a boolean mask (B,) or indices) reset to the zero state."""
+        def zeroed(t):
+            t = t.clone()
+            t[rows] = 0
+            return t
+        return self.map(zeroed)
+
+    @property
+    def batch_size(self):
+        return self.ssm[0].shape[0]
+
+    @property
+    def device(self):
+        return self.ssm[0].device
+
+    def as_dict(self):
+        """Plain tensors in lists, which torch.load(weights_only=True) accepts."""
+        return {"ssm": list(self.ssm), "conv": list(self.conv)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(list(d["ssm"]), list(d["conv"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, computed in float32.  (..., dim) -> (..., dim)"""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: RMSNorm(x * silu(z)), normalised within groups of group_size channels.
+    x, z (..., dim) -> (..., dim)"""
+
+    def __init__(self, dim, group_size, eps=1e-5):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, z):
+        gated = (x * F.silu(z)).float().unflatten(-1, (-1, self.group_size))
+        normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed.flatten(-2) * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of the official Mamba blocks: fc2(a * silu(gate)) with (a, gate) = fc1(x).  (..., D)"""
+
+    def __init__(self, d_model):
+        super().__init__()
+        hidden = (int(8 * d_model / 3) + 127) // 128 * 128
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        a, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(a * F.silu(gate))
+
+
+def causal_conv(x, weight, bias, conv_state):
+    """Depthwise causal convolution that continues from the previous inputs held in conv_state.
+
+    x (B, L, C); weight (C, 1, W); bias (C,); conv_state (B, C, W - 1) or None (zeros: the sequence starts here).
+    Returns the output (B, L, C) and the new conv_state (B, C, W - 1), the last W - 1 inputs seen.
+    """
+    B, L, C = x.shape
+    W = weight.shape[-1]
+    x = x.transpose(1, 2)  # (B, C, L)
+    if conv_state is None:
+        conv_state = x.new_zeros(B, C, W - 1)
+    extended = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (B, C, W - 1 + L)
+    out = F.conv1d(extended, weight, bias, groups=C)  # (B, C, L): no padding, the state is the left context
+    return out.transpose(1, 2), extended[:, :, extended.shape[-1] - (W - 1):]
+
+
+def _scan(cfg, q, k, v, log_decay, ssm_state, one_step):
+    """Sequence mixing for a whole block of tokens (chunked_scan) or for one token (scan_step, O(1)).
+    q, k (B, L, G, N); v (B, L, H, P); log_decay (B, L, H) -> y (B, L, H, P), final state (B, H, P, N)."""
+    if one_step:
+        y, state = scan_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], ssm_state)
+        return y[:, None], state
+    return chunked_scan(q, k, v, log_decay, ssm_state, chunk_size=cfg.chunk_size, backend=cfg.backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixers
+# ----------------------------------------------------------------------------------------------------------------
+
+class Mamba2(nn.Module):
+    """The Mamba-2 mixer.  (B, L, D) -> (B, L, D), plus the layer's new (ssm, conv) state."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d_inner = cfg.expand * cfg.d_model
+        self.nheads = self.d_inner // cfg.headdim
+        self.conv_dim = self.d_inner + 2 * cfg.ngroups * cfg.d_state  # x, B and C all pass the convolution
+        self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner + 2 * cfg.ngroups * cfg.d_state + self.nheads,
+                                 bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True)
+        # dt = softplus(dt_raw + dt_bias) starts log-uniform in [dt_min, dt_max]: dt_bias = softplus^-1(dt)
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # A = -exp(A_log) uniform in -A_init_range: per-head decay rates from slow to fast
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*cfg.A_init_range)))
+        self.D = nn.Parameter(torch.ones(self.nheads))  # skip connection around the scan
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.ngroups, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+
+    def forward(self, u, ssm_state=None, conv_state=None, one_step=False):
+        """u (B, L, D); ssm_state (B, H, P, N) or None; conv_state (B, conv_dim, W - 1) or None."""
+        cfg = self.cfg
+        G, N, P = cfg.ngroups, cfg.d_state, cfg.headdim
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC, conv_state = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
+        x, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H), float32: it sets the decay
+        A = -torch.exp(self.A_log.float())  # (H,)
+        x = x.unflatten(-1, (self.nheads, P))  # (B, L, H, P)
+        y, ssm_state = _scan(cfg, C.unflatten(-1, (G, N)), B.unflatten(-1, (G, N)),
+                             (x * dt[..., None]).to(x.dtype), A * dt, ssm_state, one_step)
+        y = y + x * self.D[:, None].to(x.dtype)
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y), ssm_state, conv_state
+
+    def zero_state(self, batch_size, device):
+        """(ssm (B, H, P, N) float32, conv (B, conv_dim, W - 1))"""
+        return (torch.zeros(batch_size, self.nheads, self.cfg.headdim, self.cfg.d_state, device=device),
+                torch.zeros(batch_size, self.conv_dim, self.cfg.d_conv - 1, device=device))
+
+
+class GatedLinearAttention(nn.Module):
+    """Gated linear attention with a scalar forget gate per head.  (B, L, D) -> (B, L, D), plus the new state."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.key_dim, self.value_dim = int(cfg.expand_k * cfg.d_model), int(cfg.expand_v * cfg.d_model)
+        self.head_k_dim, self.head_v_dim = self.key_dim // cfg.n_heads, self.value_dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.value_dim, bias=False)
+        self.gk_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=True) if cfg.gate == "data" else None
+        self.g_proj = nn.Linear(cfg.d_model, self.value_dim, bias=False)  # output gate
+        self.g_norm = RMSNorm(self.head_v_dim, eps=cfg.norm_eps)  # per head, shared across heads
+        self.o_proj = nn.Linear(self.value_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, ssm_state=None, conv_state=None, one_step=False):
+        """x (B, L, D); ssm_state (B, H, P, N) or None; conv_state is unused (None)."""
+        H = self.cfg.n_heads
+        q = self.q_proj(x).unflatten(-1, (H, self.head_k_dim)) * self.head_k_dim ** -0.5  # (B, L, H, N)
+        k = self.k_proj(x).unflatten(-1, (H, self.head_k_dim))
+        v = self.v_proj(x).unflatten(-1, (H, self.head_v_dim))  # (B, L, H, P)
+        if self.gk_proj is None:  # plain linear attention: nothing is ever forgotten
+            log_decay = torch.zeros(*x.shape[:2], H, device=x.device)
+        else:  # the temperature keeps initial decays close to 1 (long memories), as in GLA
+            log_decay = F.logsigmoid(self.gk_proj(x).float()) / self.cfg.gate_temperature
+        y, ssm_state = _scan(self.cfg, q, k, v, log_decay, ssm_state, one_step)
+        y = self.g_norm(y) * F.silu(self.g_proj(x)).unflatten(-1, (H, self.head_v_dim))
+        return self.o_proj(y.flatten(-2)), ssm_state, None
+
+    def zero_state(self, batch_size, device):
+        return (torch.zeros(batch_size, self.cfg.n_heads, self.head_v_dim, self.head_k_dim, device=device), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The language model
+# ----------------------------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then optionally x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = Mamba2(cfg) if cfg.mixer == "mamba2" else GatedLinearAttention(cfg)
+        if cfg.mlp:
+            self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.mlp = SwiGLU(cfg.d_model)
+        else:
+            self.mlp = None
+
+    def forward(self, x, ssm_state, conv_state, one_step):
+        mixed, ssm_state, conv_state = self.mixer(self.norm(x), ssm_state, conv_state, one_step)
+        x = x + mixed
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, ssm_state, conv_state
+
+
+class LM(nn.Module):
+    """Embedding, n_layer blocks, final norm and a tied output layer.  idx (B, L) -> logits (B, L, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = nn.ModuleDict(dict(
+            embedding=nn.Embedding(cfg.padded_vocab_size, cfg.d_model),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            norm_f=RMSNorm(cfg.d_model, eps=cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.backbone.embedding.weight  # tied
+        self._init_weights()
+
+    def _init_weights(self):
+        """The official Mamba language models' scheme: embeddings N(0, 0.02), biases of linear layers zero, and the
+        projections that write into the residual stream scaled by 1 / sqrt(writes per layer * n_layer), so the
+        residual stream's variance does not grow with depth. Mixer-specific parameters keep their own init."""
+        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        writes = 2 if self.cfg.mlp else 1
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if name.endswith(("out_proj", "o_proj", "fc2")):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    module.weight /= math.sqrt(writes * self.cfg.n_layer)
+
+    def init_state(self, batch_size, device=None):
+        """The zero State for batch_size rows."""
+        device = device or self.backbone.embedding.weight.device
+        ssm, conv = zip(*(block.mixer.zero_state(batch_size, device) for block in self.backbone.layers))
+        return State(list(ssm), list(conv))
+
+    def _run(self, idx, state, one_step):
+        """Embedding -> blocks (each reading and replacing its part of the state) -> final norm -> logits."""
+        B, L = idx.shape
+        if state is not None and state.batch_size != B:
+            raise ValueError(f"the state holds {state.batch_size} rows but the input has {B}")
+        x = self.backbone.embedding(idx)
+        ssm_states, conv_states = [], []
+        for i, block in enumerate(self.backbone.layers):
+            ssm_in = None if state is None else state.ssm[i]
+            conv_in = None if state is None else state.conv[i]
+            x, ssm_out, conv_out = block(x, ssm_in, conv_in, one_step)
+            ssm_states.append(ssm_out)
+            conv_states.append(conv_out)
+        x = self.backbone.norm_f(x)
+        logits = F.linear(x, self.lm_head.weight[:self.cfg.vocab_size])  # the padding rows are not tokens
+        return logits, State(ssm_states, conv_states)
+
+    def forward(self, idx, targets=None, state=None):
+        """idx (B, L) int64; targets (B, L) or None (-1 entries are ignored); state None means the zero state.
+        Returns logits (B, L, V), the mean cross-entropy (or None) and the State after the last token."""
+        logits, state = self._run(idx, state, one_step=False)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss, state
+
+    def step(self, idx_t, state):
+        """One token per row with O(1) work: idx_t (B,) -> logits_t (B, V) and the advanced State."""
+        logits, state = self._run(idx_t[:, None], state, one_step=True)
+        return logits[:, 0], state
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None):
+        """Continue idx (B, L) by sampling max_new_tokens tokens through step(). temperature 0 means greedy.
+        Returns (B, L + max_new_tokens)."""
+        logits, _, state = self(idx, state=state)
+        logits = logits[:, -1]
+        out = [idx]
+        for i in range(max_new_tokens):
+            next_token = sample(logits, temperature, top_k)
+            out.append(next_token[:, None])
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(next_token, state)
+        return torch.cat(out, dim=1)
+
+    def num_parameters(self):
+        """Trainable parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def sample(logits, temperature=1.0, top_k=None):
+    """One token per row from logits (B, V): greedy when temperature is 0, else softmax(logits / temperature)
+    restricted to the top_k most likely tokens when top_k is given.  Returns (B,) int64."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]
+
+
+# Named model sizes. The demo sizes train on a laptop CPU in minutes (see train.py); mamba2-130m is the size of the
+# smallest official Mamba-2 language model, for GPUs.
+PRESETS = {
+    "mamba2-130m": dict(d_model=768, n_layer=24, mixer="mamba2"),
+    "gla-130m": dict(d_model=768, n_layer=12, mixer="gla"),
+}
+
+
+def parameter_table(vocab_size=50257):
+    """(name, parameters) for every preset, with the GPT-2 vocabulary by default."""
+    return [(name, LM(ModelConfig(vocab_size=vocab_size, **kwargs)).num_parameters())
+            for name, kwargs in PRESETS.items()]
+
+
+if __name__ == "__main__":
+    for name, count in parameter_table():
+        print(f"{name:14s} {count / 1e6:8.2f}M parameters")

@@ -1,0 +1,193 @@
+"""Tests of model.py: the state makes whole, piecewise and token-by-token reading identical, and the model trains.
+
+Outputs are float32 logits of magnitude ~1-10; the three reading orders differ only by float32 summation order
+(measured below 2e-6), so 1e-4 absolute catches any real difference (a dropped or doubled token moves logits by
+~1e-1).
+"""
+import sys
+
+import pytest
+import torch
+
+from kernels import HAS_TRITON
+from model import LM, PRESETS, ModelConfig, State, sample
+
+VOCAB = 97
+
+
+def small_config(mixer, backend="torch", **overrides):
+    kwargs = dict(vocab_size=VOCAB, d_model=32, n_layer=2, mixer=mixer, d_state=16, headdim=16, chunk_size=16,
+                  n_heads=2, backend=backend)
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+def require_backend(backend):
+    if backend == "triton" and not HAS_TRITON:
+        if sys.platform.startswith("linux"):
+            pytest.fail("triton is not installed; run pip install -r requirements.txt")
+        pytest.skip("triton has no wheel for this platform")
+
+
+CONFIGS = [("mamba2", {}), ("mamba2", {"ngroups": 2, "mlp": True}), ("gla", {}), ("gla", {"gate": "none"})]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mixer,overrides", CONFIGS, ids=lambda x: str(x))
+def test_whole_equals_pieces_equals_steps(backend, mixer, overrides):
+    require_backend(backend)
+    model = LM(small_config(mixer, backend, **overrides)).eval()
+    idx = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        whole, _, final = model(idx)
+        # uneven pieces: shorter than the convolution width (1 and 2 tokens), across chunk boundaries
+        state, pieces = None, []
+        for start, end in [(0, 1), (1, 3), (3, 20), (20, 21), (21, 40)]:
+            logits, _, state = model(idx[:, start:end], state=state)
+            pieces.append(logits)
+        steps, step_state = [], model.init_state(2)
+        for t in range(idx.shape[1]):
+            logits, step_state = model.step(idx[:, t], step_state)
+            steps.append(logits)
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-4)
+    assert torch.allclose(torch.stack(steps, dim=1), whole, atol=1e-4)
+    for a, b, c in zip(final.ssm, state.ssm, step_state.ssm):
+        assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+def test_gradients_reach_every_parameter(mixer):
+    model = LM(small_config(mixer, mlp=True))
+    idx = torch.randint(0, VOCAB, (2, 24))
+    _, loss, _ = model(idx[:, :-1], targets=idx[:, 1:], state=model.init_state(2))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+def test_initial_state_changes_outputs(mixer):
+    model = LM(small_config(mixer)).eval()
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        from_zero, _, _ = model(idx)
+        _, _, after_prefix = model(torch.randint(0, VOCAB, (2, 30)))
+        from_prefix, _, _ = model(idx, state=after_prefix)
+        explicit_zero, _, _ = model(idx, state=model.init_state(2))
+    assert (from_zero - from_prefix).abs().max() > 1e-2
+    assert torch.allclose(from_zero, explicit_zero, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+def test_bf16_autocast_on_cpu(mixer):
+    model = LM(small_config(mixer))
+    idx = torch.randint(0, VOCAB, (2, 33))
+    _, loss32, _ = model(idx[:, :-1], targets=idx[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss16, state = model(idx[:, :-1], targets=idx[:, 1:])
+    loss16.backward()
+    assert logits.dtype == torch.bfloat16 and state.ssm[0].dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: the loss (about log(97) = 4.6 at init) moves by well under 1%
+    assert abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
+
+
+def expected_parameters(cfg):
+    """The parameter count written out from the architecture, independently of the module code."""
+    D, V = cfg.d_model, cfg.padded_vocab_size
+    if cfg.mixer == "mamba2":
+        d_inner = cfg.expand * D
+        H, GN = d_inner // cfg.headdim, cfg.ngroups * cfg.d_state
+        conv_dim = d_inner + 2 * GN
+        mixer = (D * (2 * d_inner + 2 * GN + H)  # in_proj: z, x, B, C, dt
+                 + conv_dim * cfg.d_conv + conv_dim  # depthwise conv weight and bias
+                 + 3 * H  # dt_bias, A_log, D
+                 + d_inner  # gated norm
+                 + d_inner * D)  # out_proj
+    else:
+        key, value = int(cfg.expand_k * D), int(cfg.expand_v * D)
+        gate = (D * cfg.n_heads + cfg.n_heads) if cfg.gate == "data" else 0
+        mixer = 2 * D * key + D * value + gate + D * value + value // cfg.n_heads + value * D
+    hidden = (int(8 * D / 3) + 127) // 128 * 128
+    mlp = (D + 3 * D * hidden) if cfg.mlp else 0  # norm2, fc1 (2 * hidden outputs), fc2
+    return V * D + cfg.n_layer * (D + mixer + mlp) + D  # tied embedding, blocks, final norm
+
+
+@pytest.mark.parametrize("kwargs", [dict(PRESETS["mamba2-130m"]), dict(PRESETS["gla-130m"]),
+                                    dict(d_model=64, n_layer=3, mixer="mamba2", d_state=32, ngroups=2),
+                                    dict(d_model=64, n_layer=2, mixer="gla", gate="none", n_heads=4)])
+def test_parameter_counts(kwargs):
+    cfg = ModelConfig(vocab_size=50257, **kwargs)
+    assert LM(cfg).num_parameters() == expected_parameters(cfg)
+
+
+def test_mamba2_130m_has_the_official_size():
+    """The smallest official Mamba-2 model is called 130M; with the GPT-2 vocabulary ours has 129.0M."""
+    from model import parameter_table
+
+    counts = dict(parameter_table())
+    print(counts)
+    assert counts["mamba2-130m"] == 129_001_920
+
+
+def test_mamba2_initialisation_follows_the_official_ranges():
+    mixer = LM(ModelConfig(vocab_size=VOCAB, d_model=256, n_layer=1, mixer="mamba2")).backbone.layers[0].mixer
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    A = torch.exp(mixer.A_log)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    assert A.min() >= 1.0 and A.max() <= 16.0
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+
+
+def test_vocabulary_is_padded_but_logits_are_not():
+    model = LM(small_config("mamba2"))
+    assert model.backbone.embedding.weight.shape[0] == 128
+    logits, _, _ = model(torch.randint(0, VOCAB, (1, 5)))
+    assert logits.shape == (1, 5, VOCAB)
+
+
+def test_state_operations():
+    model = LM(small_config("mamba2"))
+    with torch.no_grad():
+        _, _, state = model(torch.randint(0, VOCAB, (3, 12)))
+    picked = state.select(torch.tensor([2, 0]))
+    assert torch.equal(picked.ssm[1][0], state.ssm[1][2]) and torch.equal(picked.conv[0][1], state.conv[0][0])
+    zeroed = state.zero_rows(torch.tensor([False, True, False]))
+    assert zeroed.ssm[0][1].abs().sum() == 0 and torch.equal(zeroed.ssm[0][0], state.ssm[0][0])
+    assert state.ssm[0][1].abs().sum() > 0  # the original is untouched
+    restored = State.from_dict(state.as_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.ssm, state.ssm))
+    assert state.to(dtype=torch.float64).ssm[0].dtype == torch.float64
+
+
+def test_generate_greedy_matches_full_forward():
+    model = LM(small_config("gla")).eval()
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    out = model.generate(prompt, max_new_tokens=5, temperature=0)
+    with torch.no_grad():
+        for t in range(6, 11):
+            logits, _, _ = model(out[:, :t])
+            assert torch.equal(logits[:, -1].argmax(-1), out[:, t])
+
+
+def test_sample_top_k_only_draws_from_the_top():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
+    draws = sample(logits, temperature=1.0, top_k=2)
+    assert set(draws.tolist()) <= {1, 2}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mixer="rnn"), "unknown mixer"),
+    (dict(mixer="gla", gate="sometimes"), "unknown gate"),
+    (dict(mixer="mamba2", headdim=48), "multiple of headdim"),
+    (dict(mixer="gla", n_heads=3), "multiple of n_heads"),
+    (dict(mixer="mamba2", backend="cuda"), "unknown backend"),
+])
+def test_bad_configs_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, **kwargs)
+
+
+def test_state_batch_mismatch_is_a_clear_error():
+    model = LM(small_config("mamba2"))
+    with pytest.raises(ValueError, match="state holds 3 rows"):
+        model(torch.randint(0, VOCAB, (2, 4)), state=model.init_state(3))
