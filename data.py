@@ -1,0 +1,421 @@
+"""data.py: corpora as flat token files, and the batches that training and evaluation read from them.
+
+    python data.py                                  the default corpus (below), byte tokens, into data/stdlib/
+    python data.py --input PATH [--name NAME] [--tokenizer gpt2]
+                                                    a text file, a folder of text files (recursive), or .jsonl /
+                                                    .jsonl.gz with a "text" field, one document per line
+
+The default corpus is the Python standard library's own source code: every .py file under the running
+interpreter's stdlib folder (site-packages excluded), one document per file, about 30 MB. Every Python installation
+carries it, so it works offline on any machine, and it is real text that nobody here wrote, with long documents and
+long-range structure (imports, names defined far above their use). It is tokenised into bytes by default: 256 byte
+tokens plus an end-of-text token, which keeps the embedding and the softmax tiny, so a small model trains fast on a
+laptop CPU. Any tiktoken encoding (gpt2, cl100k_base, ...) works too; tiktoken downloads and caches it on first use.
+
+Each document is followed by the end-of-text token; documents go to train or val by a hash of their name (10% val),
+so the split is deterministic and no document is in both. A single text file is one document; then the last 10% of
+its tokens are the validation split. Output, written under a temporary name and renamed when complete:
+data/NAME/train.bin and val.bin (uint16 when the vocabulary fits, else uint32) and meta.json.
+
+Batches (torch int64 tensors):
+    Corpus.random_windows(split, B, T)   (B, T + 1) windows at random offsets: inputs [:, :-1], targets [:, 1:]
+    StreamBatcher                        (B, T + 1) windows where row i continues exactly where it stopped in the
+                                         previous batch: truncated backpropagation through time
+    Corpus.eval_sequences(length, n)     (n, length + 1) fixed, evenly spaced sequences of the validation split
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_CORPUS = "stdlib"
+EOT = "<|endoftext|>"
+VAL_FRACTION = 0.1
+PARALLEL_ABOVE_BYTES = 16 * 2 ** 20  # inputs larger than this are tokenised by a pool of processes
+
+
+class DataError(Exception):
+    """A problem with the user's data or options, told in one line that says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------------------
+
+def bytes_encoding():
+    """256 byte tokens plus an end-of-text token (256), as a tiktoken Encoding built in code: fully offline."""
+    import tiktoken
+
+    return tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={EOT: 256})
+
+
+def get_tokenizer(name):
+    """'bytes' or any tiktoken encoding name.  Raises DataError with what to do when it cannot be had."""
+    import tiktoken
+
+    if name == "bytes":
+        return bytes_encoding()
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(f"unknown tokenizer {name!r}: use bytes or one of tiktoken's "
+                        f"({', '.join(tiktoken.list_encoding_names())})")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as error:  # noqa: BLE001 - network errors come in many types
+        raise DataError(f"could not load the {name} vocabulary ({type(error).__name__}; offline?): set "
+                        f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files, or use --tokenizer bytes")
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Documents
+# ----------------------------------------------------------------------------------------------------------------
+
+def stdlib_folder():
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_sources(path):
+    """The files a --input path stands for: itself, or every non-hidden file below a folder, sorted."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: give a text file, a folder of text files or a .jsonl(.gz) file")
+    if path.is_file():
+        return [path]
+    files = [f for f in sorted(path.rglob("*"))
+             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)]
+    if not files:
+        raise DataError(f"{path} holds no files")
+    return files
+
+
+def read_documents(files, root, skipped):
+    """Yield (key, text) for every document; key names the document for the split. Files that cannot be read
+    or are not UTF-8, and jsonl lines without a "text" string, are counted in skipped['files'/'lines']."""
+    for f in files:
+        key = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        if f.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from _read_jsonl(f, key, skipped)
+            continue
+        try:
+            yield key, f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            skipped["files"] += 1
+
+
+def _read_jsonl(f, key, skipped):
+    opener = gzip.open if f.name.endswith(".gz") else open
+    try:
+        with opener(f, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines):
+                try:
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError):
+                    skipped["lines"] += 1
+                    continue
+                yield f"{key}:{number}", text
+    except (OSError, UnicodeDecodeError, EOFError):
+        skipped["files"] += 1
+
+
+def is_validation(key, val_fraction):
+    """A stable, machine-independent coin flip per document name."""
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 10_000 < val_fraction * 10_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preparing a corpus
+# ----------------------------------------------------------------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_name):
+    global _worker_tokenizer
+    _worker_tokenizer = get_tokenizer(tokenizer_name)
+
+
+def _encode_batch(texts):
+    return [_worker_tokenizer.encode_ordinary(text) for text in texts]
+
+
+def _batches(documents, size=64):
+    batch = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encoded(documents, tokenizer_name, workers):
+    """Yield (key, tokens, characters) in document order, tokenised by a pool of processes when workers > 1."""
+    if workers <= 1:
+        _init_worker(tokenizer_name)
+        for key, text in documents:
+            yield key, _worker_tokenizer.encode_ordinary(text), len(text)
+        return
+    batches = _batches(documents)
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
+        pending = ((batch, pool.apply_async(_encode_batch, ([text for _, text in batch],))) for batch in batches)
+        window = []  # a few batches in flight keep every worker busy while order is preserved
+        for item in pending:
+            window.append(item)
+            if len(window) > 2 * workers:
+                yield from _finished(window.pop(0))
+        for item in window:
+            yield from _finished(item)
+
+
+def _finished(item):
+    batch, result = item
+    for (key, text), tokens in zip(batch, result.get()):
+        yield key, tokens, len(text)
+
+
+def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fraction=VAL_FRACTION, workers=None):
+    """Tokenise a corpus into data_dir/NAME/{train.bin, val.bin, meta.json}.  Returns the corpus folder.
+
+    input None means the default corpus (the Python standard library's source). Raises DataError on bad input.
+    """
+    enc = get_tokenizer(tokenizer)  # fail early on an unknown or unavailable tokenizer
+    if input is None:
+        root = stdlib_folder()
+        files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
+        source = f"Python {sys.version.split()[0]} standard library ({root}), *.py, site-packages excluded"
+        base = DEFAULT_CORPUS
+    else:
+        root = Path(input).resolve()
+        files = list_sources(root)
+        source = str(root)
+        base = root.name.split(".")[0] or "corpus"
+    name = name or (base if tokenizer == "bytes" else f"{base}-{tokenizer}")
+    single_document = root.is_file() and not root.name.endswith((".jsonl", ".jsonl.gz"))
+    total_bytes = sum(f.stat().st_size for f in files)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if total_bytes > PARALLEL_ABOVE_BYTES else 1
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=data_dir))  # renamed to data_dir/name when complete
+    try:
+        meta = _write_splits(files, root, enc, tokenizer, workers, val_fraction, single_document, work, total_bytes)
+        meta.update(name=name, source=source, val_fraction=val_fraction, split_rule=(
+            f"single document: the last {val_fraction:.0%} of its tokens are validation" if single_document else
+            f"by document: md5(document name) decides, {val_fraction:.0%} validation"))
+        (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        final = data_dir / name
+        if final.exists():
+            old = data_dir / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            work.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_splits(files, root, enc, tokenizer, workers, val_fraction, single_document, work, total_bytes):
+    """Stream tokens of every document into work/train.bin or work/val.bin.  Returns the counting part of meta."""
+    dtype = token_dtype(enc.n_vocab)
+    counts = {split: {"documents": 0, "tokens": 0} for split in ("train", "val")}
+    skipped = {"files": 0, "lines": 0}
+    outputs = {split: open(work / f"{split}.bin", "wb") for split in counts}
+    try:
+        documents = read_documents(files, root, skipped)
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenising ({tokenizer})") as bar:
+            for key, tokens, characters in _encoded(documents, tokenizer, workers):
+                tokens = np.asarray(tokens + [enc.eot_token], dtype=dtype)
+                if single_document:
+                    cut = len(tokens) - max(1, int(len(tokens) * val_fraction))
+                    parts = {"train": tokens[:cut], "val": tokens[cut:]}
+                else:
+                    parts = {"val" if is_validation(key, val_fraction) else "train": tokens}
+                for split, part in parts.items():
+                    part.tofile(outputs[split])
+                    counts[split]["documents"] += 1
+                    counts[split]["tokens"] += len(part)
+                bar.update(characters)
+    finally:
+        for f in outputs.values():
+            f.close()
+    if counts["train"]["documents"] + counts["val"]["documents"] == 0:
+        raise DataError(f"no documents found in {root} ({skipped['files']} files skipped as unreadable or not "
+                        f"UTF-8, {skipped['lines']} jsonl lines without a \"text\" string)")
+    for split in counts:
+        if counts[split]["tokens"] == 0:
+            raise DataError(f"the {split} split of {root} is empty: give more documents or change --val_fraction")
+    return {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
+            "dtype": np.dtype(dtype).name, "splits": counts, "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a prepared corpus
+# ----------------------------------------------------------------------------------------------------------------
+
+class Corpus:
+    """A prepared corpus: memory-mapped token files and the batches drawn from them."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            dtype = np.dtype(self.meta["dtype"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{self.folder} is not a prepared corpus (no readable meta.json): run python data.py")
+        self.name = self.meta.get("name", self.folder.name)
+        self.vocab_size = self.meta["vocab_size"]
+        self._splits = {s: np.memmap(self.folder / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
+
+    def tokens(self, split):
+        """The whole split as a 1-D memory-mapped array."""
+        return self._splits[split]
+
+    def tokenizer(self):
+        return get_tokenizer(self.meta["tokenizer"])
+
+    def random_windows(self, split, batch_size, length, generator=None):
+        """(B, length + 1) int64 windows at uniformly random offsets of a split."""
+        tokens = self._splits[split]
+        _require(len(tokens) >= length + 2, f"the {split} split of '{self.name}' has {len(tokens):,} tokens, fewer "
+                 f"than one window of {length + 1:,}: lower --seq_len or prepare a larger corpus")
+        starts = torch.randint(0, len(tokens) - length - 1, (batch_size,), generator=generator)
+        return torch.stack([_window(tokens, int(s), length + 1) for s in starts])
+
+    def eval_sequences(self, length, num_seqs, split="val"):
+        """(num_seqs, length + 1) int64: the same sequences on every call and machine for a given corpus.
+
+        The split is cut into num_seqs equal stretches; each sequence starts at the first document start of its
+        stretch (or at the stretch's start if that leaves no room), so sequences never overlap.
+        Returns the sequences and their start offsets (for the record).
+        """
+        tokens = self._splits[split]
+        need = num_seqs * (length + 1)
+        _require(len(tokens) >= need, f"the {split} split of '{self.name}' has {len(tokens):,} tokens, but {num_seqs} "
+                 f"sequences of {length + 1:,} tokens need {need:,}: lower --num_seqs or --len, or prepare a larger "
+                 f"corpus (python data.py --input PATH)")
+        stretch = len(tokens) // num_seqs
+        starts = []
+        for i in range(num_seqs):
+            lo, room = i * stretch, stretch - (length + 1)
+            boundaries = np.flatnonzero(tokens[lo:lo + room + 1] == self.meta["eot_token"])
+            starts.append(lo + int(boundaries[0]) + 1 if len(boundaries) and boundaries[0] < room else lo)
+        return torch.stack([_window(tokens, s, length + 1) for s in starts]), starts
+
+
+class StreamBatcher:
+    """Contiguous streams for truncated backpropagation through time.
+
+    The split is cut into batch_size * world_size equal lanes; row i of this rank reads its own lane, T tokens per
+    batch, so row i of batch k + 1 starts exactly where row i of batch k stopped (windows share their edge token:
+    the last target of one is the first input of the next). A lane that runs out starts over; next() reports
+    which rows did so, since their carried state no longer belongs to the text that follows.
+    """
+
+    def __init__(self, corpus, split, batch_size, length, rank=0, world_size=1, seed=0):
+        tokens = corpus.tokens(split)
+        lanes = batch_size * world_size
+        self.lane_length = len(tokens) // lanes
+        _require(self.lane_length >= length + 1, f"the {split} split of '{corpus.name}' has {len(tokens):,} tokens: "
+                 f"too few for {lanes} streams of windows of {length + 1:,}; lower --batch_size or --seq_len")
+        self.tokens, self.length = tokens, length
+        self.lane_starts = [(rank * batch_size + i) * self.lane_length for i in range(batch_size)]
+        # a seeded phase inside each lane, so different seeds read different text
+        phase = torch.randint(0, self.lane_length - length, (batch_size,), generator=torch.Generator().manual_seed(seed))
+        self.positions = [start + int(p) for start, p in zip(self.lane_starts, phase)]
+        self.fresh = True
+
+    def next(self):
+        """Returns windows (B, T + 1) int64 and restarted (B,) bool: rows whose text does not continue the
+        previous batch (all rows on the first call)."""
+        restarted = torch.full((len(self.positions),), self.fresh)
+        for i, start in enumerate(self.lane_starts):
+            if self.positions[i] + self.length + 1 > start + self.lane_length:
+                self.positions[i], restarted[i] = start, True
+        windows = torch.stack([_window(self.tokens, p, self.length + 1) for p in self.positions])
+        self.positions = [p + self.length for p in self.positions]
+        self.fresh = False
+        return windows, restarted
+
+    def state_dict(self):
+        return {"positions": list(self.positions), "fresh": self.fresh}
+
+    def load_state_dict(self, state):
+        self.positions, self.fresh = [int(p) for p in state["positions"]], bool(state["fresh"])
+
+
+def _window(tokens, start, size):
+    return torch.from_numpy(tokens[start:start + size].astype(np.int64))
+
+
+def _require(condition, message):
+    if not condition:
+        raise DataError(message)
+
+
+def load_corpus(data=DEFAULT_CORPUS, data_dir=DATA_DIR):
+    """A prepared corpus by folder or by name under data_dir. The default corpus ('stdlib', or 'stdlib-TOKENIZER')
+    is prepared on first use, so the first command a new user runs just works."""
+    folder = Path(data) if Path(data).is_dir() else Path(data_dir) / data
+    if (folder / "meta.json").exists():
+        return Corpus(folder)
+    if data == DEFAULT_CORPUS or data.startswith(DEFAULT_CORPUS + "-"):
+        tokenizer = data[len(DEFAULT_CORPUS) + 1:] or "bytes"
+        print(f"preparing the default corpus '{data}' (once; see data.py)", file=sys.stderr)
+        return Corpus(prepare(name=data, tokenizer=tokenizer, data_dir=data_dir))
+    raise DataError(f"no prepared corpus '{data}' (looked for {folder}/meta.json): prepare it with "
+                    f"python data.py --input PATH --name {data}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="text file, folder of text files, or .jsonl/.jsonl.gz with a 'text' field "
+                                        "(default: the Python standard library's source)")
+    parser.add_argument("--name", help="corpus name, the folder under --data_dir (default: from the input)")
+    parser.add_argument("--tokenizer", default="bytes", help="'bytes' (offline, 257 tokens) or a tiktoken encoding "
+                                                             "such as gpt2 (default: bytes)")
+    parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help="share of documents for validation")
+    parser.add_argument("--workers", type=int, help="tokenising processes (default: all cores for inputs over 16 MB)")
+    parser.add_argument("--data_dir", default=str(DATA_DIR), help="where corpora live (default: data/ here)")
+    args = parser.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        parser.error("--val_fraction must be between 0 and 1")
+    try:
+        folder = prepare(args.input, args.name, args.tokenizer, args.data_dir, args.val_fraction, args.workers)
+    except DataError as error:
+        sys.exit(f"data.py: error: {error}")
+    meta = json.loads((folder / "meta.json").read_text())
+    for split, c in meta["splits"].items():
+        print(f"{split:5s} {c['documents']:7,} documents {c['tokens']:13,} tokens")
+    skipped = meta["skipped"]
+    if skipped["files"] or skipped["lines"]:
+        print(f"skipped {skipped['files']} unreadable or non-UTF-8 files and {skipped['lines']} jsonl lines "
+              f"without a \"text\" string")
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()

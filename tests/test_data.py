@@ -1,0 +1,233 @@
+"""Tests of data.py on small made-up corpora: round trips, the split, the batches, the inputs and the errors."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import Corpus, DataError, StreamBatcher, load_corpus, prepare
+
+DOCS = {
+    "a.txt": "def f(x):\n    return x + 1\n" * 30,
+    "sub/b.txt": "Grüße, 世界! Unicode survives the round trip. " * 40,
+    "sub/deeper/c.md": "# heading\n\nsome text\n" * 50,
+    "d.txt": "short",
+    "e.txt": "".join(chr(ord("a") + i % 26) for i in range(3000)),
+}
+
+
+def write_folder(root, docs=DOCS):
+    for name, text in docs.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root
+
+
+def decoded_documents(corpus, split):
+    """The documents of a split, decoded back to text (they are separated by end-of-text tokens)."""
+    tokens = corpus.tokens(split).astype(np.int64)
+    enc = corpus.tokenizer()
+    eot = corpus.meta["eot_token"]
+    ends = np.flatnonzero(tokens == eot)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [enc.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends)]
+
+
+def test_round_trip_and_disjoint_split(tmp_path):
+    folder = prepare(write_folder(tmp_path / "in"), name="toy", data_dir=tmp_path / "data", val_fraction=0.4)
+    corpus = Corpus(folder)
+    train, val = decoded_documents(corpus, "train"), decoded_documents(corpus, "val")
+    assert sorted(train + val) == sorted(DOCS.values())
+    assert train and val and not set(train) & set(val)
+    meta = corpus.meta
+    assert meta["splits"]["train"]["documents"] == len(train) and meta["splits"]["val"]["documents"] == len(val)
+    assert meta["splits"]["val"]["tokens"] == len(corpus.tokens("val"))
+    assert meta["vocab_size"] == 257 and meta["dtype"] == "uint16"
+    # which split a document lands in depends on its name only
+    expected_val = {DOCS[k] for k in DOCS if data.is_validation(k, 0.4)}
+    assert set(val) == expected_val
+
+
+def test_prepare_is_deterministic_and_parallel_matches_serial(tmp_path):
+    source = write_folder(tmp_path / "in")
+    a = prepare(source, name="a", data_dir=tmp_path, workers=1, val_fraction=0.4)
+    b = prepare(source, name="b", data_dir=tmp_path, workers=2, val_fraction=0.4)
+    for split in ("train.bin", "val.bin"):
+        assert (a / split).read_bytes() == (b / split).read_bytes()
+
+
+def test_jsonl_and_gzip_inputs(tmp_path):
+    lines = [json.dumps({"text": f"document number {i} " * 20}) for i in range(30)]
+    lines += ["not json", json.dumps({"no_text": 1}), json.dumps({"text": 5})]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    for name in ("docs.jsonl", "docs.jsonl.gz"):
+        corpus = Corpus(prepare(tmp_path / name, name=name.replace(".", "_"), data_dir=tmp_path / "data"))
+        docs = decoded_documents(corpus, "train") + decoded_documents(corpus, "val")
+        assert sorted(docs) == sorted(f"document number {i} " * 20 for i in range(30))
+        assert corpus.meta["skipped"]["lines"] == 3
+
+
+def test_single_text_file_is_split_by_position(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(2000))
+    (tmp_path / "book.txt").write_text(text)
+    corpus = Corpus(prepare(tmp_path / "book.txt", data_dir=tmp_path / "data"))
+    assert corpus.name == "book"
+    tokens = np.concatenate([corpus.tokens("train"), corpus.tokens("val")]).astype(np.int64)
+    assert corpus.tokenizer().decode(tokens[:-1].tolist()) == text
+    assert abs(len(corpus.tokens("val")) / len(tokens) - 0.1) < 0.01
+    assert "single document" in corpus.meta["split_rule"]
+
+
+def test_non_utf8_files_are_skipped_and_counted(tmp_path):
+    source = write_folder(tmp_path / "in")
+    (source / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (source / ".hidden.txt").write_text("hidden files are not documents")
+    corpus = Corpus(prepare(source, data_dir=tmp_path / "data", val_fraction=0.4))
+    assert corpus.meta["skipped"]["files"] == 1
+    docs = decoded_documents(corpus, "train") + decoded_documents(corpus, "val")
+    assert len(docs) == len(DOCS)
+
+
+def test_rewriting_a_corpus_replaces_it_whole(tmp_path):
+    source = write_folder(tmp_path / "in")
+    folder = prepare(source, name="x", data_dir=tmp_path, val_fraction=0.4)
+    (source / "extra.txt").write_text("more text " * 100)
+    prepare(source, name="x", data_dir=tmp_path, val_fraction=0.4)
+    assert Corpus(folder).meta["splits"]["train"]["documents"] + Corpus(folder).meta["splits"]["val"]["documents"] \
+        == len(DOCS) + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "x"]  # no temporary folders left behind
+
+
+def stream_corpus(tmp_path, n_tokens=5000):
+    """One text file of n_tokens distinct-looking bytes (split by position: 90% train)."""
+    path = tmp_path / "stream.txt"
+    path.write_text("".join(chr(33 + (i * 7) % 90) for i in range(n_tokens)))
+    return Corpus(prepare(path, data_dir=tmp_path / "data"))
+
+
+def test_stream_batches_continue_exactly(tmp_path):
+    corpus = stream_corpus(tmp_path)
+    tokens = torch.from_numpy(corpus.tokens("train").astype(np.int64))
+    batcher = StreamBatcher(corpus, "train", batch_size=3, length=16, seed=1)
+    first, restarted = batcher.next()
+    assert restarted.all()
+    for _ in range(20):
+        second, restarted = batcher.next()
+        for i in range(3):
+            if not restarted[i]:
+                start = int(np.flatnonzero((tokens.unfold(0, 17, 1) == first[i]).all(1))[0])
+                assert torch.equal(second[i], tokens[start + 16:start + 33])  # the next 16 inputs, exactly
+                assert second[i, 0] == first[i, -1]
+        first = second
+
+
+def test_stream_lanes_wrap_and_report_it(tmp_path):
+    corpus = stream_corpus(tmp_path, n_tokens=1000)
+    batcher = StreamBatcher(corpus, "train", batch_size=2, length=50)
+    restarts = [batcher.next()[1] for _ in range(40)]
+    assert any(r.any() for r in restarts[1:])  # lanes of ~450 tokens run out within 40 windows of 50
+    saved = batcher.state_dict()
+    expected, _ = batcher.next()
+    other = StreamBatcher(corpus, "train", batch_size=2, length=50)
+    other.load_state_dict(saved)
+    assert torch.equal(other.next()[0], expected)
+
+
+def test_streams_of_different_ranks_are_disjoint(tmp_path):
+    corpus = stream_corpus(tmp_path)
+    a = StreamBatcher(corpus, "train", 2, 16, rank=0, world_size=2)
+    b = StreamBatcher(corpus, "train", 2, 16, rank=1, world_size=2)
+    assert set(a.lane_starts).isdisjoint(b.lane_starts)
+
+
+def test_random_windows_shape_and_range(tmp_path):
+    corpus = stream_corpus(tmp_path)
+    windows = corpus.random_windows("train", 4, 32, torch.Generator().manual_seed(0))
+    assert windows.shape == (4, 33) and windows.dtype == torch.int64
+    assert windows.max() < corpus.vocab_size
+
+
+def test_eval_sequences_are_fixed_disjoint_and_start_at_documents(tmp_path):
+    docs = {f"doc{i:03d}.txt": f"document {i}: " + "x" * (200 + 37 * i) for i in range(60)}
+    corpus = Corpus(prepare(write_folder(tmp_path / "in", docs), data_dir=tmp_path / "data", val_fraction=0.5))
+    seqs, starts = corpus.eval_sequences(length=300, num_seqs=4)
+    again, _ = corpus.eval_sequences(length=300, num_seqs=4)
+    assert seqs.shape == (4, 301) and torch.equal(seqs, again)
+    assert all(b - a >= 301 for a, b in zip(starts, starts[1:]))
+    val = corpus.tokens("val")
+    assert all(s == 0 or val[s - 1] == corpus.meta["eot_token"] for s in starts)
+
+
+def test_too_little_validation_text_says_how_much_there_is(tmp_path):
+    corpus = stream_corpus(tmp_path)
+    with pytest.raises(DataError, match=r"has [\d,]+ tokens, but 8 sequences of 131,073 tokens need 1,048,584"):
+        corpus.eval_sequences(length=131072, num_seqs=8)
+    with pytest.raises(DataError, match="fewer than one window"):
+        corpus.random_windows("val", 2, 100_000)
+
+
+def test_input_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(tmp_path / "missing", data_dir=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no files"):
+        prepare(tmp_path / "empty", data_dir=tmp_path)
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(DataError, match=r"no documents found .* \(1 files skipped"):
+        prepare(tmp_path / "binary", data_dir=tmp_path)
+    assert not list(tmp_path.glob(".binary*"))  # nothing half-written left behind
+    with pytest.raises(DataError, match="unknown tokenizer 'nope'"):
+        prepare(tmp_path / "binary", tokenizer="nope", data_dir=tmp_path)
+
+
+def test_tokenizer_that_cannot_be_downloaded(monkeypatch, tmp_path):
+    import tiktoken.load
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.load, "read_file_cached", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="set TIKTOKEN_CACHE_DIR .* or use --tokenizer bytes"):
+        data.get_tokenizer("cl100k_base")
+
+
+def test_gpt2_round_trip_when_its_vocabulary_is_available(tmp_path):
+    try:
+        data.get_tokenizer("gpt2")
+    except DataError:
+        if os.environ.get("TIKTOKEN_CACHE_DIR"):
+            raise  # a cache was provided, so the vocabulary must load
+        pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
+    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer="gpt2", data_dir=tmp_path / "data",
+                            val_fraction=0.4))
+    assert corpus.name == "in-gpt2" and corpus.meta["vocab_size"] == 50257
+    docs = decoded_documents(corpus, "train") + decoded_documents(corpus, "val")
+    assert sorted(docs) == sorted(DOCS.values())
+
+
+def test_wide_vocabularies_use_32_bit_tokens():
+    assert data.token_dtype(257) == np.uint16 and data.token_dtype(100_277) == np.uint32
+
+
+def test_load_corpus_prepares_the_default_and_names_missing_ones(tmp_path):
+    corpus = load_corpus("stdlib", data_dir=tmp_path)
+    # the default corpus is large enough for eval.py's default: 8 sequences of 131072 tokens
+    assert corpus.eval_sequences(length=131072, num_seqs=8)[0].shape == (8, 131073)
+    with pytest.raises(DataError, match="python data.py --input PATH --name mine"):
+        load_corpus("mine", data_dir=tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--input", str(tmp_path / "nowhere"), "--data_dir", str(tmp_path)])
+    message = str(exit_info.value.code)
+    assert message.startswith("data.py: error:") and "\n" not in message
