@@ -416,6 +416,16 @@ class LM(nn.Module):
                 logits, state = self.step(next_token, state)
         return torch.cat(out, dim=1)
 
+    def loss_per_position(self, tokens, chunk_len):
+        """Next-token loss at every position of tokens (B, L + 1), reading chunk_len tokens at a time from the
+        zero state and handing the State on, so memory does not grow with L.  Returns (B, L) float32."""
+        state, losses = None, []
+        for start in range(0, tokens.shape[1] - 1, chunk_len):
+            piece = tokens[:, start:start + chunk_len + 1]
+            logits, _, state = self(piece[:, :-1], state=state)
+            losses.append(F.cross_entropy(logits.float().transpose(1, 2), piece[:, 1:], reduction="none"))
+        return torch.cat(losses, dim=1)
+
     def num_parameters(self):
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
