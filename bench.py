@@ -4,6 +4,8 @@
                                      float32, (B=4, L=4096, H=8, P=64, N=64), then memory against L
     python bench.py --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla vs causal
                                      scaled_dot_product_attention, bfloat16, B=8, H=32, P=64, N=128, L up to 32768
+    python bench.py --eval           eval.py's default job (8 sequences, loss against position and its control) on
+                                     a model of the demo size, at --len 16384 and 131072: time and peak memory
 
 Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
@@ -229,14 +231,60 @@ def gpu_tables(repeats):
                     ["L"] + names, rows)
 
 
+def eval_measure(length, num_seqs, preset):
+    """Run eval.py's position-wise evaluation once on a checkpoint of the preset's size (random weights: speed and
+    memory do not depend on training).  Returns {seconds, tokens_per_s, peak_mb}; meant for a fresh process."""
+    import tempfile
+
+    import eval as evaluation
+    import train
+    from data import load_corpus
+    from model import LM, ModelConfig
+
+    p = train.PRESETS[preset]
+    corpus = load_corpus(p["data"])
+    cfg = ModelConfig(vocab_size=corpus.vocab_size, d_model=p["d_model"], n_layer=p["n_layer"], mixer=p["mixer"],
+                      d_state=p["d_state"], headdim=p["headdim"], expand=p["expand"], n_heads=p["n_heads"])
+    with tempfile.TemporaryDirectory() as tmp:
+        train.save_checkpoint(tmp, {"format": train.CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
+                                    "model": LM(cfg).state_dict(), "step": 0, "args": {"seq_len": p["seq_len"],
+                                    "init": "zero"}, "corpus": {"name": corpus.name, "tokenizer": "bytes"}})
+        args = evaluation.build_parser().parse_args(["--ckpt", tmp, "--len", str(length), "--num_seqs",
+                                                     str(num_seqs), "--out", os.path.join(tmp, "eval")])
+        base_mb = _resident_mb()
+        start = time.perf_counter()
+        evaluation.run(args)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens_per_s": length * num_seqs / seconds, "peak_mb": _peak_resident_mb() - base_mb}
+
+
+def eval_table(preset="demo"):
+    rows, peaks = [], {}
+    for length in (16384, 131072):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_eval_measure", str(length)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        peaks[length] = r["peak_mb"]
+        rows.append([length, f"{r['seconds']:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}"])
+    print_table(f"python eval.py --len L (8 sequences, with the control pass), {preset} model size, "
+                f"{torch.get_num_threads()} threads", ["L", "seconds", "tokens/s (model pass)", "peak MB"], rows)
+    print(f"peak memory at 131072 is {peaks[131072] / peaks[16384]:.2f}x that at 16384")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="which table to print")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions after the warm-up (best is kept)")
+    parser.add_argument("--eval", action="store_true", help="time eval.py's default job instead of the scan")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)  # internal: one isolated CPU measurement
+    parser.add_argument("--_eval_measure", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
         print(json.dumps(measure(**json.loads(args._measure))))
+    elif args._eval_measure:
+        print(json.dumps(eval_measure(args._eval_measure, 8, "demo")))
+    elif args.eval:
+        eval_table()
     elif args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("bench.py: --device cuda needs a CUDA GPU; run without it for the CPU table")

@@ -109,7 +109,7 @@ def find_checkpoints(paths):
 
 
 def load_all(paths, device, backend):
-    checkpoints = [Checkpoint(p, device, backend) for p in tqdm(paths, desc="loading", leave=False)]
+    checkpoints = [Checkpoint(p, device, backend) for p in paths]
     tokenizers = {(c.corpus.get("tokenizer"), c.model.cfg.vocab_size) for c in checkpoints}
     if len(tokenizers) > 1:
         raise EvalError(f"these checkpoints read different tokens {sorted(map(str, tokenizers))}, so they cannot "

@@ -43,16 +43,17 @@ PRESETS = {
         data=DEFAULT_CORPUS, mixer="mamba2", d_model=128, n_layer=4, d_state=64, headdim=32, expand=2, n_heads=4,
         seq_len=64, batch_size=16, grad_accum=1, max_steps=3000, lr=3e-3, min_lr=3e-4, warmup_steps=100,
         post_max_steps=500, post_lr=1e-3, post_warmup_steps=20, weight_decay=0.1, grad_clip=1.0,
-        eval_interval=250, eval_seqs=16, chunk_size=64,
+        eval_interval=250, eval_seqs=16, chunk_size=64, dt_min=0.001, dt_max=0.1, gate_temperature=16.0,
     ),
     "paper": dict(
         data=DEFAULT_CORPUS + "-gpt2", mixer="mamba2", d_model=768, n_layer=24, d_state=128, headdim=64, expand=2,
         n_heads=4, seq_len=2048, batch_size=16, grad_accum=4, max_steps=20000, lr=3e-3, min_lr=3e-4,
         warmup_steps=1000, post_max_steps=500, post_lr=3e-4, post_warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
-        eval_interval=1000, eval_seqs=16, chunk_size=64,
+        eval_interval=1000, eval_seqs=16, chunk_size=64, dt_min=0.001, dt_max=0.1, gate_temperature=16.0,
     ),
 }
-ARCHITECTURE = ("mixer", "d_model", "n_layer", "d_state", "headdim", "expand", "n_heads", "gate")
+ARCHITECTURE = ("mixer", "d_model", "n_layer", "d_state", "headdim", "expand", "n_heads", "gate", "gate_temperature",
+                "dt_min", "dt_max")
 RESUMABLE = ("resume", "device", "compile", "eval_interval", "log_interval", "stop_at", "out_dir", "backend")
 # flags that the automatic pre-training of out/zero shares with the post-training that asked for it
 PRETRAIN_SHARED = ARCHITECTURE + ("preset", "data", "data_dir", "seq_len", "batch_size", "grad_accum", "seed",
@@ -94,9 +95,14 @@ def build_parser():
     g.add_argument("--d_state", type=int, help="mamba2: N, the state size per head")
     g.add_argument("--headdim", type=int, help="mamba2: P, the value width per head")
     g.add_argument("--expand", type=int, help="mamba2: inner width / d_model")
+    g.add_argument("--dt_min", type=float, help="mamba2: smallest initial step dt; a head remembers about "
+                                                "1 / (A dt) tokens, so smaller dt means longer memories")
+    g.add_argument("--dt_max", type=float, help="mamba2: largest initial step dt")
     g.add_argument("--n_heads", type=int, help="gla: number of heads")
     g.add_argument("--gate", choices=("data", "none"), help="gla: data-dependent forget gate, or none "
                                                            "(plain linear attention)")
+    g.add_argument("--gate_temperature", type=float, help="gla: log_decay = logsigmoid(.) / temperature; higher "
+                                                          "means decays stay closer to 1 (slower forgetting)")
     g.add_argument("--backend", choices=("auto", "torch", "triton"), help="scan implementation (default auto)")
     g.add_argument("--chunk_size", type=int, help="scan chunk size")
     g = p.add_argument_group("data and optimisation (from the preset unless given)")
@@ -307,7 +313,8 @@ class Run:
         torch.manual_seed(args.seed)  # every rank builds the same initial weights
         cfg = ModelConfig(vocab_size=self.corpus.vocab_size, d_model=args.d_model, n_layer=args.n_layer,
                           mixer=args.mixer, d_state=args.d_state, headdim=args.headdim, expand=args.expand,
-                          n_heads=args.n_heads, gate=args.gate, chunk_size=args.chunk_size, backend=args.backend)
+                          n_heads=args.n_heads, gate=args.gate, chunk_size=args.chunk_size, backend=args.backend,
+                          dt_min=args.dt_min, dt_max=args.dt_max, gate_temperature=args.gate_temperature)
         return LM(cfg).to(self.device), None
 
     def _restore(self, ckpt):
