@@ -39,18 +39,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DATA_DIR, DataError, load_corpus
-from train import TrainError, checkpoint_path, load_checkpoint, model_from_checkpoint
+from train import OneLineParser, TrainError, checkpoint_path, load_checkpoint, model_from_checkpoint
 
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
 
 
 class EvalError(Exception):
     """A problem with the user's options, told in one line that says what to do."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
 
 
 def build_parser():
@@ -218,6 +213,12 @@ def plot_positions(records, path, ppl):
     ax.set_xlabel("token position")
     ax.set_ylabel("perplexity" if ppl else "loss (nats / token)")
     ax.set_title("next-token loss against position, on the same validation sequences")
+    _finish(fig, ax, path)
+
+
+def _finish(fig, ax, path):
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -301,11 +302,7 @@ def plot_effrem(records, path):
     ax.set_xlabel("t: tokens removed from the start of the context")
     ax.set_ylabel("EffRem_T(t) = TV(p(.|x[0:T]), p(.|x[t:T]))")
     ax.set_title("Effective Remembrance (dashed: t = T - training length)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

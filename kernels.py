@@ -38,7 +38,6 @@ Two implementations of the same four pieces live here, and scan_reference is the
                   1, 2 and 4 run for all chunks at once, one program per (chunk, row, head).
 The public entry point is chunked_scan(..., backend="auto" | "torch" | "triton").
 """
-import math
 import os
 
 import torch
@@ -246,6 +245,16 @@ def _scan_torch(q, k, v, log_decay, initial_state, chunk_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _chunk_and_head(num_chunks, H, G):
+    """Which (chunk, b * H + h, b, h, g) this program works on, for grids whose axis 0 runs over nc * B * H.
+    The program id is widened to int64 first, so the offsets derived from it cannot overflow."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunk, bh = pid % num_chunks, pid // num_chunks
+    h = bh % H
+    return chunk, bh, bh // H, h, h // (H // G)
+
+
+@triton.jit
 def _chunk_state_kernel(rows_ptr, cols_ptr, cum_ptr, out_ptr, L, H, G, P, N, num_chunks,
                         CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                         WEIGHT_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -254,10 +263,7 @@ def _chunk_state_kernel(rows_ptr, cols_ptr, cum_ptr, out_ptr, L, H, G, P, N, num
     Forward (piece 2): rows = v, cols = k, w_i = exp(A_last - A_i).  Backward: rows = dy, cols = q, w_i = exp(A_i).
     Grid: (nc * B * H, P-blocks * N-blocks).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    chunk, bh = pid % num_chunks, pid // num_chunks
-    b, h = bh // H, bh % H
-    g = h // (H // G)
+    chunk, bh, b, h, g = _chunk_and_head(num_chunks, H, G)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     p = (tl.program_id(1) // num_n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = (tl.program_id(1) % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -350,10 +356,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, y_ptr, L, H, 
                          DOT_PRECISION: tl.constexpr):
     """Pieces 1 + 4: y_i = sum_{j<=i} exp(A_i - A_j)(q_i.k_j) v_j + exp(A_i) S_prev q_i for one chunk, one head and
     BLOCK_P value columns.  Grid: (nc * B * H, P-blocks)."""
-    pid = tl.program_id(0).to(tl.int64)
-    chunk, bh = pid % num_chunks, pid // num_chunks
-    b, h = bh // H, bh % H
-    g = h // (H // G)
+    chunk, bh, b, h, g = _chunk_and_head(num_chunks, H, G)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     t = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -443,10 +446,7 @@ def _grad_v_kernel(q_ptr, k_ptr, dy_ptr, cum_ptr, dstates_ptr, dv_ptr, L, H, G, 
 
     Grid: (nc * B * H, P-blocks).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    chunk, bh = pid % num_chunks, pid // num_chunks
-    b, h = bh // H, bh % H
-    g = h // (H // G)
+    chunk, bh, b, h, g = _chunk_and_head(num_chunks, H, G)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     t = chunk * CHUNK + tl.arange(0, CHUNK)

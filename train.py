@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, load_corpus
 from interventions import INITS, make_intervention
-from model import LM, MIXERS, ModelConfig, State
+from model import LM, MIXERS, ModelConfig
 
 CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
 
