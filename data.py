@@ -323,7 +323,10 @@ class Corpus:
             lo, room = i * stretch, stretch - (length + 1)
             boundaries = np.flatnonzero(tokens[lo:lo + room + 1] == self.meta["eot_token"])
             starts.append(lo + int(boundaries[0]) + 1 if len(boundaries) and boundaries[0] < room else lo)
-        return torch.stack([_window(tokens, s, length + 1) for s in starts]), starts
+        sequences = torch.empty(num_seqs, length + 1, dtype=torch.int64)  # filled in place: one copy, not two
+        for row, start in zip(sequences, starts):
+            row.copy_(torch.from_numpy(tokens[start:start + length + 1].astype(np.int64)))
+        return sequences, starts
 
 
 class StreamBatcher:

@@ -133,18 +133,21 @@ def position_losses(model, sequences, chunk, device, autocast, desc=None):
 @torch.no_grad()
 def control_losses(model, sequences, T, device, autocast, batch=64):
     """The control: per-position loss (n, L) with the state reset to zero every T tokens, so every position is
-    read with at most T tokens of context, exactly as in training. Computed as independent windows, in batches."""
-    n, L = sequences.shape[0], sequences.shape[1] - 1
-    padded = F.pad(sequences, (0, (-L) % T), value=0)  # whole windows; the padding's losses are dropped below
-    windows = padded.unfold(1, T + 1, T) if padded.shape[1] > T else padded[:, None]
-    windows = windows.reshape(-1, windows.shape[-1])
-    losses = []
-    for part in windows.split(batch):
-        with autocast:
-            logits, _, _ = model(part[:, :-1].to(device))
-        losses.append(F.cross_entropy(logits.float().transpose(1, 2), part[:, 1:].to(device), reduction="none")
-                      .cpu())
-    return torch.cat(losses).reshape(n, -1)[:, :L]
+    read with at most T tokens of context, exactly as in training. Each sequence is cut into independent windows,
+    read in batches (one sequence at a time, so memory does not grow with L)."""
+    rows = []
+    for seq in sequences:
+        L = seq.shape[0] - 1
+        padded = F.pad(seq, (0, (-L) % T), value=0)  # whole windows; the padding's losses are dropped below
+        windows = padded.unfold(0, T + 1, T) if padded.shape[0] > T else padded[None]
+        losses = []
+        for part in windows.split(batch):
+            with autocast:
+                logits, _, _ = model(part[:, :-1].to(device))
+            losses.append(F.cross_entropy(logits.float().transpose(1, 2), part[:, 1:].to(device),
+                                          reduction="none").flatten().cpu())
+        rows.append(torch.cat(losses)[:L])
+    return torch.stack(rows)
 
 
 def log_bins(length, bins):
