@@ -341,25 +341,35 @@ def evaluate_state_stats(checkpoints, sequences, args, device, autocast):
             for c in tqdm(checkpoints, desc="state statistics", leave=False)]
 
 
-def plot_state_stats(records, path):
+def plot_state_stats(records, path, columns=4):
+    """One panel per checkpoint and statistic (norm above std), at most `columns` checkpoints per row, with a
+    shared y-range per statistic so that models can be compared at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(records), figsize=(4.5 * len(records), 7), squeeze=False)
-    for col, r in enumerate(records):
-        for row, key in enumerate(("norm", "std")):
-            ax = axes[row, col]
+    ncols = min(columns, len(records))
+    groups = math.ceil(len(records) / ncols)
+    fig, axes = plt.subplots(2 * groups, ncols, figsize=(4.2 * ncols, 3.4 * 2 * groups), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for i, r in enumerate(records):
+        for offset, key in enumerate(("norm", "std")):
+            ax = axes[2 * (i // ncols) + offset, i % ncols]
+            ax.set_visible(True)
             for layer, values in enumerate(r[key]):
                 ax.plot(r["positions"], values, label=f"layer {layer}")
             ax.axvline(r["T"], color="gray", linestyle="--", linewidth=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            values = [v for rec in records for layer in rec[key] for v in layer if v > 0]
+            ax.set_ylim(min(values) / 1.2, max(values) * 1.2)
             ax.set_xlabel("token position")
             ax.set_title(f"{r['label']}: state {key}", fontsize=9)
             ax.grid(alpha=0.3)
-        axes[0, col].legend(fontsize=7)
+            if i == 0:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
