@@ -347,7 +347,8 @@ class StreamBatcher:
         self.tokens, self.length = tokens, length
         self.lane_starts = [(rank * batch_size + i) * self.lane_length for i in range(batch_size)]
         # a seeded phase inside each lane, so different seeds read different text
-        phase = torch.randint(0, self.lane_length - length, (batch_size,), generator=torch.Generator().manual_seed(seed))
+        seeded = torch.Generator().manual_seed(seed)
+        phase = torch.randint(0, self.lane_length - length, (batch_size,), generator=seeded)
         self.positions = [start + int(p) for start, p in zip(self.lane_starts, phase)]
         self.fresh = True
 

@@ -26,14 +26,14 @@ and let S_prev be the state entering the chunk. Unrolling the recurrence inside 
                             the initial state enters at the first chunk, the final state leaves after the last
     4. inter-chunk output   y_i += exp(A_i) S_prev q_i                             what earlier chunks contribute
 
-Pieces 1, 2 and 4 are independent across chunks (matrix products); only piece 3 is sequential, over nc steps. Every exponent
-above is a difference A_i - A_j with i >= j (or A_i itself), so it is <= 0: nothing overflows however negative the
-decay, and since A restarts at every chunk its magnitude never grows with L. Entries with j > i are masked to -inf
-before exponentiating, never computed and then zeroed.
+Pieces 1, 2 and 4 are independent across chunks (matrix products); only piece 3 is sequential, over nc steps. Every
+exponent above is a difference A_i - A_j with i >= j (or A_i itself), so with log_decay <= 0 it is <= 0: nothing
+overflows however negative the decay, and since A restarts at every chunk its magnitude never grows with L. Entries
+with j > i are masked to -inf before exponentiating, never computed and then zeroed.
 
 Two implementations of the same four pieces live here, and scan_reference is the definition both are tested against:
     _scan_torch   plain PyTorch, differentiated by autograd, walking the chunks in order (fast on CPUs: every
-                  intermediate stays small); memory O(L * C), nothing L x L.
+                  intermediate stays small); activation memory O(B * H * L * C), nothing L x L.
     _scan_triton  Triton kernels for the forward and the backward, wired through torch.autograd.Function; pieces
                   1, 2 and 4 run for all chunks at once, one program per (chunk, row, head).
 The public entry point is chunked_scan(..., backend="auto" | "torch" | "triton").
@@ -193,6 +193,12 @@ def _scan_torch(q, k, v, log_decay, initial_state, chunk_size):
     about 3x faster than the all-chunks-at-once form (bench.py). Heads are split as H = (G, R) so that q and k,
     which have G groups, broadcast over the R heads of their group without being copied.
     """
+    with torch.autocast(q.device.type, enabled=False):  # float32 products even inside an autocast region
+        return _scan_torch_chunks(q, k, v, log_decay, initial_state, chunk_size)
+
+
+def _scan_torch_chunks(q, k, v, log_decay, initial_state, chunk_size):
+    """The body of _scan_torch.  Shapes as chunked_scan."""
     B, L, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
     R, C = H // G, chunk_size
@@ -229,9 +235,10 @@ def _scan_torch(q, k, v, log_decay, initial_state, chunk_size):
 # The chunked algorithm in Triton
 #
 # Layouts: q, k (B, L, G, N), v and dy (B, L, H, P) contiguous; cum (B, H, nc*C) float32 holds A restarted per
-# chunk (zero-padded, so the padding repeats A_last); states (B, nc, H, P, N) float32. Program ids are widened to
-# int64 before any offset arithmetic, so tensors beyond 2^31 elements are addressed correctly, and every grid puts
-# the large count (chunks x rows x heads) on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 stop at 65535).
+# chunk (zero-padded, so the padding repeats A_last); states (B, nc, H, P, N) float32. The axis-0 program id, which
+# carries the large count (chunks x rows x heads; its limit is 2^31 - 1, while axes 1 and 2 stop at 65535), is
+# widened to int64 before any offset arithmetic, so tensors beyond 2^31 elements are addressed correctly; axis 1
+# only counts a few column tiles and stays int32. P and N are each one tile of at most 128 columns.
 #
 # Forward:   _chunk_state_kernel (piece 2) -> _state_pass_kernel (piece 3) -> _chunk_output_kernel (pieces 1 + 4)
 # Backward:  the same three pieces run backwards. The gradient of the state at the end of chunk c obeys
@@ -559,7 +566,8 @@ class _TritonChunkedScan(torch.autograd.Function):
         dcum = torch.empty(triton.cdiv(N, block_n), B, H, nc * C, dtype=torch.float32, device=q.device)
         _grad_qk_kernel[(nc * B * G, triton.cdiv(N, block_n))](
             q, k, v, dy, cum, states, dstates, dq, dk, dcum, L, H, G, P, N, nc, B, CHUNK=C,
-            BLOCK_P=_block(P, 128), BLOCK_N=block_n, DOT_PRECISION=precision)
+            BLOCK_P=_block(P, 128), BLOCK_N=block_n, DOT_PRECISION=precision,
+            num_stages=1)  # its loop over heads would otherwise be software-pipelined beyond shared memory
         dv = torch.empty_like(v)
         _grad_v_kernel[(nc * B * H, triton.cdiv(P, block_p))](
             q, k, dy, cum, dstates, dv, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=_block(N, 128),
@@ -574,6 +582,16 @@ class _TritonChunkedScan(torch.autograd.Function):
         return dq, dk, dv, dlog_decay, dinitial, None
 
 
+MAX_TRITON_WIDTH = 128  # P and N are each read as a single tile of up to 128 columns
+MAX_TRITON_CHUNK = 128  # larger chunks would not fit the backward kernels in shared memory
+
+
+def triton_supports(q, v, chunk_size):
+    """Whether the Triton kernels handle these sizes: P, N <= 128 and a power-of-two chunk in [16, 128]."""
+    return (max(v.shape[3], q.shape[3]) <= MAX_TRITON_WIDTH and 16 <= chunk_size <= MAX_TRITON_CHUNK
+            and chunk_size & (chunk_size - 1) == 0)
+
+
 def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
     """Checks what the kernels need, then runs them.  Shapes as chunked_scan."""
     if not HAS_TRITON:
@@ -581,12 +599,14 @@ def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
                            "importing triton); use backend='torch' on CPU")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"the triton backend needs chunk_size a power of two >= 16; got {chunk_size}")
-    if max(v.shape[3], q.shape[3]) > 256:
-        raise ValueError("the triton backend supports P and N up to 256; use backend='torch' for larger heads")
+    if not triton_supports(q, v, chunk_size):
+        raise ValueError(f"the triton backend needs P, N <= {MAX_TRITON_WIDTH} and chunk_size a power of two in "
+                         f"[16, {MAX_TRITON_CHUNK}]; got P={v.shape[3]}, N={q.shape[3]}, chunk_size={chunk_size}: "
+                         f"use backend='torch' (or 'auto', which does so for these sizes)")
     output_dtype = v.dtype
-    compute_dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    # matrix products run in bfloat16/float16 only when all of q, k, v are in it; anything else runs in float32
+    low = {q.dtype, k.dtype, v.dtype}
+    compute_dtype = low.pop() if len(low) == 1 and v.dtype in (torch.float16, torch.bfloat16) else torch.float32
     q, k, v = (x.to(compute_dtype).contiguous() for x in (q, k, v))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
@@ -610,9 +630,10 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
     initial_state (B, H, P, N) or None (the zero state)
     returns y (B, L, H, P) in v's dtype, final_state (B, H, P, N) in float32
 
-    backend: "torch" (plain PyTorch, any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
-    "auto" (triton for CUDA tensors when triton imports, else torch). A gradient arriving on final_state flows
-    back into every input, so callers may backpropagate through a carried state.
+    backend: "torch" (plain PyTorch, any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1; P, N <= 128,
+    chunk_size a power of two in [16, 128]), "auto" (triton for CUDA tensors when triton imports and supports the
+    sizes, else torch). log_decay must be <= 0: the numerical safety of both paths rests on it. A gradient arriving
+    on final_state flows back into every input, so callers may backpropagate through a carried state.
     """
     _check_inputs(q, k, v, log_decay, initial_state)
     if backend not in BACKENDS:
@@ -620,7 +641,7 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     if backend == "auto":
-        backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch"
+        backend = "triton" if (HAS_TRITON and q.is_cuda and triton_supports(q, v, chunk_size)) else "torch"
     if backend == "triton":
         return _scan_triton(q, k, v, log_decay, initial_state, chunk_size)
     return _scan_torch(q, k, v, log_decay, initial_state, chunk_size)

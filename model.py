@@ -10,8 +10,10 @@ in uneven pieces that hand the State on, or token by token gives the same output
 Both mixers reduce their sequence mixing to kernels.chunked_scan, S_t = exp(log_decay_t) S_{t-1} + v_t k_t^T,
 y_t = S_t q_t:
     mamba2  the official Mamba-2 block: q = C, k = B, v = x * dt, log_decay = A * dt, with a short causal
-            convolution before the scan whose last inputs are part of the state. Parameter names follow the
-            official Mamba2 module (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj).
+            convolution before the scan whose last inputs are part of the state. Parameter names, initialisation
+            and the order of operations follow the official Mamba2 module (in_proj, conv1d, dt_bias, A_log, D,
+            norm, out_proj). Differences: the convolution state holds the last W - 1 inputs (the official one
+            keeps W), and the defaults chunk_size 64 and vocabulary padding 64 (official: 256 and 16).
     gla     gated linear attention: q, k, v projections and a data-dependent forget gate per head
             (log_decay = logsigmoid(.) / temperature); gate="none" gives plain linear attention (log_decay = 0),
             whose state only grows: a model that fails beyond its training length by construction.
@@ -128,7 +130,8 @@ class State:
         return self.map(lambda t: t[rows])
 
     def to(self, device=None, dtype=None):
-        """Move to a device; dtype (if given) applies to the SSM states, which are float32 by default."""
+        """Move to a device; dtype (if given) applies to the SSM states, which are float32 by default. Convolution
+        states keep their dtype (that of the activations: bfloat16 under autocast)."""
         return State([s.to(device=device, dtype=dtype or s.dtype) for s in self.ssm],
                      [None if c is None else c.to(device=device) for c in self.conv])
 
@@ -185,7 +188,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x, z):
-        gated = (x * F.silu(z)).float().unflatten(-1, (-1, self.group_size))
+        # the gate is applied in float32, as the official kernel does
+        gated = (x.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))
         normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed.flatten(-2) * self.weight.float()).to(x.dtype)
 
@@ -217,7 +221,8 @@ def causal_conv(x, weight, bias, conv_state):
         conv_state = x.new_zeros(B, C, W - 1)
     extended = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (B, C, W - 1 + L)
     out = F.conv1d(extended, weight, bias, groups=C)  # (B, C, L): no padding, the state is the left context
-    return out.transpose(1, 2), extended[:, :, extended.shape[-1] - (W - 1):]
+    # a copy, not a view: a view would keep the whole (B, C, W - 1 + L) input alive inside the state
+    return out.transpose(1, 2), extended[:, :, extended.shape[-1] - (W - 1):].clone()
 
 
 def _scan(cfg, q, k, v, log_decay, ssm_state, one_step):
@@ -447,7 +452,7 @@ def sample(logits, temperature=1.0, top_k=None):
 # smallest official Mamba-2 language model, for GPUs.
 PRESETS = {
     "mamba2-130m": dict(d_model=768, n_layer=24, mixer="mamba2"),
-    "gla-130m": dict(d_model=768, n_layer=12, mixer="gla"),
+    "gla-130m": dict(d_model=768, n_layer=12, mixer="gla", n_heads=8),  # heads of N=48, P=96
 }
 
 

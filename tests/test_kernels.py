@@ -191,6 +191,15 @@ def test_bad_shapes_raise_clear_errors(change, message):
         chunked_scan(*inputs)
 
 
+@pytest.mark.parametrize("N,P,chunk", [(192, 16, 16), (16, 256, 16), (16, 16, 256)])
+def test_triton_refuses_sizes_its_tiles_do_not_cover(N, P, chunk):
+    """P and N are single tiles of at most 128 columns: wider heads must be refused, never silently truncated."""
+    require_backend("triton")
+    inputs = make_inputs(1, 8, 1, 1, N, P)
+    with pytest.raises(ValueError, match="P, N <= 128"):
+        chunked_scan(*inputs, chunk_size=chunk, backend="triton")
+
+
 def test_bad_options_raise_clear_errors():
     inputs = make_inputs(1, 10, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="backend must be one of"):

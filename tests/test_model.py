@@ -159,6 +159,15 @@ def test_state_operations():
     assert state.to(dtype=torch.float64).ssm[0].dtype == torch.float64
 
 
+def test_convolution_state_does_not_hold_the_whole_input():
+    """The state must own only its W - 1 columns; a view would keep the sequence's activations alive."""
+    model = LM(small_config("mamba2"))
+    with torch.no_grad():
+        _, _, state = model(torch.randint(0, VOCAB, (2, 300)))
+    for conv in state.conv:
+        assert conv.untyped_storage().nbytes() == conv.numel() * conv.element_size()
+
+
 def test_generate_greedy_matches_full_forward():
     model = LM(small_config("gla")).eval()
     prompt = torch.randint(0, VOCAB, (2, 6))
