@@ -21,7 +21,8 @@ Batches (torch int64 tensors):
     Corpus.random_windows(split, B, T)   (B, T + 1) windows at random offsets: inputs [:, :-1], targets [:, 1:]
     StreamBatcher                        (B, T + 1) windows where row i continues exactly where it stopped in the
                                          previous batch: truncated backpropagation through time
-    Corpus.eval_sequences(length, n)     (n, length + 1) fixed, evenly spaced sequences of the validation split
+    Corpus.eval_sequences(length, n)     (n, length + 1) fixed, evenly spaced sequences of the validation split,
+                                         and their start offsets
 """
 import argparse
 import gzip
@@ -305,18 +306,19 @@ class Corpus:
         starts = torch.randint(0, len(tokens) - length - 1, (batch_size,), generator=generator)
         return torch.stack([_window(tokens, int(s), length + 1) for s in starts])
 
-    def eval_sequences(self, length, num_seqs, split="val"):
+    def eval_sequences(self, length, num_seqs, split="val", flags=("--num_seqs", "--len")):
         """(num_seqs, length + 1) int64: the same sequences on every call and machine for a given corpus.
 
         The split is cut into num_seqs equal stretches; each sequence starts at the first document start of its
         stretch (or at the stretch's start if that leaves no room), so sequences never overlap.
-        Returns the sequences and their start offsets (for the record).
+        Returns the sequences and their start offsets (for the record). flags names the caller's options for the
+        number and the length of sequences, for the error message.
         """
         tokens = self._splits[split]
         need = num_seqs * (length + 1)
         _require(len(tokens) >= need, f"the {split} split of '{self.name}' has {len(tokens):,} tokens, but {num_seqs} "
-                 f"sequences of {length + 1:,} tokens need {need:,}: lower --num_seqs or --len, or prepare a larger "
-                 f"corpus (python data.py --input PATH)")
+                 f"sequences of {length + 1:,} tokens need {need:,}: lower {flags[0]} or {flags[1]}, or prepare a "
+                 f"larger corpus (python data.py --input PATH)")
         stretch = len(tokens) // num_seqs
         starts = []
         for i in range(num_seqs):

@@ -42,6 +42,7 @@ from data import DATA_DIR, DataError, load_corpus
 from train import OneLineParser, TrainError, checkpoint_path, load_checkpoint, model_from_checkpoint
 
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
+LOGITS_BUDGET = 2 ** 26  # logits held at once (256 MB in float32): bounds memory whatever the vocabulary
 
 
 class EvalError(Exception):
@@ -55,7 +56,8 @@ def build_parser():
                                                    "(default: every out/*/ckpt.pt)")
     p.add_argument("--len", type=int, default=131072, help="tokens per evaluation sequence (default 131072)")
     p.add_argument("--num_seqs", type=int, default=8, help="evaluation sequences (default 8)")
-    p.add_argument("--chunk", type=int, default=8192, help="tokens read at a time; the state is handed on")
+    p.add_argument("--chunk", type=int, default=8192, help="tokens read at a time; the state is handed on "
+                                                          "(lowered for large vocabularies: logits stay under 256 MB)")
     p.add_argument("--out", default="eval", help="output folder (default eval/)")
     p.add_argument("--data", help="corpus to read (default: the one the first checkpoint was trained on)")
     p.add_argument("--data_dir", default=str(DATA_DIR))
@@ -130,11 +132,18 @@ def position_losses(model, sequences, chunk, device, autocast, desc=None):
     return torch.stack(rows)
 
 
+def tokens_per_read(chunk, logits_per_token):
+    """--chunk, lowered when its logits (logits_per_token = rows read together x vocabulary) would exceed
+    LOGITS_BUDGET: memory stays bounded whatever the vocabulary."""
+    return max(1, min(chunk, LOGITS_BUDGET // logits_per_token))
+
+
 @torch.no_grad()
-def control_losses(model, sequences, T, device, autocast, batch=64):
+def control_losses(model, sequences, T, device, autocast):
     """The control: per-position loss (n, L) with the state reset to zero every T tokens, so every position is
     read with at most T tokens of context, exactly as in training. Each sequence is cut into independent windows,
-    read in batches (one sequence at a time, so memory does not grow with L)."""
+    read in batches of at most LOGITS_BUDGET logits (one sequence at a time, so memory does not grow with L)."""
+    batch = max(1, LOGITS_BUDGET // (T * model.cfg.vocab_size))
     rows = []
     for seq in sequences:
         L = seq.shape[0] - 1
@@ -168,12 +177,12 @@ def binned(losses, bins):
 
 
 def summary(losses, T):
-    """Mean loss in [T/2, T), [2T, 8T) and [8T, len): None where the sequence is too short for the band."""
+    """Mean loss in [T/2, T), [2T, 8T) and [8T, len): None for a band the sequences do not cover whole."""
     L = losses.shape[1]
     result = {}
     for name, lo, hi in SUMMARY_BANDS:
-        start, end = int(lo * T), L if hi is None else min(L, int(hi * T))
-        result[name] = losses[:, start:end].mean().item() if end > start else None
+        start, end = int(lo * T), L if hi is None else int(hi * T)
+        result[name] = losses[:, start:end].mean().item() if start < end <= L else None
     return result
 
 
@@ -182,7 +191,8 @@ def evaluate_positions(checkpoints, sequences, args, device, autocast):
     bins = log_bins(sequences.shape[1] - 1, args.bins)
     records = []
     for c in checkpoints:
-        losses = position_losses(c.model, sequences, args.chunk, device, autocast, desc=f"reading ({c.label})")
+        chunk = tokens_per_read(args.chunk, c.model.cfg.vocab_size)
+        losses = position_losses(c.model, sequences, chunk, device, autocast, desc=f"reading ({c.label})")
         control = control_losses(c.model, sequences, c.T, device, autocast)
         mean, stderr = binned(losses, bins)
         control_mean, _ = binned(control, bins)
@@ -258,21 +268,24 @@ def _cell(value, control):
 
 @torch.no_grad()
 def next_token_distribution(model, tokens, device, autocast, chunk=8192):
-    """p(. | tokens) for tokens (n, L): the softmax after the last token, read from the zero state.  (n, V)"""
+    """p(. | tokens) for tokens (n, L): the softmax after the last token, read from the zero state chunk tokens
+    at a time.  (n, V)"""
     state = None
     for start in range(0, tokens.shape[1], chunk):
         with autocast:
             logits, _, state = model(tokens[:, start:start + chunk].to(device), state=state)
-    return torch.softmax(logits[:, -1].float(), dim=-1)
+        last = logits[:, -1].float()  # only the last position is needed; the rest is freed with this chunk
+        del logits
+    return torch.softmax(last, dim=-1)
 
 
-def effective_remembrance(model, sequences, T, ts, device, autocast):
+def effective_remembrance(model, sequences, T, ts, device, autocast, chunk=8192):
     """EffRem_T(t) for each t in ts, averaged over sequences (n, >= T): the total-variation distance between the
     next-token distributions after x[0:T] and after x[t:T] (the first t tokens removed).  Returns a list."""
-    full = next_token_distribution(model, sequences[:, :T], device, autocast)
+    full = next_token_distribution(model, sequences[:, :T], device, autocast, chunk)
     values = []
     for t in ts:
-        partial = full if t == 0 else next_token_distribution(model, sequences[:, t:T], device, autocast)
+        partial = full if t == 0 else next_token_distribution(model, sequences[:, t:T], device, autocast, chunk)
         values.append((0.5 * (full - partial).abs().sum(-1)).mean().item())
     return values
 
@@ -281,12 +294,10 @@ def evaluate_effrem(checkpoints, sequences, args, device, autocast):
     records = []
     for c in tqdm(checkpoints, desc="EffRem", leave=False):
         T = args.effrem_T or 4 * c.T
-        if T > sequences.shape[1]:
-            raise EvalError(f"EffRem with T={T} needs sequences of at least {T} tokens: raise --len or lower "
-                            f"--effrem_T")
         ts = sorted(set(np.linspace(0, T - 1, args.effrem_points).round().astype(int).tolist()))
+        chunk = tokens_per_read(args.chunk, len(sequences) * c.model.cfg.vocab_size)
         records.append({"path": c.path, "label": c.label, "train_T": c.T, "T": T, "t": ts,
-                        "effrem": effective_remembrance(c.model, sequences, T, ts, device, autocast)})
+                        "effrem": effective_remembrance(c.model, sequences, T, ts, device, autocast, chunk)})
     return records
 
 
@@ -336,9 +347,12 @@ def state_statistics(model, sequences, positions, chunk, device, autocast):
 def evaluate_state_stats(checkpoints, sequences, args, device, autocast):
     L = sequences.shape[1] - 1
     positions = sorted(set(np.unique(np.round(np.logspace(0, math.log10(L), 40)).astype(int)).tolist()))
-    return [{"path": c.path, "label": c.label, "T": c.T, "positions": positions,
-             **state_statistics(c.model, sequences, positions, args.chunk, device, autocast)}
-            for c in tqdm(checkpoints, desc="state statistics", leave=False)]
+    records = []
+    for c in tqdm(checkpoints, desc="state statistics", leave=False):
+        chunk = tokens_per_read(args.chunk, len(sequences) * c.model.cfg.vocab_size)  # all rows are read at once
+        records.append({"path": c.path, "label": c.label, "T": c.T, "positions": positions,
+                        **state_statistics(c.model, sequences, positions, chunk, device, autocast)})
+    return records
 
 
 def plot_state_stats(records, path, columns=4):
@@ -413,8 +427,13 @@ def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast
         for depth in depths:
             keys = rng.integers(10000, 100000, size=trials).tolist()
             prompts = [passkey_prompt(tokenizer, length, depth, key) for key in keys]
-            answers = greedy_answers(model, prompts, 8, device, autocast, chunk)
-            row.append(float(np.mean([score_answer(tokenizer.decode(a), k) for a, k in zip(answers, keys)])))
+            correct = []
+            # a key's digits may take different numbers of tokens: decode prompts of equal length together
+            for size in sorted({len(p) for p in prompts}):
+                group = [(p, k) for p, k in zip(prompts, keys) if len(p) == size]
+                answers = greedy_answers(model, [p for p, _ in group], 8, device, autocast, chunk)
+                correct += [score_answer(tokenizer.decode(a), k) for a, (_, k) in zip(answers, group)]
+            row.append(float(np.mean(correct)))
         accuracy.append(row)
     return accuracy
 
@@ -439,8 +458,9 @@ def evaluate_passkey(checkpoints, tokenizer, args, device, autocast):
     records = []
     for c in checkpoints:
         lengths = args.passkey_lengths or [2 ** k for k in range(int(math.log2(c.T)), int(math.log2(args.len)) + 1)]
+        chunk = tokens_per_read(args.chunk, args.passkey_trials * c.model.cfg.vocab_size)
         acc = passkey_accuracy(c.model, tokenizer, lengths, args.passkey_depths, args.passkey_trials, device,
-                               autocast, args.chunk)
+                               autocast, chunk)
         records.append({"path": c.path, "label": c.label, "T": c.T, "lengths": lengths,
                         "depths": args.passkey_depths, "accuracy": acc})
     return records
@@ -469,14 +489,31 @@ def plot_passkey(records, path):
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 
+def pick_device(name):
+    """The torch.device for --device, with one-line errors."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
 def run(args):
     for name in ("len", "num_seqs", "chunk", "bins", "passkey_trials", "effrem_points"):
         if getattr(args, name) < 1:
             raise EvalError(f"--{name} must be at least 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     checkpoints = load_all(find_checkpoints(args.ckpt), device, args.backend)
+    if args.effrem:
+        longest = max(args.effrem_T or 4 * c.T for c in checkpoints)
+        if longest > args.len:
+            raise EvalError(f"EffRem with T={longest} needs sequences of at least {longest} tokens: raise --len or "
+                            f"lower --effrem_T")
     corpus = load_corpus(args.data or checkpoints[0].corpus.get("name", "stdlib"), args.data_dir)
     if corpus.vocab_size != checkpoints[0].model.cfg.vocab_size:
         raise EvalError(f"corpus '{corpus.name}' has {corpus.vocab_size} tokens but the checkpoints' vocabulary has "

@@ -86,7 +86,10 @@ class FittedNoise(Intervention):
     states of the batches trained on so far (a running estimate over every entry of every observed state).
 
     Before the first batch nothing has been observed, so the first batch starts from the zero state; its final
-    states seed the fit. Noise at the scale of real states, without their structure.
+    states seed the fit. Noise at the scale of real states, without their structure. Later batches start from this
+    noise, so the fit follows final states reached from noisy starts too: after T tokens these are real states of
+    the model, but a model whose memory outlasts T carries some of the noise into them (a feedback the paper's fit
+    to zero-start states does not have).
     """
 
     def __init__(self, model, **kwargs):

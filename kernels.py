@@ -586,9 +586,9 @@ MAX_TRITON_WIDTH = 128  # P and N are each read as a single tile of up to 128 co
 MAX_TRITON_CHUNK = 128  # larger chunks would not fit the backward kernels in shared memory
 
 
-def triton_supports(q, v, chunk_size):
+def triton_supports(P, N, chunk_size):
     """Whether the Triton kernels handle these sizes: P, N <= 128 and a power-of-two chunk in [16, 128]."""
-    return (max(v.shape[3], q.shape[3]) <= MAX_TRITON_WIDTH and 16 <= chunk_size <= MAX_TRITON_CHUNK
+    return (max(P, N) <= MAX_TRITON_WIDTH and 16 <= chunk_size <= MAX_TRITON_CHUNK
             and chunk_size & (chunk_size - 1) == 0)
 
 
@@ -599,7 +599,7 @@ def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
                            "importing triton); use backend='torch' on CPU")
-    if not triton_supports(q, v, chunk_size):
+    if not triton_supports(v.shape[3], q.shape[3], chunk_size):
         raise ValueError(f"the triton backend needs P, N <= {MAX_TRITON_WIDTH} and chunk_size a power of two in "
                          f"[16, {MAX_TRITON_CHUNK}]; got P={v.shape[3]}, N={q.shape[3]}, chunk_size={chunk_size}: "
                          f"use backend='torch' (or 'auto', which does so for these sizes)")
@@ -641,7 +641,8 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     if backend == "auto":
-        backend = "triton" if (HAS_TRITON and q.is_cuda and triton_supports(q, v, chunk_size)) else "torch"
+        fits = triton_supports(v.shape[3], q.shape[3], chunk_size)
+        backend = "triton" if (HAS_TRITON and q.is_cuda and fits) else "torch"
     if backend == "triton":
         return _scan_triton(q, k, v, log_decay, initial_state, chunk_size)
     return _scan_torch(q, k, v, log_decay, initial_state, chunk_size)

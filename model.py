@@ -89,6 +89,12 @@ class ModelConfig:
             self.mlp = self.mixer == "gla"
         self.A_init_range = tuple(self.A_init_range)
 
+    def head_sizes(self):
+        """(P, N): the value and key width of one head, the sizes of each scan state's matrix."""
+        if self.mixer == "mamba2":
+            return self.headdim, self.d_state
+        return int(self.expand_v * self.d_model) // self.n_heads, int(self.expand_k * self.d_model) // self.n_heads
+
     @property
     def padded_vocab_size(self):
         """Rows of the embedding: a multiple of pad_vocab_multiple, which makes the output matmul faster."""

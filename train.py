@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, load_corpus
 from interventions import INITS, make_intervention
+from kernels import triton_supports
 from model import LM, MIXERS, ModelConfig
 
 CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
@@ -54,7 +55,10 @@ PRESETS = {
 }
 ARCHITECTURE = ("mixer", "d_model", "n_layer", "d_state", "headdim", "expand", "n_heads", "gate", "gate_temperature",
                 "dt_min", "dt_max")
-RESUMABLE = ("resume", "device", "compile", "eval_interval", "log_interval", "stop_at", "out_dir", "backend")
+RESUMABLE = ("resume", "device", "compile", "eval_interval", "log_interval", "stop_at", "out_dir", "backend",
+             "max_steps")  # max_steps: a finished run can be extended (the schedule follows the new length)
+# what post-training takes from the checkpoint it starts from, unless given: the paper's recipe keeps T and the data
+INHERITED = ("seq_len", "batch_size", "grad_accum", "data", "data_dir", "chunk_size")
 # flags that the automatic pre-training of out/zero shares with the post-training that asked for it
 PRETRAIN_SHARED = ARCHITECTURE + ("preset", "data", "data_dir", "seq_len", "batch_size", "grad_accum", "seed",
                                   "device", "dtype", "compile", "backend", "chunk_size", "weight_decay",
@@ -79,9 +83,12 @@ def build_parser():
     g.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults of a whole configuration")
     g.add_argument("--init_from", help="post-train this checkpoint (file or run folder) with a fresh optimizer; "
                                        "default for --init other than zero: out/zero (pre-trained first if missing)")
+    g.add_argument("--base_steps", type=int, help="steps of the automatic pre-training of out/zero when it is "
+                                                   "missing (default: the preset's pre-training steps)")
     g.add_argument("--from_scratch", action="store_true", help="train from random weights even with --init "
                                                                "other than zero (the intervention during pre-training)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out_dir exactly where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that already holds a run")
     g.add_argument("--out_dir", help="where the checkpoint and log go (default: out/INIT)")
     g = p.add_argument_group("interventions")
     g.add_argument("--noise_std", type=float, help="std of the random_noise states (default 0.1)")
@@ -147,13 +154,25 @@ def resolve_args(args, explicit):
         raise TrainError("--noise_std only applies to --init random_noise")
     if args.ssm_only and args.init not in ("state_passing", "tbptt"):
         raise TrainError("--ssm_only only applies to --init state_passing or tbptt")
+    if args.p_zero and args.init == "zero":
+        raise TrainError("--p_zero does not apply to --init zero, whose rows all start from zero")
     args.out_dir = args.out_dir or os.path.join("out", args.init)
     if args.resume:
         return _resume_args(args, explicit)
+    if checkpoint_path(args.out_dir).exists() and not args.overwrite:
+        raise TrainError(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to start over, "
+                         f"or choose another --out_dir")
     preset = PRESETS[args.preset]
     if args.init != "zero" and not args.init_from and not args.from_scratch:
         args.init_from = BASE_RUN  # the paper's recipe: post-train the zero-init model
     post = bool(args.init_from)
+    if post and Path(checkpoint_path(args.init_from)).resolve() == Path(checkpoint_path(args.out_dir)).resolve():
+        raise TrainError(f"post-training {args.init_from} into itself would overwrite it: give another --out_dir")
+    if post:
+        base_args = load_checkpoint(args.init_from)["args"]
+        for key in INHERITED:
+            if key not in explicit and key in base_args:
+                setattr(args, key, base_args[key])
     for key, value in preset.items():
         if not key.startswith("post_") and getattr(args, key, None) is None:
             setattr(args, key, preset.get("post_" + key, value) if post else value)
@@ -170,7 +189,8 @@ def resolve_args(args, explicit):
     args.p_zero = 0.0 if args.p_zero is None else args.p_zero
     args.backend = args.backend or "auto"
     args.gate = args.gate or "data"
-    for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_seqs"):
+    for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_seqs", "chunk_size",
+                "log_interval"):
         if getattr(args, key) < 1:
             raise TrainError(f"--{key} must be at least 1")
     return args
@@ -185,11 +205,8 @@ def _resume_args(args, explicit):
         raise TrainError(f"--resume continues the run in {args.out_dir} as it was started; "
                          f"{', '.join('--' + k for k in changed)} differ from it: drop them or use another --out_dir")
     runtime = {k: getattr(args, k) for k in RESUMABLE if k in explicit}
-    resumed = argparse.Namespace(**{**saved, **runtime, "resume": True, "out_dir": args.out_dir,
-                                    "stop_at": args.stop_at})  # a stop belongs to one invocation only
-    if "max_steps" in explicit:  # allowed: extend a finished run (the schedule is recomputed for the new length)
-        resumed.max_steps = args.max_steps
-    return resumed
+    return argparse.Namespace(**{**saved, **runtime, "resume": True, "out_dir": args.out_dir,
+                                 "stop_at": args.stop_at})  # a stop belongs to one invocation only
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,8 +223,15 @@ def save_checkpoint(path, payload):
     path = checkpoint_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path):
@@ -272,19 +296,24 @@ def validate(model, sequences, seq_len, device, autocast):
 class Run:
     """Everything one training process holds: model, optimizer, data, intervention, and its place in the run."""
 
-    def __init__(self, args):
-        self.args = args
-        self.rank, self.world, self.device = setup_distributed(args.device)
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
         self.is_main = self.rank == 0
         use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        if self.world > 1 and not self.is_main:
+            dist.barrier()  # rank 0 prepares the corpus if it is missing; the others wait, then read it
         self.corpus = load_corpus(args.data, args.data_dir)
+        if self.world > 1 and self.is_main:
+            dist.barrier()
         self.step = 0
         self.model, source = self._build_model()
+        check_backend(self.model.cfg, self.device)
         self.optimizer = make_optimizer(self.model, args, self.device)
+        # separate seeds: the data and the intervention must not draw the same random numbers
         self.intervention = make_intervention(args.init, self.model, args.noise_std, args.p_zero, args.ssm_only,
-                                              seed=args.seed * 1000 + self.rank)
-        self.data_rng = torch.Generator().manual_seed(args.seed * 1000 + self.rank)
+                                              seed=(args.seed * 1000 + self.rank) * 2 + 1)
+        self.data_rng = torch.Generator().manual_seed((args.seed * 1000 + self.rank) * 2)
         self.streams = (StreamBatcher(self.corpus, "train", args.batch_size, args.seq_len, self.rank, self.world,
                                       seed=args.seed) if self.intervention.uses_streams else None)
         if source is not None:
@@ -295,7 +324,8 @@ class Run:
         if self.world > 1:
             self.trained = torch.nn.parallel.DistributedDataParallel(
                 self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.val_sequences = self.corpus.eval_sequences(8 * args.seq_len, args.eval_seqs)[0]
+        self.val_sequences = self.corpus.eval_sequences(8 * args.seq_len, args.eval_seqs,
+                                                        flags=("--eval_seqs", "--seq_len"))[0]
 
     def _build_model(self):
         """(model, checkpoint to restore from or None): resumed, post-trained from a checkpoint, or fresh."""
@@ -311,16 +341,27 @@ class Run:
                                  f"{self.corpus.vocab_size}: post-train on a corpus with the same tokenizer")
             return model_from_checkpoint(ckpt, self.device, backend=args.backend, chunk_size=args.chunk_size), None
         torch.manual_seed(args.seed)  # every rank builds the same initial weights
-        cfg = ModelConfig(vocab_size=self.corpus.vocab_size, d_model=args.d_model, n_layer=args.n_layer,
-                          mixer=args.mixer, d_state=args.d_state, headdim=args.headdim, expand=args.expand,
-                          n_heads=args.n_heads, gate=args.gate, chunk_size=args.chunk_size, backend=args.backend,
-                          dt_min=args.dt_min, dt_max=args.dt_max, gate_temperature=args.gate_temperature)
+        try:
+            cfg = ModelConfig(vocab_size=self.corpus.vocab_size, d_model=args.d_model, n_layer=args.n_layer,
+                              mixer=args.mixer, d_state=args.d_state, headdim=args.headdim, expand=args.expand,
+                              n_heads=args.n_heads, gate=args.gate, chunk_size=args.chunk_size,
+                              backend=args.backend, dt_min=args.dt_min, dt_max=args.dt_max,
+                              gate_temperature=args.gate_temperature)
+        except ValueError as error:
+            raise TrainError(f"{error}: change the model flags")
         return LM(cfg).to(self.device), None
 
     def _restore(self, ckpt):
+        if len(ckpt["ranks"]) != self.world:
+            raise TrainError(f"the run in {self.args.out_dir} was trained by {len(ckpt['ranks'])} process(es); "
+                             f"resume it with the same number (torchrun --nproc_per_node={len(ckpt['ranks'])})")
+        mine = ckpt["ranks"][self.rank]
+        saved_device = mine["intervention"].get("generator_device")
+        if saved_device and torch.device(saved_device).type != self.device.type:
+            raise TrainError(f"the run in {self.args.out_dir} drew its random numbers on {saved_device}; resume it "
+                             f"on a {torch.device(saved_device).type} device to continue it exactly")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = ckpt["step"]
-        mine = ckpt["ranks"][self.rank]
         self.data_rng.set_state(mine["data_rng"])
         torch.set_rng_state(mine["torch_rng"])
         self.intervention.load_state_dict(_to_device(mine["intervention"], self.device))
@@ -384,6 +425,8 @@ class Run:
                 "args": vars(self.args), "ranks": ranks,
                 "corpus": {"name": self.corpus.name, "tokenizer": self.corpus.meta["tokenizer"],
                            "vocab_size": self.corpus.vocab_size}})
+        if self.world > 1:
+            dist.barrier()  # nobody reads the checkpoint (a post-training that follows, say) before it exists
 
 
 def _to_device(obj, device):
@@ -398,34 +441,50 @@ def _to_device(obj, device):
 
 
 def setup_distributed(device_arg):
-    """(rank, world size, device). Under torchrun: one process per GPU with NCCL, or CPU processes with gloo."""
+    """(rank, world size, device). Under torchrun: one process per GPU with NCCL, or CPU processes with gloo.
+    Called once per process: the pre-training that the one-command recipe may run first shares the group."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise TrainError(f"unknown --device {device_arg!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {device_arg} but no CUDA GPU is visible; use --device cpu")
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg)
+        return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device_arg.startswith("cuda"):
+    if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl")
     else:
-        device = torch.device("cpu")
         dist.init_process_group("gloo")
     return rank, world, device
 
 
-def train(args):
+def check_backend(cfg, device):
+    """A one-line error now rather than a traceback at the first step when --backend triton cannot run."""
+    if cfg.backend != "triton":
+        return
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TrainError("--backend triton needs a CUDA device; use --backend torch (or auto) on the CPU")
+    P, N = cfg.head_sizes()
+    if not triton_supports(P, N, cfg.chunk_size):
+        raise TrainError(f"--backend triton needs heads of at most 128 (P={P}, N={N}) and a chunk_size that is a "
+                         f"power of two in [16, 128] (got {cfg.chunk_size}); use --backend auto")
+
+
+def train(args, rank=0, world=1, device=torch.device("cpu")):
     """Run training to args.max_steps (or args.stop_at).  Returns the path of the final checkpoint."""
-    run = Run(args)
+    run = Run(args, rank, world, device)
     if run.is_main:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         mode = "resuming" if args.resume else ("post-training " + args.init_from if args.init_from else "training")
         print(f"{mode} with --init {args.init}: {run.model.num_parameters() / 1e6:.2f}M parameters, "
               f"{args.mixer}, T={args.seq_len}, {args.batch_size}x{args.grad_accum}x{run.world} sequences/step, "
               f"{args.max_steps} steps, device {run.device}, out {args.out_dir}", file=sys.stderr)
-    log = open(Path(args.out_dir) / "log.jsonl", "a") if run.is_main else None
+    log = open_log(args.out_dir, run.step) if run.is_main else None
     last_step = min(args.max_steps, args.stop_at or args.max_steps)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * run.world
     bar = tqdm(total=last_step, initial=run.step, disable=not run.is_main, desc=args.init, dynamic_ncols=True)
@@ -452,9 +511,18 @@ def train(args):
         bar.close()
         if log:
             log.close()
-        if run.world > 1:
-            dist.destroy_process_group()
     return checkpoint_path(args.out_dir)
+
+
+def open_log(out_dir, step):
+    """log.jsonl for appending. A fresh run starts a new log; a resumed one keeps only the records up to the
+    checkpoint it resumes from, so steps trained after that checkpoint (and lost) are not listed twice."""
+    path = Path(out_dir) / "log.jsonl"
+    kept = []
+    if step > 0 and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
 
 
 def _log(f, **record):
@@ -468,21 +536,38 @@ def main(argv=None):
     args = parser.parse_args(argv)
     explicit = {a.dest for a in parser._actions
                 if any(x == opt or x.startswith(opt + "=") for opt in a.option_strings for x in argv)}
+    world = 1
     try:
+        rank, world, device = setup_distributed(args.device)
         if _needs_base_run(args):
             # the paper's recipe in one command: pre-train the zero-init model first, with the shared flags
-            print(f"{BASE_RUN} does not exist yet: pre-training it first", file=sys.stderr)
+            if rank == 0:
+                print(f"{BASE_RUN} does not exist yet: pre-training it first", file=sys.stderr)
             shared = [x for k in sorted(explicit & set(PRETRAIN_SHARED)) for x in _flag(k, getattr(args, k))]
-            base_parser = build_parser()
-            train(resolve_args(base_parser.parse_args(shared), {k for k in explicit if k in PRETRAIN_SHARED}))
-        train(resolve_args(args, explicit))
+            given = {k for k in explicit if k in PRETRAIN_SHARED}
+            if args.base_steps:
+                shared, given = shared + ["--max_steps", str(args.base_steps)], given | {"max_steps"}
+            base_args = resolve_args(build_parser().parse_args(shared), given)
+            train(base_args, rank, world, device)
+        train(resolve_args(args, explicit), rank, world, device)
     except (TrainError, DataError) as error:
         sys.exit(f"train.py: error: {error}")
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _needs_base_run(args):
-    return (args.init != "zero" and not (args.init_from or args.from_scratch or args.resume)
-            and not checkpoint_path(BASE_RUN).exists())
+    """True when the one-command recipe must pre-train out/zero first; an unfinished out/zero is an error."""
+    if args.init == "zero" or args.init_from or args.from_scratch or args.resume:
+        return False
+    if not checkpoint_path(BASE_RUN).exists():
+        return True
+    base = load_checkpoint(BASE_RUN)
+    if base["step"] < base["args"]["max_steps"]:
+        raise TrainError(f"{BASE_RUN} stopped at step {base['step']} of {base['args']['max_steps']}: finish it "
+                         f"first with python train.py --resume --out_dir {BASE_RUN}")
+    return False
 
 
 def _flag(key, value):

@@ -90,7 +90,8 @@ def test_summary_bands():
     s = evaluation.summary(losses, 4)
     assert s["[T/2,T)"] == pytest.approx(2.5) and s["[2T,8T)"] == pytest.approx(19.5)
     assert s["[8T,len)"] == pytest.approx(47.5)
-    assert evaluation.summary(losses[:, :20], 4)["[8T,len)"] is None
+    short = evaluation.summary(losses[:, :20], 4)  # 20 < 8 T: bands the sequence does not cover whole are left out
+    assert short["[2T,8T)"] is None and short["[8T,len)"] is None and short["[T/2,T)"] == pytest.approx(2.5)
 
 
 def test_passkey_prompt_and_scoring():
@@ -155,6 +156,35 @@ def test_errors_are_one_line(runs, tiny_corpus, tmp_path, monkeypatch):
     assert "unrecognized arguments" in one_line_error(["--lenght", "10"])
     monkeypatch.chdir(tmp_path)
     assert "no checkpoints under out/" in one_line_error(["--data_dir", data_dir])
+
+
+def test_device_and_effrem_errors_come_before_any_work(runs, tiny_corpus):
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is visible" in one_line_error(["--ckpt", str(runs / "zero"), "--device", "cuda"])
+    assert "unknown --device" in one_line_error(["--ckpt", str(runs / "zero"), "--device", "tpu9"])
+    message = one_line_error(["--ckpt", str(runs / "zero"), "--data_dir", tiny_corpus[0], "--len", "32",
+                              "--effrem"])
+    assert "EffRem with T=64 needs sequences of at least 64 tokens" in message
+
+
+def test_reads_are_capped_for_large_vocabularies():
+    assert evaluation.tokens_per_read(8192, 257) == 8192
+    assert evaluation.tokens_per_read(8192, 50257) * 50257 <= evaluation.LOGITS_BUDGET
+
+
+def test_passkey_with_keys_of_different_token_counts():
+    """GPT-2 splits 5-digit keys into different numbers of tokens; prompts of unequal length must still work."""
+    import data
+
+    try:
+        enc = data.get_tokenizer("gpt2")
+    except data.DataError:
+        pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
+    lengths = {len(evaluation.passkey_prompt(enc, 200, 0.5, key)) for key in range(10000, 10400, 7)}
+    assert len(lengths) > 1  # the situation being tested really occurs
+    model = LM(ModelConfig(vocab_size=enc.n_vocab, d_model=16, n_layer=1, mixer="gla", n_heads=2)).eval()
+    accuracy = evaluation.passkey_accuracy(model, enc, [200], [0.5], 6, "cpu", NO_AUTOCAST, chunk=64)
+    assert len(accuracy) == 1 and 0.0 <= accuracy[0][0] <= 1.0
 
 
 def test_checkpoints_with_different_vocabularies_are_refused(runs, tiny_corpus, tmp_path):

@@ -62,8 +62,9 @@ def test_pretraining_writes_checkpoint_and_log(base_run):
 @pytest.mark.parametrize("init", [i for i in INITS if i != "zero"] + ["zero"])
 def test_post_training_with_every_intervention(tiny_corpus, base_run, tmp_path, init):
     out = tmp_path / init
+    mix = [] if init == "zero" else ["--p_zero", "0.25"]
     flags = post_flags(tiny_run_flags(tiny_corpus, out, "--init", init, "--init_from", str(base_run),
-                                      "--max_steps", "2", "--p_zero", "0.25"))
+                                      "--max_steps", "2", *mix))
     assert run_main(flags) is None
     ckpt = train.load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["args"]["init"] == init and ckpt["args"]["init_from"] == str(base_run)
@@ -208,3 +209,96 @@ def test_help_documents_every_flag():
     for flag in ("--init", "--noise_std", "--p_zero", "--mixer", "--d_model", "--n_layer", "--seq_len",
                  "--batch_size", "--max_steps", "--data", "--out_dir", "--resume", "--init_from", "--device"):
         assert flag in text
+
+
+def test_resume_can_extend_a_finished_run(tiny_corpus, tmp_path):
+    out = tmp_path / "extend"
+    assert run_main(tiny_run_flags(tiny_corpus, out)) is None
+    assert run_main(["--resume", "--out_dir", str(out), "--max_steps", "6"]) is None
+    assert train.load_checkpoint(out)["step"] == 6
+    steps = [r["step"] for r in read_log(out) if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once
+
+
+def test_resume_drops_log_lines_of_lost_steps(tiny_corpus, tmp_path):
+    out = tmp_path / "lost"
+    assert run_main(tiny_run_flags(tiny_corpus, out, "--stop_at", "2")) is None
+    with open(out / "log.jsonl", "a") as f:  # as if step 3 had been trained and logged, then the process died
+        f.write(json.dumps({"step": 3, "train_loss": 9.9}) + "\n")
+    assert run_main(["--resume", "--out_dir", str(out)]) is None
+    steps = [r["step"] for r in read_log(out) if "train_loss" in r]
+    assert steps == [1, 2, 3, 4] and all(r["train_loss"] != 9.9 for r in read_log(out) if "train_loss" in r)
+
+
+def test_resume_refuses_another_device_type_or_process_count(tiny_corpus, base_run, tmp_path):
+    ckpt = train.load_checkpoint(base_run)
+    moved = {**ckpt, "ranks": [{**ckpt["ranks"][0], "intervention": {**ckpt["ranks"][0]["intervention"],
+                                                                        "generator_device": "cuda:0"}}]}
+    train.save_checkpoint(tmp_path / "moved", moved)
+    assert "resume it on a cuda device" in run_main(["--resume", "--out_dir", str(tmp_path / "moved")])
+    doubled = {**ckpt, "ranks": ckpt["ranks"] * 2}
+    train.save_checkpoint(tmp_path / "doubled", doubled)
+    assert "--nproc_per_node=2" in run_main(["--resume", "--out_dir", str(tmp_path / "doubled")])
+
+
+def test_existing_runs_are_never_overwritten_silently(tiny_corpus, base_run, tmp_path):
+    error = run_main(tiny_run_flags(tiny_corpus, base_run))
+    assert "already holds a run: --resume to continue it, --overwrite to start over" in error
+    error = run_main(post_flags(tiny_run_flags(tiny_corpus, base_run, "--init", "zero", "--init_from",
+                                               str(base_run), "--overwrite")))
+    assert "into itself would overwrite it" in error
+    out = tmp_path / "again"
+    assert run_main(tiny_run_flags(tiny_corpus, out)) is None
+    assert run_main(tiny_run_flags(tiny_corpus, out, "--overwrite", "--max_steps", "2")) is None
+    assert [r["step"] for r in read_log(out) if "train_loss" in r] == [1, 2]  # a new log, not an appended one
+
+
+def test_post_training_keeps_the_base_training_length(tiny_corpus, base_run, tmp_path):
+    flags = post_flags(tiny_run_flags(tiny_corpus, tmp_path / "p", "--init", "tbptt", "--init_from", str(base_run),
+                                      "--max_steps", "1"))
+    i = flags.index("--seq_len")
+    del flags[i:i + 2]  # the preset says 64; the base was trained at 16
+    assert run_main(flags) is None
+    assert train.load_checkpoint(tmp_path / "p")["args"]["seq_len"] == 16
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--d_model", "30"], "multiple of headdim"),
+    (["--chunk_size", "0"], "--chunk_size must be at least 1"),
+    (["--log_interval", "0"], "--log_interval must be at least 1"),
+    (["--device", "tpu9"], "unknown --device"),
+    (["--d_state", "256", "--backend", "triton"], "--backend triton needs heads of at most 128"),
+    (["--p_zero", "0.1"], "--p_zero does not apply to --init zero"),
+])
+def test_more_bad_flags_exit_with_one_line(tiny_corpus, tmp_path, extra, message):
+    error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "x", *extra))
+    assert error is not None and message in error and "\n" not in error
+
+
+def test_unfinished_base_run_is_not_post_trained(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = tiny_run_flags(tiny_corpus, tmp_path / "out" / "zero", "--stop_at", "2")
+    assert run_main(flags) is None
+    error = run_main(["--init", "state_passing", "--data", tiny_corpus[1], "--data_dir", tiny_corpus[0]])
+    assert "stopped at step 2 of 4" in error and "--resume --out_dir" in error
+
+
+def test_too_few_validation_tokens_names_train_flags(tiny_corpus, tmp_path):
+    error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "x", "--eval_seqs", "100000"))
+    assert "lower --eval_seqs or --seq_len" in error
+
+
+def test_one_command_recipe_under_torchrun(tiny_corpus, tmp_path):
+    """The automatic pre-training and the post-training share one process group (this used to deadlock)."""
+    flags = [x for x in tiny_run_flags(tiny_corpus, "unused", "--max_steps", "2")]
+    i = flags.index("--out_dir")
+    del flags[i:i + 2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(Path(train.__file__)), *flags, "--init", "state_passing", "--base_steps", "4"],
+                            cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert train.load_checkpoint(tmp_path / "out" / "zero")["step"] == 4
+    post = train.load_checkpoint(tmp_path / "out" / "state_passing")
+    assert post["step"] == 2 and len(post["ranks"]) == 2
