@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DATA_DIR, DataError, load_corpus
-from train import OneLineParser, TrainError, checkpoint_path, load_checkpoint, model_from_checkpoint
+from train import OneLineParser, TrainError, checkpoint_path, load_checkpoint, model_from_checkpoint, pick_device
 
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
 LOGITS_BUDGET = 2 ** 26  # logits held at once (256 MB in float32): bounds memory whatever the vocabulary
@@ -488,19 +488,6 @@ def plot_passkey(records, path):
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
-
-def pick_device(name):
-    """The torch.device for --device, with one-line errors."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvalError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
-    return device
-
 
 def run(args):
     for name in ("len", "num_seqs", "chunk", "bins", "passkey_trials", "effrem_points"):

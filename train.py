@@ -440,17 +440,23 @@ def _to_device(obj, device):
     return obj
 
 
+def pick_device(name):
+    """The torch.device for a --device flag ("auto": CUDA when available), with one-line errors."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
 def setup_distributed(device_arg):
     """(rank, world size, device). Under torchrun: one process per GPU with NCCL, or CPU processes with gloo.
     Called once per process: the pre-training that the one-command recipe may run first shares the group."""
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device_arg)
-    except RuntimeError:
-        raise TrainError(f"unknown --device {device_arg!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {device_arg} but no CUDA GPU is visible; use --device cpu")
+    device = pick_device(device_arg)
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
