@@ -481,7 +481,14 @@ def _grad_v_kernel(q_ptr, k_ptr, dy_ptr, cum_ptr, dstates_ptr, dv_ptr, L, H, G, 
 
 def _block(size, cap):
     """A power-of-two tile width: at least 16 (the smallest tl.dot operand), at most cap."""
-    return min(cap, max(16, triton.next_power_of_2(size)))
+    return min(cap, max(16, 1 << (size - 1).bit_length()))
+
+
+def _num_warps(chunk_size):
+    """Warps per program for the tile kernels.  With 4 warps the (C, C) and (C, 128) tiles of C = 64 need more than
+    the 255 registers a thread may hold and spill to local memory (measured on sm_90 with cuobjdump); 8 warps share
+    them out."""
+    return 8 if chunk_size >= 64 else 4
 
 
 def _dot_precision(dtype):
@@ -505,7 +512,8 @@ def _triton_states(rows, cols, cum, initial_state, chunk_size):
     block_p, block_n = _block(P, 64), _block(N, 64)
     grid = (nc * B * H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))
     _chunk_state_kernel[grid](rows, cols, cum, states, L, H, G, P, N, nc, CHUNK=chunk_size, BLOCK_P=block_p,
-                              BLOCK_N=block_n, WEIGHT_TO_END=True, DOT_PRECISION=_dot_precision(cols.dtype))
+                              BLOCK_N=block_n, WEIGHT_TO_END=True, DOT_PRECISION=_dot_precision(cols.dtype),
+                              num_warps=_num_warps(chunk_size))
     final = torch.empty(B, H, P, N, dtype=torch.float32, device=rows.device)
     block = _block(P * N, 1024)
     _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](
@@ -531,7 +539,7 @@ class _TritonChunkedScan(torch.autograd.Function):
         block_p = _block(P, 64)
         _chunk_output_kernel[(states.shape[1] * B * H, triton.cdiv(P, block_p))](
             q, k, v, cum, states, y, L, H, G, P, N, states.shape[1], CHUNK=chunk_size, BLOCK_P=block_p,
-            BLOCK_N=_block(N, 128), DOT_PRECISION=_dot_precision(q.dtype))
+            BLOCK_N=_block(N, 128), DOT_PRECISION=_dot_precision(q.dtype), num_warps=_num_warps(chunk_size))
         ctx.save_for_backward(q, k, v, cum, initial_state, final)
         ctx.chunk_size, ctx.log_decay_dtype = chunk_size, log_decay.dtype
         return y, final
@@ -552,7 +560,7 @@ class _TritonChunkedScan(torch.autograd.Function):
         block_p, block_n = _block(P, 64), _block(N, 64)
         _chunk_state_kernel[(nc * B * H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))](
             dy, q, cum, dstates, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=block_n,
-            WEIGHT_TO_END=False, DOT_PRECISION=precision)
+            WEIGHT_TO_END=False, DOT_PRECISION=precision, num_warps=_num_warps(C))
         block = _block(P * N, 1024)
         num_blocks = triton.cdiv(P * N, block)
         end_dot = torch.empty(B * H, num_blocks, nc, dtype=torch.float32, device=q.device)
@@ -566,12 +574,12 @@ class _TritonChunkedScan(torch.autograd.Function):
         dcum = torch.empty(triton.cdiv(N, block_n), B, H, nc * C, dtype=torch.float32, device=q.device)
         _grad_qk_kernel[(nc * B * G, triton.cdiv(N, block_n))](
             q, k, v, dy, cum, states, dstates, dq, dk, dcum, L, H, G, P, N, nc, B, CHUNK=C,
-            BLOCK_P=_block(P, 128), BLOCK_N=block_n, DOT_PRECISION=precision,
+            BLOCK_P=_block(P, 128), BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=_num_warps(C),
             num_stages=1)  # its loop over heads would otherwise be software-pipelined beyond shared memory
         dv = torch.empty_like(v)
         _grad_v_kernel[(nc * B * H, triton.cdiv(P, block_p))](
             q, k, dy, cum, dstates, dv, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=_block(N, 128),
-            DOT_PRECISION=precision)
+            DOT_PRECISION=precision, num_warps=_num_warps(C))
 
         # log_decay_s collects dA_t for t >= s within its chunk; <dS_end, S_end> sits at every chunk's last
         # position, so after the reverse cumulative sum it reaches every position of the chunk
@@ -592,6 +600,63 @@ def triton_supports(P, N, chunk_size):
             and chunk_size & (chunk_size - 1) == 0)
 
 
+def triton_shared_memory(P, N, chunk_size, element_size):
+    """An upper bound, in bytes, on the shared memory one program of the kernels needs: the tiles that tl.dot reads,
+    all staged at once (the compiler reuses some of that space, so compiled kernels need at most this; a test checks
+    it against kernels compiled for sm_80 and sm_90).  element_size: 2 when q, k, v are bfloat16/float16, else 4.
+
+    The q/k gradient's program holds q and k (C, BLOCK_N), v and dy (C, P), the entering state and its gradient
+    (P, BLOCK_N) and the scores (C, C).  The output's (and the v gradient's) holds q and k (C, N), v (C, BLOCK_P), and
+    either the entering state (BLOCK_P, N) and the scores in the input dtype or, at small chunks, the entering state
+    staged in float32 before its conversion.
+    """
+    C = chunk_size
+    p, n = _block(P, 128), _block(N, 64)
+    grad_qk = element_size * (2 * C * n + 2 * C * p + 2 * p * n + C * C)
+    p, n = _block(P, 64), _block(N, 128)
+    output = element_size * (2 * C * n + C * p) + max(element_size * (p * n + C * C), 4 * p * n)
+    return max(grad_qk, output)
+
+
+_shared_memory_limits = {}
+
+
+def _shared_memory_limit(device):
+    """Shared memory one program may use on this GPU (bytes, the number Triton's launcher checks); None on CPU."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _shared_memory_limits:
+        properties = triton.runtime.driver.active.utils.get_device_properties(index)
+        _shared_memory_limits[index] = properties.get("max_shared_mem")
+    return _shared_memory_limits[index]
+
+
+def _compute_dtype(q, k, v):
+    """Matrix products run in bfloat16/float16 only when all of q, k, v are in it; anything else runs in float32."""
+    low = {q.dtype, k.dtype, v.dtype}
+    return low.pop() if len(low) == 1 and v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def triton_refusal(P, N, chunk_size, compute_dtype, device):
+    """Why the Triton kernels cannot run heads of these sizes on this device (a sentence), or None when they can."""
+    if not triton_supports(P, N, chunk_size):
+        return (f"the triton backend needs P, N <= {MAX_TRITON_WIDTH} and chunk_size a power of two in "
+                f"[16, {MAX_TRITON_CHUNK}]; got P={P}, N={N}, chunk_size={chunk_size}")
+    needed = triton_shared_memory(P, N, chunk_size, compute_dtype.itemsize)
+    limit = _shared_memory_limit(device)
+    if limit is not None and needed > limit:
+        return (f"the triton kernels need up to {needed // 1024} KiB of shared memory at P={P}, N={N}, "
+                f"chunk_size={chunk_size} in {str(compute_dtype).replace('torch.', '')}; this GPU has "
+                f"{limit // 1024} KiB: use a smaller chunk_size or bfloat16")
+    return None
+
+
+def _triton_refusal(q, k, v, chunk_size):
+    """triton_refusal for these inputs.  q, k (B, L, G, N), v (B, L, H, P)."""
+    return triton_refusal(v.shape[3], q.shape[3], chunk_size, _compute_dtype(q, k, v), q.device)
+
+
 def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
     """Checks what the kernels need, then runs them.  Shapes as chunked_scan."""
     if not HAS_TRITON:
@@ -599,14 +664,11 @@ def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
                            "importing triton); use backend='torch' on CPU")
-    if not triton_supports(v.shape[3], q.shape[3], chunk_size):
-        raise ValueError(f"the triton backend needs P, N <= {MAX_TRITON_WIDTH} and chunk_size a power of two in "
-                         f"[16, {MAX_TRITON_CHUNK}]; got P={v.shape[3]}, N={q.shape[3]}, chunk_size={chunk_size}: "
-                         f"use backend='torch' (or 'auto', which does so for these sizes)")
+    refusal = _triton_refusal(q, k, v, chunk_size)
+    if refusal:
+        raise ValueError(refusal + ", or backend='torch' ('auto' falls back to it by itself)")
     output_dtype = v.dtype
-    # matrix products run in bfloat16/float16 only when all of q, k, v are in it; anything else runs in float32
-    low = {q.dtype, k.dtype, v.dtype}
-    compute_dtype = low.pop() if len(low) == 1 and v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    compute_dtype = _compute_dtype(q, k, v)
     q, k, v = (x.to(compute_dtype).contiguous() for x in (q, k, v))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
@@ -631,9 +693,10 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
     returns y (B, L, H, P) in v's dtype, final_state (B, H, P, N) in float32
 
     backend: "torch" (plain PyTorch, any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1; P, N <= 128,
-    chunk_size a power of two in [16, 128]), "auto" (triton for CUDA tensors when triton imports and supports the
-    sizes, else torch). log_decay must be <= 0: the numerical safety of both paths rests on it. A gradient arriving
-    on final_state flows back into every input, so callers may backpropagate through a carried state.
+    chunk_size a power of two in [16, 128], tiles that fit the GPU's shared memory), "auto" (triton for CUDA tensors
+    when triton imports and takes these sizes, else torch). log_decay must be <= 0: the numerical safety of both
+    paths rests on it. A gradient arriving on final_state flows back into every input, so callers may backpropagate
+    through a carried state.
     """
     _check_inputs(q, k, v, log_decay, initial_state)
     if backend not in BACKENDS:
@@ -641,8 +704,8 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     if backend == "auto":
-        fits = triton_supports(v.shape[3], q.shape[3], chunk_size)
-        backend = "triton" if (HAS_TRITON and q.is_cuda and fits) else "torch"
+        use_triton = HAS_TRITON and q.is_cuda and _triton_refusal(q, k, v, chunk_size) is None
+        backend = "triton" if use_triton else "torch"
     if backend == "triton":
         return _scan_triton(q, k, v, log_decay, initial_state, chunk_size)
     return _scan_torch(q, k, v, log_decay, initial_state, chunk_size)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, load_corpus
 from interventions import INITS, make_intervention
-from kernels import triton_supports
+from kernels import triton_refusal
 from model import LM, MIXERS, ModelConfig
 
 CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
@@ -308,7 +308,7 @@ class Run:
             dist.barrier()
         self.step = 0
         self.model, source = self._build_model()
-        check_backend(self.model.cfg, self.device)
+        check_backend(self.model.cfg, self.device, torch.bfloat16 if use_bf16 else torch.float32)
         self.optimizer = make_optimizer(self.model, args, self.device)
         # separate seeds: the data and the intervention must not draw the same random numbers
         self.intervention = make_intervention(args.init, self.model, args.noise_std, args.p_zero, args.ssm_only,
@@ -469,16 +469,16 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def check_backend(cfg, device):
+def check_backend(cfg, device, compute_dtype):
     """A one-line error now rather than a traceback at the first step when --backend triton cannot run."""
     if cfg.backend != "triton":
         return
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise TrainError("--backend triton needs a CUDA device; use --backend torch (or auto) on the CPU")
     P, N = cfg.head_sizes()
-    if not triton_supports(P, N, cfg.chunk_size):
-        raise TrainError(f"--backend triton needs heads of at most 128 (P={P}, N={N}) and a chunk_size that is a "
-                         f"power of two in [16, 128] (got {cfg.chunk_size}); use --backend auto")
+    refusal = triton_refusal(P, N, cfg.chunk_size, compute_dtype, device)
+    if refusal:
+        raise TrainError(f"--backend triton: {refusal}; or use --backend auto")
 
 
 def train(args, rank=0, world=1, device=torch.device("cpu")):

@@ -158,9 +158,13 @@ def test_errors_are_one_line(runs, tiny_corpus, tmp_path, monkeypatch):
     assert "no checkpoints under out/" in one_line_error(["--data_dir", data_dir])
 
 
-def test_device_and_effrem_errors_come_before_any_work(runs, tiny_corpus):
+def test_device_and_effrem_errors_come_before_any_work(runs, tiny_corpus, monkeypatch):
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in one_line_error(["--ckpt", str(runs / "zero"), "--device", "cuda"])
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # as outside the tests: triton needs a GPU
+        message = one_line_error(["--ckpt", str(runs / "zero"), "--device", "cpu", "--backend", "triton"])
+        assert "--backend triton needs a CUDA device" in message
+        monkeypatch.undo()
     assert "unknown --device" in one_line_error(["--ckpt", str(runs / "zero"), "--device", "tpu9"])
     message = one_line_error(["--ckpt", str(runs / "zero"), "--data_dir", tiny_corpus[0], "--len", "32",
                               "--effrem"])

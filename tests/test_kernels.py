@@ -200,6 +200,23 @@ def test_triton_refuses_sizes_its_tiles_do_not_cover(N, P, chunk):
         chunked_scan(*inputs, chunk_size=chunk, backend="triton")
 
 
+def test_triton_refuses_tiles_beyond_the_gpus_shared_memory(monkeypatch):
+    """On a GPU with little shared memory, explicit triton says why and what to do, and auto would not pick it."""
+    require_backend("triton")
+    import kernels
+
+    q, k, v, log_decay, initial = make_inputs(1, 8, 1, 1, 128, 128)
+    needed_fp32 = kernels.triton_shared_memory(128, 128, 64, element_size=4)
+    needed_bf16 = kernels.triton_shared_memory(128, 128, 64, element_size=2)
+    assert needed_bf16 < needed_fp32
+    monkeypatch.setattr(kernels, "_shared_memory_limit", lambda device: needed_bf16)  # fits bfloat16 only
+    assert kernels._triton_refusal(q.bfloat16(), k.bfloat16(), v.bfloat16(), 64) is None
+    with pytest.raises(ValueError, match=r"KiB of shared memory .* float32; this GPU has .* bfloat16"):
+        chunked_scan(q, k, v, log_decay, initial, chunk_size=64, backend="triton")
+    # mixed dtypes compute in float32, so they need the float32 tiles
+    assert "shared memory" in kernels._triton_refusal(q.bfloat16(), k.bfloat16(), v, 64)
+
+
 def test_bad_options_raise_clear_errors():
     inputs = make_inputs(1, 10, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="backend must be one of"):

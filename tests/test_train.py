@@ -267,7 +267,7 @@ def test_post_training_keeps_the_base_training_length(tiny_corpus, base_run, tmp
     (["--chunk_size", "0"], "--chunk_size must be at least 1"),
     (["--log_interval", "0"], "--log_interval must be at least 1"),
     (["--device", "tpu9"], "unknown --device"),
-    (["--d_state", "256", "--backend", "triton"], "--backend triton needs heads of at most 128"),
+    (["--d_state", "256", "--backend", "triton"], "--backend triton: the triton backend needs P, N <= 128"),
     (["--p_zero", "0.1"], "--p_zero does not apply to --init zero"),
 ])
 def test_more_bad_flags_exit_with_one_line(tiny_corpus, tmp_path, extra, message):
