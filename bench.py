@@ -261,12 +261,11 @@ def eval_measure(length, num_seqs, preset):
     import eval as evaluation
     import train
     from data import load_corpus
-    from model import LM, ModelConfig
+    from model import LM
 
     p = train.PRESETS[preset]
     corpus = load_corpus(p["data"])
-    cfg = ModelConfig(vocab_size=corpus.vocab_size, d_model=p["d_model"], n_layer=p["n_layer"], mixer=p["mixer"],
-                      d_state=p["d_state"], headdim=p["headdim"], expand=p["expand"], n_heads=p["n_heads"])
+    cfg = train.model_config(argparse.Namespace(**p, gate="data", backend="auto"), corpus.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         train.save_checkpoint(tmp, {"format": train.CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
                                     "model": LM(cfg).state_dict(), "step": 0, "args": {"seq_len": p["seq_len"],

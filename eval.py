@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DATA_DIR, DataError, load_corpus
-from train import (OneLineParser, TrainError, check_backend, checkpoint_path, load_checkpoint, model_from_checkpoint,
-                   pick_device)
+from train import (OneLineParser, TrainError, autocast_for, check_backend, checkpoint_path, load_checkpoint,
+                   model_from_checkpoint, pick_device)
 
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
 LOGITS_BUDGET = 2 ** 26  # logits held at once (256 MB in float32): bounds memory whatever the vocabulary
@@ -495,10 +495,10 @@ def run(args):
         if getattr(args, name) < 1:
             raise EvalError(f"--{name} must be at least 1")
     device = pick_device(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast, compute_dtype = autocast_for(device)
     checkpoints = load_all(find_checkpoints(args.ckpt), device, args.backend)
     for checkpoint in checkpoints:
-        check_backend(checkpoint.model.cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        check_backend(checkpoint.model.cfg, device, compute_dtype)
     if args.effrem:
         longest = max(args.effrem_T or 4 * c.T for c in checkpoints)
         if longest > args.len:

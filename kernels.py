@@ -38,6 +38,7 @@ Two implementations of the same four pieces live here, and scan_reference is the
                   1, 2 and 4 run for all chunks at once, one program per (chunk, row, head).
 The public entry point is chunked_scan(..., backend="auto" | "torch" | "triton").
 """
+import functools
 import os
 
 import torch
@@ -484,11 +485,25 @@ def _block(size, cap):
     return min(cap, max(16, 1 << (size - 1).bit_length()))
 
 
-def _num_warps(chunk_size):
-    """Warps per program for the tile kernels.  With 4 warps the (C, C) and (C, 128) tiles of C = 64 need more than
-    the 255 registers a thread may hold and spill to local memory (measured on sm_90 with cuobjdump); 8 warps share
-    them out."""
-    return 8 if chunk_size >= 64 else 4
+# The widest tile (BLOCK_P, BLOCK_N) each tile kernel takes: the launches below, triton_shared_memory and the test
+# that compiles the kernels for real GPUs all read this one table.
+_TILE_CAPS = {"chunk_state": (64, 64), "chunk_output": (64, 128), "grad_qk": (128, 64), "grad_v": (64, 128)}
+
+
+def _tiles(kernel, P, N):
+    """(BLOCK_P, BLOCK_N) of one of the _TILE_CAPS kernels for heads of P value and N key columns."""
+    cap_p, cap_n = _TILE_CAPS[kernel]
+    return _block(P, cap_p), _block(N, cap_n)
+
+
+def _launch_options(kernel, chunk_size):
+    """num_warps (and num_stages) of a tile kernel.  With 4 warps the (C, C) and (C, 128) tiles of C = 64 need more
+    than the 255 registers a thread may hold and spill to local memory (measured on sm_90 with cuobjdump); 8 warps
+    share them out."""
+    options = {"num_warps": 8 if chunk_size >= 64 else 4}
+    if kernel == "grad_qk":
+        options["num_stages"] = 1  # its loop over heads would otherwise be software-pipelined beyond shared memory
+    return options
 
 
 def _dot_precision(dtype):
@@ -509,11 +524,11 @@ def _triton_states(rows, cols, cum, initial_state, chunk_size):
     G, N = cols.shape[2], cols.shape[3]
     nc = cum.shape[2] // chunk_size
     states = torch.empty(B, nc, H, P, N, dtype=torch.float32, device=rows.device)
-    block_p, block_n = _block(P, 64), _block(N, 64)
+    block_p, block_n = _tiles("chunk_state", P, N)
     grid = (nc * B * H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))
     _chunk_state_kernel[grid](rows, cols, cum, states, L, H, G, P, N, nc, CHUNK=chunk_size, BLOCK_P=block_p,
                               BLOCK_N=block_n, WEIGHT_TO_END=True, DOT_PRECISION=_dot_precision(cols.dtype),
-                              num_warps=_num_warps(chunk_size))
+                              **_launch_options("chunk_state", chunk_size))
     final = torch.empty(B, H, P, N, dtype=torch.float32, device=rows.device)
     block = _block(P * N, 1024)
     _state_pass_kernel[(B * H, triton.cdiv(P * N, block))](
@@ -536,10 +551,10 @@ class _TritonChunkedScan(torch.autograd.Function):
         cum = _chunk_cumsum(log_decay, chunk_size)
         states, final = _triton_states(v, k, cum, initial_state, chunk_size)
         y = torch.empty_like(v)
-        block_p = _block(P, 64)
+        block_p, block_n = _tiles("chunk_output", P, N)
         _chunk_output_kernel[(states.shape[1] * B * H, triton.cdiv(P, block_p))](
             q, k, v, cum, states, y, L, H, G, P, N, states.shape[1], CHUNK=chunk_size, BLOCK_P=block_p,
-            BLOCK_N=_block(N, 128), DOT_PRECISION=_dot_precision(q.dtype), num_warps=_num_warps(chunk_size))
+            BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), **_launch_options("chunk_output", chunk_size))
         ctx.save_for_backward(q, k, v, cum, initial_state, final)
         ctx.chunk_size, ctx.log_decay_dtype = chunk_size, log_decay.dtype
         return y, final
@@ -557,10 +572,10 @@ class _TritonChunkedScan(torch.autograd.Function):
 
         # backward piece 3: D[c] = sum_i exp(A_i) dy_i q_i^T, then the reverse pass turns it into dS_end[c]
         dstates = torch.empty_like(states)
-        block_p, block_n = _block(P, 64), _block(N, 64)
+        block_p, block_n = _tiles("chunk_state", P, N)
         _chunk_state_kernel[(nc * B * H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))](
             dy, q, cum, dstates, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=block_n,
-            WEIGHT_TO_END=False, DOT_PRECISION=precision, num_warps=_num_warps(C))
+            WEIGHT_TO_END=False, DOT_PRECISION=precision, **_launch_options("chunk_state", C))
         block = _block(P * N, 1024)
         num_blocks = triton.cdiv(P * N, block)
         end_dot = torch.empty(B * H, num_blocks, nc, dtype=torch.float32, device=q.device)
@@ -570,16 +585,16 @@ class _TritonChunkedScan(torch.autograd.Function):
 
         # pieces 1, 2, 4 backward
         dq, dk = torch.empty_like(q), torch.empty_like(k)
-        block_n = _block(N, 64)
+        block_p, block_n = _tiles("grad_qk", P, N)
         dcum = torch.empty(triton.cdiv(N, block_n), B, H, nc * C, dtype=torch.float32, device=q.device)
         _grad_qk_kernel[(nc * B * G, triton.cdiv(N, block_n))](
             q, k, v, dy, cum, states, dstates, dq, dk, dcum, L, H, G, P, N, nc, B, CHUNK=C,
-            BLOCK_P=_block(P, 128), BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=_num_warps(C),
-            num_stages=1)  # its loop over heads would otherwise be software-pipelined beyond shared memory
+            BLOCK_P=block_p, BLOCK_N=block_n, DOT_PRECISION=precision, **_launch_options("grad_qk", C))
         dv = torch.empty_like(v)
+        block_p, block_n = _tiles("grad_v", P, N)
         _grad_v_kernel[(nc * B * H, triton.cdiv(P, block_p))](
-            q, k, dy, cum, dstates, dv, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=_block(N, 128),
-            DOT_PRECISION=precision, num_warps=_num_warps(C))
+            q, k, dy, cum, dstates, dv, L, H, G, P, N, nc, CHUNK=C, BLOCK_P=block_p, BLOCK_N=block_n,
+            DOT_PRECISION=precision, **_launch_options("grad_v", C))
 
         # log_decay_s collects dA_t for t >= s within its chunk; <dS_end, S_end> sits at every chunk's last
         # position, so after the reverse cumulative sum it reaches every position of the chunk
@@ -594,12 +609,6 @@ MAX_TRITON_WIDTH = 128  # P and N are each read as a single tile of up to 128 co
 MAX_TRITON_CHUNK = 128  # larger chunks would not fit the backward kernels in shared memory
 
 
-def triton_supports(P, N, chunk_size):
-    """Whether the Triton kernels handle these sizes: P, N <= 128 and a power-of-two chunk in [16, 128]."""
-    return (max(P, N) <= MAX_TRITON_WIDTH and 16 <= chunk_size <= MAX_TRITON_CHUNK
-            and chunk_size & (chunk_size - 1) == 0)
-
-
 def triton_shared_memory(P, N, chunk_size, element_size):
     """An upper bound, in bytes, on the shared memory one program of the kernels needs: the tiles that tl.dot reads,
     all staged at once (the compiler reuses some of that space, so compiled kernels need at most this; a test checks
@@ -611,25 +620,23 @@ def triton_shared_memory(P, N, chunk_size, element_size):
     staged in float32 before its conversion.
     """
     C = chunk_size
-    p, n = _block(P, 128), _block(N, 64)
+    p, n = _tiles("grad_qk", P, N)
     grad_qk = element_size * (2 * C * n + 2 * C * p + 2 * p * n + C * C)
-    p, n = _block(P, 64), _block(N, 128)
+    p, n = _tiles("chunk_output", P, N)
     output = element_size * (2 * C * n + C * p) + max(element_size * (p * n + C * C), 4 * p * n)
     return max(grad_qk, output)
-
-
-_shared_memory_limits = {}
 
 
 def _shared_memory_limit(device):
     """Shared memory one program may use on this GPU (bytes, the number Triton's launcher checks); None on CPU."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _shared_memory_limits:
-        properties = triton.runtime.driver.active.utils.get_device_properties(index)
-        _shared_memory_limits[index] = properties.get("max_shared_mem")
-    return _shared_memory_limits[index]
+    return _gpu_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_shared_memory(index):
+    return triton.runtime.driver.active.utils.get_device_properties(index).get("max_shared_mem")
 
 
 def _compute_dtype(q, k, v):
@@ -640,7 +647,8 @@ def _compute_dtype(q, k, v):
 
 def triton_refusal(P, N, chunk_size, compute_dtype, device):
     """Why the Triton kernels cannot run heads of these sizes on this device (a sentence), or None when they can."""
-    if not triton_supports(P, N, chunk_size):
+    fits_tiles = max(P, N) <= MAX_TRITON_WIDTH and 16 <= chunk_size <= MAX_TRITON_CHUNK
+    if not fits_tiles or chunk_size & (chunk_size - 1):
         return (f"the triton backend needs P, N <= {MAX_TRITON_WIDTH} and chunk_size a power of two in "
                 f"[16, {MAX_TRITON_CHUNK}]; got P={P}, N={N}, chunk_size={chunk_size}")
     needed = triton_shared_memory(P, N, chunk_size, compute_dtype.itemsize)
@@ -657,8 +665,8 @@ def _triton_refusal(q, k, v, chunk_size):
     return triton_refusal(v.shape[3], q.shape[3], chunk_size, _compute_dtype(q, k, v), q.device)
 
 
-def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
-    """Checks what the kernels need, then runs them.  Shapes as chunked_scan."""
+def _check_triton(q, k, v, chunk_size):
+    """A one-line error when backend='triton' was asked for and cannot run these inputs."""
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -667,6 +675,10 @@ def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
     refusal = _triton_refusal(q, k, v, chunk_size)
     if refusal:
         raise ValueError(refusal + ", or backend='torch' ('auto' falls back to it by itself)")
+
+
+def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
+    """Runs the kernels on inputs they take (see _check_triton and _triton_refusal).  Shapes as chunked_scan."""
     output_dtype = v.dtype
     compute_dtype = _compute_dtype(q, k, v)
     q, k, v = (x.to(compute_dtype).contiguous() for x in (q, k, v))
@@ -703,7 +715,9 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-    if backend == "auto":
+    if backend == "triton":
+        _check_triton(q, k, v, chunk_size)
+    elif backend == "auto":
         use_triton = HAS_TRITON and q.is_cuda and _triton_refusal(q, k, v, chunk_size) is None
         backend = "triton" if use_triton else "torch"
     if backend == "triton":

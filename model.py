@@ -295,7 +295,7 @@ class GatedLinearAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.key_dim, self.value_dim = int(cfg.expand_k * cfg.d_model), int(cfg.expand_v * cfg.d_model)
-        self.head_k_dim, self.head_v_dim = self.key_dim // cfg.n_heads, self.value_dim // cfg.n_heads
+        self.head_v_dim, self.head_k_dim = cfg.head_sizes()  # P, N
         self.q_proj = nn.Linear(cfg.d_model, self.key_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.key_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.value_dim, bias=False)

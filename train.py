@@ -166,7 +166,7 @@ def resolve_args(args, explicit):
     if args.init != "zero" and not args.init_from and not args.from_scratch:
         args.init_from = BASE_RUN  # the paper's recipe: post-train the zero-init model
     post = bool(args.init_from)
-    if post and Path(checkpoint_path(args.init_from)).resolve() == Path(checkpoint_path(args.out_dir)).resolve():
+    if post and checkpoint_path(args.init_from).resolve() == checkpoint_path(args.out_dir).resolve():
         raise TrainError(f"post-training {args.init_from} into itself would overwrite it: give another --out_dir")
     if post:
         base_args = load_checkpoint(args.init_from)["args"]
@@ -299,8 +299,7 @@ class Run:
     def __init__(self, args, rank, world, device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.is_main = self.rank == 0
-        use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.autocast, compute_dtype = autocast_for(self.device, args.dtype)
         if self.world > 1 and not self.is_main:
             dist.barrier()  # rank 0 prepares the corpus if it is missing; the others wait, then read it
         self.corpus = load_corpus(args.data, args.data_dir)
@@ -308,7 +307,7 @@ class Run:
             dist.barrier()
         self.step = 0
         self.model, source = self._build_model()
-        check_backend(self.model.cfg, self.device, torch.bfloat16 if use_bf16 else torch.float32)
+        check_backend(self.model.cfg, self.device, compute_dtype)
         self.optimizer = make_optimizer(self.model, args, self.device)
         # separate seeds: the data and the intervention must not draw the same random numbers
         self.intervention = make_intervention(args.init, self.model, args.noise_std, args.p_zero, args.ssm_only,
@@ -341,15 +340,7 @@ class Run:
                                  f"{self.corpus.vocab_size}: post-train on a corpus with the same tokenizer")
             return model_from_checkpoint(ckpt, self.device, backend=args.backend, chunk_size=args.chunk_size), None
         torch.manual_seed(args.seed)  # every rank builds the same initial weights
-        try:
-            cfg = ModelConfig(vocab_size=self.corpus.vocab_size, d_model=args.d_model, n_layer=args.n_layer,
-                              mixer=args.mixer, d_state=args.d_state, headdim=args.headdim, expand=args.expand,
-                              n_heads=args.n_heads, gate=args.gate, chunk_size=args.chunk_size,
-                              backend=args.backend, dt_min=args.dt_min, dt_max=args.dt_max,
-                              gate_temperature=args.gate_temperature)
-        except ValueError as error:
-            raise TrainError(f"{error}: change the model flags")
-        return LM(cfg).to(self.device), None
+        return LM(model_config(args, self.corpus.vocab_size)).to(self.device), None
 
     def _restore(self, ckpt):
         if len(ckpt["ranks"]) != self.world:
@@ -438,6 +429,25 @@ def _to_device(obj, device):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(v, device) for v in obj)
     return obj
+
+
+def model_config(args, vocab_size):
+    """The ModelConfig the architecture flags (or a preset's values, as attributes of args) describe."""
+    try:
+        return ModelConfig(vocab_size=vocab_size, d_model=args.d_model, n_layer=args.n_layer, mixer=args.mixer,
+                           d_state=args.d_state, headdim=args.headdim, expand=args.expand, n_heads=args.n_heads,
+                           gate=args.gate, chunk_size=args.chunk_size, backend=args.backend, dt_min=args.dt_min,
+                           dt_max=args.dt_max, gate_temperature=args.gate_temperature)
+    except ValueError as error:
+        raise TrainError(f"{error}: change the model flags")
+
+
+def autocast_for(device, dtype="auto"):
+    """(autocast context, the dtype the scan then computes in) for a --dtype flag: bfloat16 autocast on CUDA unless
+    told otherwise, float32 on the CPU."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), compute_dtype
 
 
 def pick_device(name):

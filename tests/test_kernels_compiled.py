@@ -39,25 +39,27 @@ def compile_kernel(kernel, pointers, constants, **options):
     for name in kernel.arg_names:
         signature[name] = "constexpr" if name in constants else pointers.get(name, "i32")
     source = ASTSource(kernel, signature, constexprs=constants)
-    options.setdefault("num_warps", K._num_warps(C))  # as kernels.py launches them
     return triton.compile(source, target=target, options=options).metadata.shared
 
 
-tile = dict(CHUNK=C, DOT_PRECISION="ieee")
+def compile_tile_kernel(name, pointers, **constants):
+    # the tile widths and launch options kernels.py uses for this kernel
+    block_p, block_n = K._tiles(name, P, N)
+    constants = dict(constants, CHUNK=C, DOT_PRECISION="ieee", BLOCK_P=block_p, BLOCK_N=block_n)
+    return compile_kernel(getattr(K, "_" + name + "_kernel"), pointers, constants, **K._launch_options(name, C))
+
+
 f32 = "*fp32"
 shared = {
-    "chunk_state": compile_kernel(K._chunk_state_kernel, dict(rows_ptr=data, cols_ptr=data, cum_ptr=f32, out_ptr=f32),
-                                  dict(tile, BLOCK_P=K._block(P, 64), BLOCK_N=K._block(N, 64), WEIGHT_TO_END=True)),
-    "chunk_output": compile_kernel(
-        K._chunk_output_kernel, dict(q_ptr=data, k_ptr=data, v_ptr=data, cum_ptr=f32, states_ptr=f32, y_ptr=data),
-        dict(tile, BLOCK_P=K._block(P, 64), BLOCK_N=K._block(N, 128))),
-    "grad_qk": compile_kernel(
-        K._grad_qk_kernel, dict(q_ptr=data, k_ptr=data, v_ptr=data, dy_ptr=data, cum_ptr=f32, states_ptr=f32,
-                                dstates_ptr=f32, dq_ptr=data, dk_ptr=data, dcum_ptr=f32),
-        dict(tile, BLOCK_P=K._block(P, 128), BLOCK_N=K._block(N, 64)), num_stages=1),
-    "grad_v": compile_kernel(
-        K._grad_v_kernel, dict(q_ptr=data, k_ptr=data, dy_ptr=data, cum_ptr=f32, dstates_ptr=f32, dv_ptr=data),
-        dict(tile, BLOCK_P=K._block(P, 64), BLOCK_N=K._block(N, 128))),
+    "chunk_state": compile_tile_kernel("chunk_state", dict(rows_ptr=data, cols_ptr=data, cum_ptr=f32, out_ptr=f32),
+                                       WEIGHT_TO_END=True),
+    "chunk_output": compile_tile_kernel(
+        "chunk_output", dict(q_ptr=data, k_ptr=data, v_ptr=data, cum_ptr=f32, states_ptr=f32, y_ptr=data)),
+    "grad_qk": compile_tile_kernel(
+        "grad_qk", dict(q_ptr=data, k_ptr=data, v_ptr=data, dy_ptr=data, cum_ptr=f32, states_ptr=f32,
+                        dstates_ptr=f32, dq_ptr=data, dk_ptr=data, dcum_ptr=f32)),
+    "grad_v": compile_tile_kernel(
+        "grad_v", dict(q_ptr=data, k_ptr=data, dy_ptr=data, cum_ptr=f32, dstates_ptr=f32, dv_ptr=data)),
     "state_pass": compile_kernel(
         K._state_pass_kernel, dict(states_ptr=f32, cum_ptr=f32, initial_ptr=f32, final_ptr=f32),
         dict(CHUNK=C, BLOCK=K._block(P * N, 1024), HAS_INITIAL=True), num_warps=4),
