@@ -1,0 +1,145 @@
+"""tasks.py: synthetic tasks with exactly scorable answers, generated on the fly from a seed.
+
+Language-model loss shows length generalisation only on average; a synthetic task shows it as an answer that is
+right or wrong at every length. Each task makes training batches in the shape train.py uses (inputs and targets
+(B, L) int64, target -1 where the loss does not count) and scores a model's answers, so nothing is downloaded and
+every run sees the same evaluation examples.
+
+    copy   (Jelassi et al. 2024, "Repeat After Me"): read a random string, then write it again.
+           sequence  start s_1 .. s_n copy s_1 .. s_n end      (2n + 3 tokens)
+           A recurrent model must hold the whole string in its fixed-size state; trained on n <= n_train, the
+           paper asks it to copy strings several times longer and scores the fraction of characters right.
+
+    task = CopyTask(alphabet_size=26, n_train=32)
+    inputs, targets = task.batch(batch_size, generator)                              (B, 2n + 3) each
+    copy_accuracy(model, task, lengths, strings_per_length) -> {n: (greedy mean, its standard error,
+                                                                    teacher-forced mean)}
+"""
+import torch
+
+
+class CopyTask:
+    """Copy a random string over an alphabet of alphabet_size characters (token ids 0 .. A - 1); the special
+    tokens start, copy and end follow (ids A, A + 1, A + 2). Training strings have a length drawn uniformly from
+    [1, n_train].
+
+    Batch layout: one string length per batch, one example per row, nothing padded. The row then ends exactly at
+    the example's end token, so the State a model returns after a batch is the state right after a whole example:
+    state passing hands the next batch what a model reading examples back to back would carry, and every row of a
+    zero-init batch reads its example from the true zero state (padding before an example would move its start
+    state; packing several examples in a row would give zero-init training states after earlier examples, i.e. a
+    mild state passing of its own). The price is that a batch's examples all share one length; over many batches
+    the lengths are uniform in [1, n_train], as in the original task.
+    """
+
+    name = "copy"
+
+    def __init__(self, alphabet_size=26, n_train=32):
+        if alphabet_size < 2 or n_train < 1:
+            raise ValueError(f"the copy task needs alphabet_size >= 2 and n_train >= 1; got {alphabet_size}, "
+                             f"{n_train}")
+        self.alphabet_size, self.n_train = alphabet_size, n_train
+        self.start, self.copy, self.end = alphabet_size, alphabet_size + 1, alphabet_size + 2
+
+    @property
+    def vocab_size(self):
+        return self.alphabet_size + 3
+
+    @property
+    def train_tokens(self):
+        """Tokens of the longest training example: the training length T in model positions."""
+        return 2 * self.n_train + 3
+
+    def strings(self, length, count, generator):
+        """count random strings of the given length.  Returns (count, length) int64."""
+        return torch.randint(0, self.alphabet_size, (count, length), generator=generator)
+
+    def eval_strings(self, length, count, seed=0):
+        """The fixed evaluation strings of one length: the same for every model, run and evaluation length list."""
+        return self.strings(length, count, torch.Generator().manual_seed(seed * 1_000_003 + length))
+
+    def prompts(self, strings):
+        """start s copy: what a model reads before it copies.  strings (B, n) -> (B, n + 2)."""
+        B = strings.shape[0]
+        return torch.cat([strings.new_full((B, 1), self.start), strings, strings.new_full((B, 1), self.copy)], 1)
+
+    def sequences(self, strings):
+        """Whole examples, start s copy s end.  strings (B, n) -> (B, 2n + 3)."""
+        return torch.cat([self.prompts(strings), strings, strings.new_full((strings.shape[0], 1), self.end)], 1)
+
+    def inputs_and_targets(self, strings):
+        """(inputs, targets), each (B, 2n + 3) int64. inputs is the whole example, end token included, so a model's
+        final State is the state after the example. targets[:, t] is the token after inputs[:, t] where the loss
+        counts, -1 elsewhere: it counts the n copied characters and the end token (predicted at positions n + 1 ..
+        2n + 1). The end token counts because greedy copying must know when to stop; the first half (random) and
+        the copy token (whose place depends on the random length) cannot be predicted and do not count."""
+        inputs = self.sequences(strings)
+        n = strings.shape[1]
+        targets = torch.full_like(inputs, -1)
+        targets[:, n + 1:2 * n + 2] = inputs[:, n + 2:]
+        return inputs, targets
+
+    def batch(self, batch_size, generator):
+        """A training batch of batch_size examples of one random length n in [1, n_train].
+        Returns (inputs, targets), each (B, 2n + 3) int64 on the CPU."""
+        n = int(torch.randint(1, self.n_train + 1, (1,), generator=generator))
+        return self.inputs_and_targets(self.strings(n, batch_size, generator))
+
+    def answer(self, generated):
+        """The copy a model wrote: generated tokens (a list of ids) up to, not including, the first end token."""
+        return generated[:generated.index(self.end)] if self.end in generated else generated
+
+
+def char_accuracy(predicted, true):
+    """Fraction of the true string's characters that the prediction has at the same position, where a prediction
+    longer than the string is scored over its own length: missing and extra characters both count as wrong.
+    predicted, true: lists of token ids (true non-empty).  Returns a float in [0, 1]."""
+    right = sum(p == t for p, t in zip(predicted, true))
+    return right / max(len(predicted), len(true))
+
+
+@torch.no_grad()
+def greedy_copies(model, task, strings):
+    """The copies a model writes by greedy decoding through LM.step after reading each prompt from the zero state.
+    At most n + 1 tokens are generated (room for the copy and its end token), so a copy that does not stop loses
+    one extra position. strings (B, n) -> list of B lists of token ids."""
+    n = strings.shape[1]
+    logits, _, state = model(task.prompts(strings))
+    logits, generated = logits[:, -1], []
+    for i in range(n + 1):
+        next_token = logits.argmax(-1)
+        generated.append(next_token)
+        if i < n:
+            logits, state = model.step(next_token, state)
+    return [task.answer(row) for row in torch.stack(generated, 1).tolist()]
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, task, strings):
+    """Per string, the fraction of copied characters whose argmax prediction is right given the true prefix (the
+    whole example read from the zero state).  strings (B, n) -> (B,) float."""
+    n = strings.shape[1]
+    logits, _, _ = model(task.sequences(strings))
+    predicted = logits[:, n + 1:2 * n + 1].argmax(-1)  # (B, n): the positions that predict the copied characters
+    return (predicted == strings).float().mean(1)
+
+
+def copy_accuracy(model, task, lengths, strings_per_length=32, seed=0, device="cpu"):
+    """Character accuracy of copying the fixed evaluation strings (task.eval_strings) of every length.
+
+    Returns {n: (greedy mean, greedy standard error over strings, teacher-forced mean)}. The model is put in eval
+    mode and restored after."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    for n in lengths:
+        strings = task.eval_strings(n, strings_per_length, seed).to(device)
+        greedy = torch.tensor([char_accuracy(p, t) for p, t in zip(greedy_copies(model, task, strings),
+                                                                    strings.tolist())], dtype=torch.float64)
+        stderr = greedy.std().item() / len(greedy) ** 0.5 if len(greedy) > 1 else 0.0
+        results[n] = (greedy.mean().item(), stderr, teacher_forced_accuracy(model, task, strings).mean().item())
+    model.train(was_training)
+    return results
+
+
+TASKS = {"copy": CopyTask}
