@@ -22,7 +22,9 @@ Shape letters: B batch, L length, D d_model, V vocabulary, H heads, P value widt
 (Mamba-2's d_state), G q/k groups (Mamba-2's ngroups), W convolution width.
 """
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -103,6 +105,91 @@ class ModelConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or written, told in one line that says what to do."""
+
+
+def checkpoint_path(path):
+    """The file a checkpoint argument stands for: a run folder (or a name without a suffix) means its ckpt.pt."""
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() or not path.suffix else path
+
+
+def first_nonfinite(tensors):
+    """The name of the first floating-point tensor of a {name: tensor} dict holding a NaN or an infinity, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def save_checkpoint(path, payload):
+    """Write payload (a dict with the weights under "model") to path atomically: to a temporary file, synced to disk,
+    then renamed, so a reader or a crash never sees half a file. Weights that are not finite are refused, so a good
+    checkpoint is never replaced by a broken one."""
+    path = checkpoint_path(path)
+    broken = first_nonfinite(payload["model"])
+    if broken:
+        raise CheckpointError(f"not saving {path}: the weight {broken} is not finite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_abandoned_temporaries(path):
+    """Delete the temporary files of saves whose process died (killed while writing): .ckpt.pt.tmp-PID."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
+def load_checkpoint(path, require=("model_config", "model")):
+    """A checkpoint of this project as a dict, read with weights_only=True (loading it cannot run code).
+    require: keys it must hold. Raises CheckpointError with what to do."""
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py) or give another path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated files and foreign pickles fail in many ways
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}): it may be truncated "
+                              f"or not from this project; delete it or give another path")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT})")
+    missing = [key for key in require if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete (no {', '.join(missing)}): it was not written by train.py; "
+                              f"give another checkpoint")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,19 +514,67 @@ class LM(nn.Module):
                 logits, state = self.step(next_token, state)
         return torch.cat(out, dim=1)
 
-    def loss_per_position(self, tokens, chunk_len):
-        """Next-token loss at every position of tokens (B, L + 1), reading chunk_len tokens at a time from the
-        zero state and handing the State on, so memory does not grow with L.  Returns (B, L) float32."""
-        state, losses = None, []
-        for start in range(0, tokens.shape[1] - 1, chunk_len):
-            piece = tokens[:, start:start + chunk_len + 1]
-            logits, _, state = self(piece[:, :-1], state=state)
-            losses.append(F.cross_entropy(logits.float().transpose(1, 2), piece[:, 1:], reduction="none"))
+    def read(self, tokens, chunk_len, state=None, stops=()):
+        """Read tokens (B, L) chunk_len at a time from state (None: the zero state), handing the State on, so memory
+        does not grow with L. Pieces also end at every position in stops (to look at the state there).
+        Yields (start, end, logits (B, end - start, V), State after token end - 1) for each piece in order; a
+        consumer that keeps only what it needs of each piece's logits holds one piece at a time."""
+        ends = sorted({*range(chunk_len, tokens.shape[1], chunk_len), *(s for s in stops if 0 < s < tokens.shape[1]),
+                       tokens.shape[1]})
+        start = 0
+        for end in ends:
+            logits, _, state = self(tokens[:, start:end], state=state)
+            yield start, end, logits, state
+            start = end
+
+    def loss_per_position(self, tokens, chunk_len, state=None):
+        """Next-token loss at every position of tokens (B, L + 1), read chunk_len tokens at a time from state (None:
+        zero).  Returns (B, L) float32."""
+        losses = [F.cross_entropy(logits.float().transpose(1, 2), tokens[:, start + 1:end + 1], reduction="none")
+                  for start, end, logits, _ in self.read(tokens[:, :-1], chunk_len, state)]
         return torch.cat(losses, dim=1)
 
     def num_parameters(self):
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    def save(self, path, **extra):
+        """Write this model (configuration and weights) plus any extra entries as a checkpoint, atomically."""
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
+                               "model": self.state_dict(), **extra})
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
+        """The LM a checkpoint of this project holds, in eval mode. checkpoint: a path (file or run folder) or a dict
+        from load_checkpoint. overrides: non-architectural config fields (backend, chunk_size); None keeps the saved
+        value. model.trained_on says what it was trained on (tokenizer, training length T, corpus)."""
+        source = checkpoint if isinstance(checkpoint, dict) else None
+        ckpt = source or load_checkpoint(checkpoint)
+        config = {**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            model = cls(ModelConfig(**config))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"the checkpoint's model does not match this code ({str(error).splitlines()[0]})")
+        broken = first_nonfinite(ckpt["model"])
+        if broken:
+            raise CheckpointError(f"the weight {broken} of this checkpoint is not finite: it cannot be used")
+        corpus, args = ckpt.get("corpus") or {}, ckpt.get("args") or {}
+        model.trained_on = {"tokenizer": corpus.get("tokenizer"), "tokenizer_sha256": corpus.get("tokenizer_sha256"),
+                            "seq_len": args.get("seq_len"), "corpus": corpus.get("name"),
+                            "source": "a checkpoint" if source else str(checkpoint_path(checkpoint))}
+        return model.to(device).eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder, device="cpu", **overrides):
+        """A trained LM in eval mode, from any of: a checkpoint of this project (file or run folder); a Hugging Face
+        hub name of an official Mamba-2 model (state-spaces/mamba2-370m); a folder with config.json and the weights
+        in either public layout (see pretrained.py, imported only here)."""
+        if checkpoint_path(name_or_folder).is_file():
+            return cls.from_checkpoint(name_or_folder, device, **overrides)
+        import pretrained
+
+        return pretrained.load_pretrained(str(name_or_folder), device, **overrides)
 
 
 def sample(logits, temperature=1.0, top_k=None):
