@@ -21,8 +21,10 @@ y_t = S_t q_t:
 Shape letters: B batch, L length, D d_model, V vocabulary, H heads, P value width per head, N key width per head
 (Mamba-2's d_state), G q/k groups (Mamba-2's ngroups), W convolution width.
 """
+import argparse
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import BACKENDS, chunked_scan, scan_step
+from kernels import BACKENDS, chunked_scan, scan_step, triton_refusal
 
 MIXERS = ("mamba2", "gla")
 GATES = ("data", "none")
@@ -114,8 +116,12 @@ class ModelConfig:
 CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or written, told in one line that says what to do."""
+class UsageError(Exception):
+    """A problem with the user's options or files, told in one line that says what to do."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read or written."""
 
 
 def checkpoint_path(path):
@@ -587,6 +593,55 @@ def sample(logits, temperature=1.0, top_k=None):
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a model: what train.py and eval.py share
+# ----------------------------------------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), like every other error of the scripts."""
+
+    def error(self, message):
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def pick_device(name):
+    """The torch.device for a --device flag ("auto": CUDA when available), with one-line errors."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise UsageError(f"--device {name}: no such device is usable here; use --device cpu"
+                         + (" or cuda" if available["cuda"] else ""))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def autocast_for(device, dtype="auto"):
+    """(autocast context, the dtype the scan then computes in) for a --dtype flag: bfloat16 autocast on CUDA unless
+    told otherwise, float32 on the CPU."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), compute_dtype
+
+
+def check_backend(cfg, device, compute_dtype):
+    """A one-line error now rather than a traceback at the first step when --backend triton cannot run."""
+    if cfg.backend != "triton":
+        return
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--backend triton needs a CUDA device; use --backend torch (or auto) on the CPU")
+    P, N = cfg.head_sizes()
+    refusal = triton_refusal(P, N, cfg.chunk_size, compute_dtype, device)
+    if refusal:
+        raise UsageError(f"--backend triton: {refusal}; or use --backend auto")
 
 
 # Named model sizes. The demo sizes train on a laptop CPU in minutes (see train.py); mamba2-130m is the size of the
