@@ -1,0 +1,421 @@
+"""pretrained.py: the official Mamba-2 language models, loaded into this project's model.LM.
+
+The paper's Figure 1 reads the official Mamba-2 checkpoints (state-spaces/mamba2-130m ... -2.7b, trained on the
+Pile at T = 2048 tokens with the GPT-NeoX-20B tokenizer) far beyond T. model.py's Mamba-2 block is the official one
+with the official parameter names, so loading is little more than checking; once loaded, the explicit State, the
+interventions and the diagnostics of this project apply to these models as to any other.
+
+    model = load_pretrained("state-spaces/mamba2-370m")          # through huggingface_hub and its cache
+    model = load_pretrained("path/to/folder", device="cuda")     # config.json + model.safetensors or pytorch_model.bin
+    model.trained_on   # {"tokenizer", "tokenizer_sha256", "seq_len", "corpus", "source"}
+    official_config("state-spaces/mamba2-2.7b")                  # its ModelConfig, offline: sizes, memory estimates
+
+Two public layouts are read:
+    mamba_ssm     config.json {d_model, n_layer, vocab_size, ssm_cfg: {layer: "Mamba2", ...}, ...}; tensors
+                  backbone.embedding.weight, backbone.layers.N.{norm.weight, mixer.*}, backbone.norm_f.weight and
+                  lm_head.weight (absent when tied). The embedding has vocab_size rounded up to
+                  pad_vocab_size_multiple rows.
+    transformers  config.json {model_type: "mamba2", hidden_size, num_hidden_layers, state_size, ...}; the same
+                  tensors except backbone.embeddings.weight; vocab_size is the number of rows.
+A config that asks for anything model.py does not compute (attention layers, an MLP, a clamp on dt, ...) is refused
+in one line naming the field: a model loaded approximately would give wrong numbers without a sign. Weights are read
+without running code from the file (safetensors, or torch.load(weights_only=True)). Every error is a
+PretrainedError (a model.UsageError) with a one-line message that the scripts print as it is.
+"""
+import hashlib
+import json
+import os
+import re
+
+import torch
+
+from model import LM, ModelConfig, UsageError
+
+NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"
+# The official Mamba-2 language models (Dao & Gu, 2024): all of them use d_state 128, headdim 64, expand 2, one
+# group, a width-4 convolution and the GPT-NeoX-20B vocabulary of 50277 tokens padded to 50288 embedding rows.
+OFFICIAL = {
+    "state-spaces/mamba2-130m": dict(d_model=768, n_layer=24),
+    "state-spaces/mamba2-370m": dict(d_model=1024, n_layer=48),
+    "state-spaces/mamba2-780m": dict(d_model=1536, n_layer=48),
+    "state-spaces/mamba2-1.3b": dict(d_model=2048, n_layer=48),
+    "state-spaces/mamba2-2.7b": dict(d_model=2560, n_layer=64),
+}
+OFFICIAL_SHARED = dict(vocab_size=50277, pad_vocab_multiple=16, d_state=128, d_conv=4, expand=2, headdim=64,
+                       ngroups=1, norm_eps=1e-5)
+OFFICIAL_TRAINING = dict(tokenizer=NEOX_TOKENIZER, seq_len=2048, corpus="the Pile")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first one present is read
+OVERRIDABLE = ("backend", "chunk_size")  # how the scan runs, not what it computes
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class PretrainedError(UsageError):
+    """A checkpoint that cannot be loaded exactly; the message is one line saying why and what to do."""
+
+
+def official_config(name, **overrides):
+    """The ModelConfig of an official model, without downloading anything ("state-spaces/mamba2-370m" or
+    "mamba2-370m"). Parameter count without allocating: with torch.device("meta"): LM(cfg).num_parameters()."""
+    full = name if name in OFFICIAL else f"state-spaces/{name}"
+    if full not in OFFICIAL:
+        raise PretrainedError(f"unknown official model {name!r}; choose one of {', '.join(OFFICIAL)}")
+    return ModelConfig(mixer="mamba2", mlp=False, **OFFICIAL_SHARED, **OFFICIAL[full], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+# ----------------------------------------------------------------------------------------------------------------
+
+INF = float("inf")
+# field: (the library's default, the one value model.py computes, what any other value asks for)
+MAMBA_SSM_FIXED = {
+    "attn_layer_idx": ([], [], "attention layers"),
+    "d_intermediate": (0, 0, "an MLP after each mixer"),
+    "rms_norm": (True, True, "LayerNorm instead of RMSNorm"),
+    "tie_embeddings": (True, True, "an output layer untied from the embedding"),
+}
+MAMBA2_FIXED = {  # inside ssm_cfg; the defaults of mamba_ssm's Mamba2 module
+    "D_has_hdim": (False, False, "a skip weight D per channel instead of per head"),
+    "rmsnorm": (True, True, "no gated RMSNorm before out_proj"),
+    "norm_before_gate": (False, False, "the norm before the gate"),
+    "dt_limit": ((0.0, INF), (0.0, INF), "dt clamped to a range"),
+    "bias": (False, False, "biases in in_proj and out_proj"),
+    "conv_bias": (True, True, "a convolution without bias"),
+    "d_ssm": (None, None, "an SSM over part of the channels only"),
+}
+TRANSFORMERS_FIXED = {  # defaults of transformers' Mamba2Config
+    "use_bias": (False, False, "biases in in_proj and out_proj"),
+    "use_conv_bias": (True, True, "a convolution without bias"),
+    "time_step_limit": ((0.0, INF), (0.0, INF), "dt clamped to a range"),
+    "rms_norm": (True, True, "LayerNorm instead of RMSNorm"),
+    "tie_word_embeddings": (False, True, "an output layer untied from the embedding"),
+    "hidden_act": ("silu", "silu", "an activation other than silu"),
+    "norm_before_gate": (False, False, "the norm before the gate"),
+}
+# Fields accepted with any value besides the ones above, because they do not change the function computed:
+#   sizes, read into the ModelConfig; initialisation ranges (dt_min..., A_init_range, conv_init, initializer_range,
+#   rescale_prenorm_residual, time_step_*), which only matter before training; how the computation runs
+#   (chunk_size: this project picks its own; use_mem_eff_path, fused_add_norm; residual_in_fp32, precision only);
+#   attn_cfg, unused without attention layers; time_step_rank, a Mamba-1 field the Mamba-2 mixer never reads;
+#   and the bookkeeping that transformers writes (token ids, dtype, version, architectures, use_cache).
+MAMBA_SSM_FIELDS = {"d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "ssm_cfg", "attn_cfg",
+                    "residual_in_fp32", "fused_add_norm", *MAMBA_SSM_FIXED}
+MAMBA2_FIELDS = {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "dt_min", "dt_max", "dt_init_floor",
+                 "A_init_range", "conv_init", "chunk_size", "use_mem_eff_path", *MAMBA2_FIXED}
+TRANSFORMERS_FIELDS = {"model_type", "hidden_size", "num_hidden_layers", "vocab_size", "state_size", "head_dim",
+                       "num_heads", "n_groups", "conv_kernel", "expand", "layer_norm_epsilon", "time_step_min",
+                       "time_step_max", "time_step_floor", "time_step_rank", "chunk_size", "residual_in_fp32",
+                       "initializer_range", "rescale_prenorm_residual", "use_cache", "bos_token_id", "eos_token_id",
+                       "pad_token_id", "architectures", "torch_dtype", "dtype", "transformers_version",
+                       "_name_or_path", *TRANSFORMERS_FIXED}
+
+
+def _same(value, wanted):
+    """Config values compare as JSON gives them: [0.0, Infinity] equals (0.0, inf), "swish" is silu."""
+    if isinstance(wanted, tuple):
+        try:
+            return tuple(float(v) for v in value) == wanted
+        except (TypeError, ValueError):
+            return False
+    if wanted == "silu":
+        return value in ("silu", "swish")
+    return value == wanted and type(value) is type(wanted)
+
+
+def _check_fields(config, known, fixed, prefix=""):
+    """Refuse unknown fields and fields whose value model.py does not compute (one line naming the field)."""
+    for key in config:
+        if key not in known:
+            raise PretrainedError(f"config.json: unknown field {prefix}{key}; it may change the model, so it is "
+                                  f"not loaded")
+    for key, (default, wanted, meaning) in fixed.items():
+        value = config.get(key, default)
+        if not _same(value, wanted):
+            raise PretrainedError(f"config.json: {prefix}{key}={json.dumps(value)} asks for {meaning}, which "
+                                  f"model.py does not implement")
+
+
+def _from_mamba_ssm(config):
+    """ModelConfig keyword arguments from the mamba_ssm layout (defaults: MambaConfig and the Mamba2 module)."""
+    _check_fields(config, MAMBA_SSM_FIELDS, MAMBA_SSM_FIXED)
+    ssm = config.get("ssm_cfg") or {}
+    if not isinstance(ssm, dict):
+        raise PretrainedError("config.json: ssm_cfg must be a JSON object")
+    layer = ssm.get("layer")
+    if layer in (None, "Mamba1"):
+        raise PretrainedError(f"config.json: ssm_cfg.layer={json.dumps(layer)} means Mamba-1, which is not "
+                              f"implemented (only Mamba-2)")
+    if layer != "Mamba2":
+        raise PretrainedError(f"config.json: ssm_cfg.layer={json.dumps(layer)} is not implemented (only Mamba2)")
+    d_model, expand = config.get("d_model", 2560), ssm.get("expand", 2)
+    if ssm.get("d_ssm") == expand * d_model:  # the whole width, which is what None means
+        ssm = {k: v for k, v in ssm.items() if k != "d_ssm"}
+    _check_fields(ssm, MAMBA2_FIELDS, MAMBA2_FIXED, prefix="ssm_cfg.")
+    return dict(vocab_size=config.get("vocab_size", 50277), pad_vocab_multiple=config.get("pad_vocab_size_multiple", 8),
+                d_model=d_model, n_layer=config.get("n_layer", 64), expand=expand, d_state=ssm.get("d_state", 128),
+                d_conv=ssm.get("d_conv", 4), headdim=ssm.get("headdim", 64), ngroups=ssm.get("ngroups", 1),
+                dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
+                dt_init_floor=ssm.get("dt_init_floor", 1e-4), A_init_range=tuple(ssm.get("A_init_range", (1, 16))),
+                norm_eps=1e-5)  # mamba_ssm's block norms and the mixer's gated norm all use 1e-5
+
+
+def _from_transformers(config):
+    """ModelConfig keyword arguments from the transformers layout (defaults: transformers' Mamba2Config).
+
+    With n_groups > 1 the gated norm is taken per group, as mamba_ssm and transformers' CUDA path compute it
+    (transformers' pure-torch path normalises over all channels at once)."""
+    if config.get("model_type") != "mamba2":
+        raise PretrainedError(f"config.json: model_type={json.dumps(config.get('model_type'))} is not "
+                              f"implemented (only mamba2)")
+    _check_fields(config, TRANSFORMERS_FIELDS, TRANSFORMERS_FIXED)
+    hidden, expand = config.get("hidden_size", 4096), config.get("expand", 2)
+    heads, head_dim = config.get("num_heads", 128), config.get("head_dim", 64)
+    if heads * head_dim != expand * hidden:
+        raise PretrainedError(f"config.json: num_heads * head_dim = {heads * head_dim} differs from expand * "
+                              f"hidden_size = {expand * hidden}")
+    return dict(vocab_size=config.get("vocab_size", 32768), pad_vocab_multiple=1,  # rows = vocab_size
+                d_model=hidden, n_layer=config.get("num_hidden_layers", 64), expand=expand, headdim=head_dim,
+                d_state=config.get("state_size", 128), d_conv=config.get("conv_kernel", 4),
+                ngroups=config.get("n_groups", 8), dt_min=config.get("time_step_min", 0.001),
+                dt_max=config.get("time_step_max", 0.1), dt_init_floor=config.get("time_step_floor", 1e-4),
+                norm_eps=config.get("layer_norm_epsilon", 1e-5))
+
+
+def config_from_json(config, **overrides):
+    """(ModelConfig, layout) from the contents of a config.json in either layout; overrides: backend, chunk_size."""
+    if not isinstance(config, dict):
+        raise PretrainedError("config.json: expected a JSON object")
+    for key in overrides:
+        if key not in OVERRIDABLE:
+            raise PretrainedError(f"cannot override {key}: it would change the pretrained model; only "
+                                  f"{', '.join(OVERRIDABLE)} can be set")
+    if "model_type" in config:
+        layout, read = "transformers", _from_transformers
+    elif "d_model" in config or "ssm_cfg" in config:
+        layout, read = "mamba_ssm", _from_mamba_ssm
+    else:
+        raise PretrainedError("config.json: neither the mamba_ssm layout (d_model, n_layer, ssm_cfg) nor the "
+                              "transformers one (model_type)")
+    try:  # values of the wrong type end here too
+        return ModelConfig(mixer="mamba2", mlp=False, **read(config), **overrides), layout
+    except (TypeError, ValueError) as e:
+        raise PretrainedError(f"config.json: {_one_line(e)}") from None
+
+
+def official_name_of(cfg):
+    """The official model whose architecture cfg is, or None. A folder holding one of them (downloaded elsewhere,
+    or converted to the transformers layout) is taken to hold that model."""
+    def arch(c):
+        return (c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.headdim, c.ngroups, c.norm_eps,
+                c.padded_vocab_size)
+    return next((name for name in OFFICIAL if arch(official_config(name)) == arch(cfg)), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: a local folder or the Hugging Face Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+def _one_line(error):
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _folder_files(folder):
+    """{"config", "weights", "tokenizer"} paths in a local folder (tokenizer None when it has no tokenizer.json)."""
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        raise PretrainedError(f"{folder} has no config.json")
+    weights = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
+    if weights is None:
+        raise PretrainedError(f"{folder} has no weight file ({' or '.join(WEIGHT_FILES)})")
+    tokenizer = os.path.join(folder, "tokenizer.json")
+    return dict(config=config, weights=weights, tokenizer=tokenizer if os.path.isfile(tokenizer) else None)
+
+
+def _hub_files(repo):
+    """The same paths for a Hugging Face Hub model, downloaded into (or found in) huggingface_hub's cache, which
+    resumes interrupted downloads and uses the token of `hf auth login` or HF_TOKEN for gated models."""
+    try:
+        from huggingface_hub import errors, hf_hub_download
+    except ImportError:
+        raise PretrainedError(f"downloading {repo} needs huggingface_hub: pip install huggingface_hub (or pass a "
+                              f"local folder)") from None
+
+    def fetch(filename):
+        """The local path of filename; None when the repository has no such file; ConnectionError when neither
+        the Hub nor the cache can give it."""
+        try:
+            return hf_hub_download(repo, filename)
+        except errors.GatedRepoError:
+            raise PretrainedError(f"{repo} is gated: accept its terms on huggingface.co, then run `hf auth login` "
+                                  f"or set HF_TOKEN") from None
+        except errors.RepositoryNotFoundError:
+            raise PretrainedError(f"{repo} is neither a folder here nor a model on the Hugging Face Hub (a private "
+                                  f"one needs HF_TOKEN)") from None
+        except errors.LocalEntryNotFoundError as e:  # offline, and not in the cache
+            raise ConnectionError(str(e)) from None
+        except errors.EntryNotFoundError:
+            return None
+        except errors.HFValidationError:
+            raise PretrainedError(f"{repo} is neither a folder here nor a Hugging Face Hub name") from None
+        except OSError as e:  # network and HTTP errors
+            raise ConnectionError(str(e)) from None
+
+    try:
+        config = fetch("config.json")
+        if config is None:
+            raise PretrainedError(f"{repo} on the Hugging Face Hub has no config.json")
+        weights, offline = None, None
+        for filename in WEIGHT_FILES:  # offline, a later file may still be in the cache
+            try:
+                weights = fetch(filename)
+            except ConnectionError as e:
+                offline = e
+            if weights is not None:
+                break
+        if weights is None:
+            if offline is not None:
+                raise offline
+            raise PretrainedError(f"{repo} on the Hugging Face Hub has no {' or '.join(WEIGHT_FILES)}")
+    except ConnectionError:
+        raise PretrainedError(f"could not download {repo} (offline?), and there is no folder {repo} here: download "
+                              f"config.json and pytorch_model.bin (or model.safetensors) elsewhere and pass their "
+                              f"folder") from None
+    try:
+        tokenizer = fetch("tokenizer.json")  # the official models have none; a converted copy may
+    except ConnectionError:
+        tokenizer = None
+    return dict(config=config, weights=weights, tokenizer=tokenizer)
+
+
+def _locate(name_or_folder):
+    """(files, source): a local folder when one exists, else a Hugging Face Hub name."""
+    path = os.path.expanduser(str(name_or_folder))
+    if os.path.isdir(path):
+        return _folder_files(path), os.path.abspath(path)
+    if os.path.exists(path):
+        raise PretrainedError(f"{path} is a file; pass the folder holding config.json and the weights")
+    if not HUB_NAME.fullmatch(path):
+        raise PretrainedError(f"no folder {path} (a Hugging Face Hub name looks like state-spaces/mamba2-370m)")
+    return _hub_files(path), path
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"cannot read {path}: {_one_line(e)}") from None
+
+
+def read_weights(path):
+    """name -> tensor from a .safetensors file or a pickled state dict, without running code from the file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise PretrainedError(f"reading {path} needs safetensors: pip install safetensors") from None
+    except Exception as e:  # a truncated or corrupt file raises many kinds of error
+        raise PretrainedError(f"cannot read {path} (truncated or corrupt? download it again): "
+                              f"{_one_line(e)}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights -> LM
+# ----------------------------------------------------------------------------------------------------------------
+
+def _official_names(state, layout):
+    """The tensors under model.LM's names: transformers calls the embedding backbone.embeddings; a missing
+    lm_head.weight is the tied embedding."""
+    state = dict(state)
+    if layout == "transformers" and "backbone.embeddings.weight" in state:
+        state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
+    if "lm_head.weight" not in state and "backbone.embedding.weight" in state:
+        state["lm_head.weight"] = state["backbone.embedding.weight"]
+    return state
+
+
+def check_tensors(state, expected, where):
+    """Refuse, naming the first offending tensor, unless state has exactly the expected names and shapes, holds
+    finite floating-point numbers only, and its lm_head is the embedding.  expected: name -> shape."""
+    for name, shape in expected.items():
+        if name not in state:
+            raise PretrainedError(f"{where}: missing tensor {name}")
+        if tuple(state[name].shape) != tuple(shape):
+            raise PretrainedError(f"{where}: tensor {name} has shape {tuple(state[name].shape)} but config.json "
+                                  f"implies {tuple(shape)}")
+    for name, tensor in state.items():
+        if name not in expected:
+            raise PretrainedError(f"{where}: unexpected tensor {name} (model.py has no such part)")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise PretrainedError(f"{where}: tensor {name} holds non-finite or non-float values")
+    if not torch.equal(state["lm_head.weight"], state["backbone.embedding.weight"]):
+        raise PretrainedError(f"{where}: lm_head.weight differs from the embedding; an untied output layer is not "
+                              f"implemented")
+
+
+def build_model(cfg, state, where="weights"):
+    """An LM (float32, on the CPU) holding state, a dict under model.LM's names.
+
+    The model is first built on the meta device, so no memory goes to a random initialisation that would be
+    overwritten; load_state_dict(assign=True) then adopts the tensors, and the output layer is tied again (assigning
+    gave it a parameter of its own)."""
+    with torch.device("meta"):
+        model = LM(cfg)
+    check_tensors(state, {k: v.shape for k, v in model.state_dict().items()}, where)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    model.lm_head.weight = model.backbone.embedding.weight
+    return model
+
+
+def _trained_on(source, official, layout, vocab_size, tokenizer_file):
+    """What the model was trained with, as far as the files say. The official models: the GPT-NeoX-20B tokenizer,
+    T = 2048, the Pile. Otherwise a tokenizer.json beside the weights names the tokenizer (path and sha256 of its
+    bytes); a mamba_ssm model with vocab_size 50277 has the GPT-NeoX-20B vocabulary; the rest is unknown (None)."""
+    training = dict(OFFICIAL_TRAINING) if official else dict(tokenizer=None, seq_len=None, corpus=None)
+    if layout == "mamba_ssm" and vocab_size == OFFICIAL_SHARED["vocab_size"]:
+        training["tokenizer"] = NEOX_TOKENIZER
+    training["tokenizer_sha256"] = None
+    if tokenizer_file is not None:
+        training["tokenizer"] = os.path.abspath(tokenizer_file)
+        training["tokenizer_sha256"] = _sha256(tokenizer_file)
+    training["source"] = source
+    return training
+
+
+def load_pretrained(name_or_folder, device="cpu", **overrides):
+    """A pretrained Mamba-2 language model as a model.LM in eval mode, float32, on device.
+
+    name_or_folder: a folder holding config.json and model.safetensors or pytorch_model.bin (and optionally
+    tokenizer.json), or a Hugging Face Hub name such as "state-spaces/mamba2-370m". overrides: backend, chunk_size
+    (how the scan runs; None keeps the default). The model gets an attribute trained_on (see _trained_on).
+    Raises PretrainedError."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    files, source = _locate(name_or_folder)
+    cfg, layout = config_from_json(_read_json(files["config"]), **overrides)
+    official = official_name_of(cfg)
+    vocab_size = cfg.vocab_size
+    if official is not None:  # the same model in both layouts: logits over the real tokens only
+        cfg = official_config(official, **overrides)
+    state = _official_names(read_weights(files["weights"]), layout)
+    model = build_model(cfg, state, where=files["weights"])
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise PretrainedError(f"cannot move the model to {device}: {_one_line(e)}") from None
+    model.trained_on = _trained_on(source, official, layout, vocab_size, files["tokenizer"])
+    return model.eval()
