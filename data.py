@@ -15,7 +15,10 @@ laptop CPU. Any tiktoken encoding (gpt2, cl100k_base, ...) works too; tiktoken d
 Each document is followed by the end-of-text token; documents go to train or val by a hash of their name (10% val),
 so the split is deterministic and no document is in both. A single text file is one document; then the last 10% of
 its tokens are the validation split. Output, written under a temporary name and renamed when complete:
-data/NAME/train.bin and val.bin (uint16 when the vocabulary fits, else uint32) and meta.json.
+data/NAME/train.bin and val.bin (uint16 when the vocabulary fits, else uint32) and meta.json. NAME is one plain
+folder name. A corpus that is replaced waits as data/.NAME.old until the new one is in place, and comes back if
+anything goes wrong, even after a hard kill (on the next use). meta.json's "created" is a unique stamp written once
+per preparation: Corpus.fingerprint, which lets a resumed training run notice that its corpus was prepared again.
 
 Batches (torch int64 tensors):
     Corpus.random_windows(split, B, T)   (B, T + 1) windows at random offsets: inputs [:, :-1], targets [:, 1:]
@@ -31,9 +34,12 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +49,22 @@ from tqdm import tqdm
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CORPUS = "stdlib"
 EOT = "<|endoftext|>"
+JSONL = (".jsonl", ".jsonl.gz")
 VAL_FRACTION = 0.1
 PARALLEL_ABOVE_BYTES = 16 * 2 ** 20  # inputs larger than this are tokenised by a pool of processes
 
 
 class DataError(Exception):
     """A problem with the user's data or options, told in one line that says what to do."""
+
+
+def check_name(name):
+    """A corpus name is one plain folder name under data_dir, so that no name can reach (and replace) a folder
+    elsewhere; a leading dot is kept for the temporary and replaced folders."""
+    if not name or name.startswith(".") or Path(name).name != name or any(c in name for c in "\\\0"):
+        raise DataError(f"corpus name {name!r} is not a plain folder name: use letters, digits, '-', '_' or '.', "
+                        f"without '/' and not starting with '.'")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,7 +126,7 @@ def read_documents(files, root, skipped):
     or are not UTF-8, and jsonl lines without a "text" string, are counted in skipped['files'/'lines']."""
     for f in files:
         key = f.relative_to(root).as_posix() if root.is_dir() else f.name
-        if f.name.endswith((".jsonl", ".jsonl.gz")):
+        if f.name.endswith(JSONL):
             yield from _read_jsonl(f, key, skipped)
             continue
         try:
@@ -148,9 +164,14 @@ def is_validation(key, val_fraction):
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_name):
+def _load_tokenizer(spec):
     global _worker_tokenizer
-    _worker_tokenizer = get_tokenizer(tokenizer_name)
+    _worker_tokenizer = get_tokenizer(spec)
+
+
+def _init_pool_worker(spec):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which ends the whole pool at once
+    _load_tokenizer(spec)
 
 
 def _encode_batch(texts):
@@ -168,15 +189,16 @@ def _batches(documents, size=64):
         yield batch
 
 
-def _encoded(documents, tokenizer_name, workers):
-    """Yield (key, tokens, characters) in document order, tokenised by a pool of processes when workers > 1."""
+def _encoded(documents, tokenizer_spec, workers):
+    """Yield (key, tokens, characters) in document order, tokenised by a pool of processes when workers > 1.
+    Closing the generator early (an error or Ctrl-C in the caller) terminates the pool."""
     if workers <= 1:
-        _init_worker(tokenizer_name)
+        _load_tokenizer(tokenizer_spec)
         for key, text in documents:
             yield key, _worker_tokenizer.encode_ordinary(text), len(text)
         return
     batches = _batches(documents)
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_spec,)) as pool:
         pending = ((batch, pool.apply_async(_encode_batch, ([text for _, text in batch],))) for batch in batches)
         window = []  # a few batches in flight keep every worker busy while order is preserved
         for item in pending:
@@ -196,8 +218,11 @@ def _finished(item):
 def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fraction=VAL_FRACTION, workers=None):
     """Tokenise a corpus into data_dir/NAME/{train.bin, val.bin, meta.json}.  Returns the corpus folder.
 
-    input None means the default corpus (the Python standard library's source). Raises DataError on bad input.
+    input None means the default corpus (the Python standard library's source); name None means one made from the
+    input's and the tokenizer's names. Raises DataError on bad input, before anything is written.
     """
+    if name is not None:
+        check_name(name)
     enc = get_tokenizer(tokenizer)  # fail early on an unknown or unavailable tokenizer
     if input is None:
         root = stdlib_folder()
@@ -209,46 +234,77 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
         files = list_sources(root)
         source = str(root)
         base = root.name.split(".")[0] or "corpus"
-    name = name or (base if tokenizer == "bytes" else f"{base}-{tokenizer}")
-    single_document = root.is_file() and not root.name.endswith((".jsonl", ".jsonl.gz"))
+    name = check_name(name if name is not None else base if tokenizer == "bytes" else f"{base}-{tokenizer}")
+    single_document = root.is_file() and not root.name.endswith(JSONL)
     total_bytes = sum(f.stat().st_size for f in files)
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if total_bytes > PARALLEL_ABOVE_BYTES else 1
 
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=data_dir))  # renamed to data_dir/name when complete
+    work, final = _make_work_folder(Path(data_dir), name), Path(data_dir) / name
     try:
-        meta = _write_splits(files, root, enc, tokenizer, workers, val_fraction, single_document, work, total_bytes)
+        meta = _write_splits(files, root, enc, workers, val_fraction, single_document, work, total_bytes)
         meta.update(name=name, source=source, val_fraction=val_fraction, split_rule=(
             f"single document: the last {val_fraction:.0%} of its tokens are validation" if single_document else
-            f"by document: md5(document name) decides, {val_fraction:.0%} validation"))
+            f"by document: md5(document name) decides, {val_fraction:.0%} validation"),
+            created=f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{uuid.uuid4().hex[:16]}")
         (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        final = data_dir / name
-        if final.exists():
-            old = data_dir / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            work.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            work.rename(final)
+        _swap_in(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return final
 
 
-def _write_splits(files, root, enc, tokenizer, workers, val_fraction, single_document, work, total_bytes):
+def _make_work_folder(data_dir, name):
+    """An empty folder beside data_dir/name to write into, with the permissions of a folder made by hand."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _recover(data_dir / name)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=data_dir))
+    except OSError as error:
+        raise DataError(f"cannot write under {data_dir} ({error.strerror or error}): give a writable folder as "
+                        f"--data_dir") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp's 700 would hide the corpus from the other users of a shared machine
+    return work
+
+
+def _swap_in(work, final):
+    """Rename work to final. A corpus already there is moved aside first, and moved back if anything fails before
+    the new one is in place; only then is it deleted."""
+    old = final.parent / f".{final.name}.old"
+    try:
+        if final.exists():
+            final.rename(old)
+        work.rename(final)
+    except BaseException:
+        _recover(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(final):
+    """Finish a replacement that was cut short: .NAME.old is the corpus when NAME is missing, else a leftover."""
+    old = final.parent / f".{final.name}.old"
+    if not old.exists():
+        return
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.rename(final)
+
+
+def _write_splits(files, root, enc, workers, val_fraction, single_document, work, total_bytes):
     """Stream tokens of every document into work/train.bin or work/val.bin.  Returns the counting part of meta."""
     dtype = token_dtype(enc.n_vocab)
     counts = {split: {"documents": 0, "tokens": 0} for split in ("train", "val")}
     skipped = {"files": 0, "lines": 0}
     outputs = {split: open(work / f"{split}.bin", "wb") for split in counts}
+    encoded = _encoded(read_documents(files, root, skipped), enc.name, workers)
     try:
-        documents = read_documents(files, root, skipped)
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenising ({tokenizer})") as bar:
-            for key, tokens, characters in _encoded(documents, tokenizer, workers):
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenising ({enc.name})") as bar:
+            for key, tokens, characters in encoded:
                 tokens = np.asarray(tokens + [enc.eot_token], dtype=dtype)
                 if single_document:
                     cut = len(tokens) - max(1, int(len(tokens) * val_fraction))
@@ -261,6 +317,7 @@ def _write_splits(files, root, enc, tokenizer, workers, val_fraction, single_doc
                     counts[split]["tokens"] += len(part)
                 bar.update(characters)
     finally:
+        encoded.close()  # ends the pool now, not whenever the generator is garbage-collected
         for f in outputs.values():
             f.close()
     if counts["train"]["documents"] + counts["val"]["documents"] == 0:
@@ -269,7 +326,7 @@ def _write_splits(files, root, enc, tokenizer, workers, val_fraction, single_doc
     for split in counts:
         if counts[split]["tokens"] == 0:
             raise DataError(f"the {split} split of {root} is empty: give more documents or change --val_fraction")
-    return {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
+    return {"tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
             "dtype": np.dtype(dtype).name, "splits": counts, "skipped": skipped}
 
 
@@ -285,11 +342,23 @@ class Corpus:
         try:
             self.meta = json.loads((self.folder / "meta.json").read_text())
             dtype = np.dtype(self.meta["dtype"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(f"{self.folder} is not a prepared corpus (no readable meta.json): run python data.py")
+            self.vocab_size = int(self.meta["vocab_size"])
+            self.meta["tokenizer"], self.meta["eot_token"]  # noqa: B018 - read later; a missing one is named now
+        except KeyError as error:
+            raise DataError(f"{self.folder}/meta.json has no {error}: prepare the corpus again (python data.py)") \
+                from None
+        except (OSError, ValueError, TypeError):
+            raise DataError(f"{self.folder} is not a prepared corpus (no readable meta.json): run python data.py") \
+                from None
         self.name = self.meta.get("name", self.folder.name)
-        self.vocab_size = self.meta["vocab_size"]
-        self._splits = {s: np.memmap(self.folder / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
+        files = {split: self.folder / f"{split}.bin" for split in ("train", "val")}
+        sizes = {split: f.stat().st_size if f.is_file() else 0 for split, f in files.items()}
+        for split, size in sizes.items():
+            _require(size > 0 and size % dtype.itemsize == 0, f"{files[split]} is missing, empty or cut short: "
+                     f"prepare the corpus again (python data.py)")
+        # a stamp per preparation; corpora prepared before there was one are told apart by their sizes
+        self.fingerprint = str(self.meta.get("created") or f"sizes-{sizes['train']}-{sizes['val']}")
+        self._splits = {split: np.memmap(f, dtype=dtype, mode="r") for split, f in files.items()}
 
     def tokens(self, split):
         """The whole split as a 1-D memory-mapped array."""
@@ -386,6 +455,11 @@ def load_corpus(data=DEFAULT_CORPUS, data_dir=DATA_DIR):
     """A prepared corpus by folder or by name under data_dir. The default corpus ('stdlib', or 'stdlib-TOKENIZER')
     is prepared on first use, so the first command a new user runs just works."""
     folder = Path(data) if Path(data).is_dir() else Path(data_dir) / data
+    try:
+        _recover(folder)  # a replacement of this corpus that was killed half-way
+    except OSError as error:
+        raise DataError(f"could not move {folder.parent / ('.' + folder.name + '.old')} back to {folder} "
+                        f"({error.strerror}): rename it by hand") from None
     if (folder / "meta.json").exists():
         return Corpus(folder)
     if data == DEFAULT_CORPUS or data.startswith(DEFAULT_CORPUS + "-"):
@@ -396,11 +470,17 @@ def load_corpus(data=DEFAULT_CORPUS, data_dir=DATA_DIR):
                     f"python data.py --input PATH --name {data}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="text file, folder of text files, or .jsonl/.jsonl.gz with a 'text' field "
                                         "(default: the Python standard library's source)")
-    parser.add_argument("--name", help="corpus name, the folder under --data_dir (default: from the input)")
+    parser.add_argument("--name", help="corpus name, one folder name under --data_dir (default: from the input "
+                                       "and the tokenizer)")
     parser.add_argument("--tokenizer", default="bytes", help="'bytes' (offline, 257 tokens) or a tiktoken encoding "
                                                              "such as gpt2 (default: bytes)")
     parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help="share of documents for validation")
@@ -413,6 +493,12 @@ def main(argv=None):
         folder = prepare(args.input, args.name, args.tokenizer, args.data_dir, args.val_fraction, args.workers)
     except DataError as error:
         sys.exit(f"data.py: error: {error}")
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        sys.exit(f"data.py: error: {error.strerror or error}{where}; nothing was written")
+    except KeyboardInterrupt:
+        print("data.py: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
     meta = json.loads((folder / "meta.json").read_text())
     for split, c in meta["splits"].items():
         print(f"{split:5s} {c['documents']:7,} documents {c['tokens']:13,} tokens")

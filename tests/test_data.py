@@ -1,7 +1,13 @@
 """Tests of data.py on small made-up corpora: round trips, the split, the batches, the inputs and the errors."""
 import gzip
 import json
+import multiprocessing
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -231,3 +237,183 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         data.main(["--input", str(tmp_path / "nowhere"), "--data_dir", str(tmp_path)])
     message = str(exit_info.value.code)
     assert message.startswith("data.py: error:") and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names, replacement, interruption and damaged corpora
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "./../somedir", "", ".hidden", "a\\b"])
+def test_names_that_are_not_one_plain_folder_are_refused_before_anything_is_written(tmp_path, capsys, name):
+    source = write_folder(tmp_path / "in")
+    (tmp_path / "somedir").mkdir()
+    (tmp_path / "somedir" / "keep.txt").write_text("not a corpus")
+    with pytest.raises(DataError, match="is not a plain folder name"):
+        prepare(source, name=name, data_dir=tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--input", str(source), "--name", name, "--data_dir", str(tmp_path / "data")])
+    assert str(exit_info.value.code).startswith("data.py: error: corpus name") and "\n" not in exit_info.value.code
+    assert not (tmp_path / "data").exists() and (tmp_path / "somedir" / "keep.txt").read_text() == "not a corpus"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "somedir"]
+
+
+def test_names_made_from_the_input_are_plain_folder_names(tmp_path):
+    (tmp_path / ".hidden.txt").write_text("x" * 100)
+    assert prepare(tmp_path / ".hidden.txt", data_dir=tmp_path / "data").name == "corpus"
+
+
+def corpus_files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_replacement_cut_short_puts_the_old_corpus_back(tmp_path, monkeypatch):
+    source = write_folder(tmp_path / "in")
+    folder = prepare(source, name="x", data_dir=tmp_path / "data", val_fraction=0.4)
+    before = corpus_files(folder)
+    (source / "extra.txt").write_text("more text " * 100)
+    renames = []
+    real_rename = type(folder).rename
+
+    def interrupted_rename(self, target):
+        renames.append(self.name)
+        if len(renames) == 2:  # the old corpus is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(folder), "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, name="x", data_dir=tmp_path / "data", val_fraction=0.4)
+    assert renames[:2] == ["x", renames[1]] and renames[1].startswith(".x.") and renames[2] == ".x.old"
+    assert corpus_files(folder) == before
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"]
+
+
+def test_a_replacement_killed_half_way_is_finished_on_next_use(tmp_path):
+    source = write_folder(tmp_path / "in")
+    data_dir = tmp_path / "data"
+    folder = prepare(source, name="x", data_dir=data_dir, val_fraction=0.4)
+    before = corpus_files(folder)
+    folder.rename(data_dir / ".x.old")  # killed after moving the old corpus aside
+    assert corpus_files(load_corpus("x", data_dir=data_dir).folder) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == ["x"]
+    shutil.copytree(folder, data_dir / ".x.old")  # killed after the new corpus was in place
+    assert corpus_files(load_corpus("x", data_dir=data_dir).folder) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == ["x"]
+    folder.rename(data_dir / ".x.old")
+    prepare(source, name="x", data_dir=data_dir, val_fraction=0.4)  # prepare finishes it too, then replaces
+    assert sorted(p.name for p in data_dir.iterdir()) == ["x"]
+
+
+def test_interrupt_while_a_pool_tokenises_leaves_nothing_behind(tmp_path, monkeypatch):
+    docs = {f"doc{i:03d}.txt": f"document {i} " * 50 for i in range(400)}  # several batches of 64 documents
+    source = write_folder(tmp_path / "in", docs)
+    folder = prepare(source, name="x", data_dir=tmp_path / "data", workers=1)
+    before = corpus_files(folder)
+    calls = []
+
+    def interrupt_on_the_100th(key, val_fraction):
+        calls.append(key)
+        if len(calls) == 100:
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(data, "is_validation", interrupt_on_the_100th)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, name="x", data_dir=tmp_path / "data", workers=2)
+    assert multiprocessing.active_children() == []  # the pool was ended, not left to the garbage collector
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"] and corpus_files(folder) == before
+
+
+def test_ctrl_c_while_a_pool_tokenises_ends_every_process_in_one_line(tmp_path):
+    """Ctrl-C reaches the workers too; a worker killed mid-batch used to leave the parent waiting forever."""
+    line = (json.dumps({"text": "x = [i * i for i in range(10)]\n" * 300}) + "\n").encode()
+    # 190 MB of text, far more than is tokenised before the interrupt: 20 gzip members, which gzip reads as one
+    (tmp_path / "big.jsonl.gz").write_bytes(gzip.compress(line * 1000, compresslevel=1) * 20)
+    data_dir = tmp_path / "data"
+    stderr = open(tmp_path / "stderr.txt", "w")
+    process = subprocess.Popen([sys.executable, data.__file__, "--input", str(tmp_path / "big.jsonl.gz"), "--workers",
+                                "2", "--data_dir", str(data_dir)], start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while process.poll() is None and not any(f.stat().st_size for f in data_dir.glob(".big.*/train.bin")):
+        time.sleep(0.02)  # until the pool's first results are written
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the parent and every worker
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("data.py hung after Ctrl-C")
+    stderr.close()
+    assert process.returncode == 130
+    assert (tmp_path / "stderr.txt").read_text().rstrip().rsplit("\n", 1)[-1] == \
+        "data.py: interrupted; nothing was written"
+    assert list(data_dir.iterdir()) == []
+
+
+def test_cli_says_interrupted_in_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "prepare", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--data_dir", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "data.py: interrupted; nothing was written\n"
+
+
+def test_corpus_folders_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        folder = prepare(write_folder(tmp_path / "in"), data_dir=tmp_path / "data", val_fraction=0.4)
+    finally:
+        os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o750  # what mkdir gives under this umask, not mkdtemp's 0o700
+
+
+def test_usage_and_data_dir_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    source = write_folder(tmp_path / "in")
+    (tmp_path / "file").write_text("not a folder")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "data"))
+
+    for argv, expected in ((["--bogus"], "unrecognized arguments: --bogus (see --help)"),
+                           (["--val_fraction", "2"], "--val_fraction must be between 0 and 1"),
+                           (["--input", str(source), "--data_dir", str(tmp_path / "file")], "give a writable folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            data.main(argv)
+        assert str(exit_info.value.code).startswith("data.py: error:") and expected in exit_info.value.code
+        assert "\n" not in exit_info.value.code and capsys.readouterr().err == ""
+    monkeypatch.setattr(data.tempfile, "mkdtemp", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--input", str(source), "--data_dir", str(tmp_path / "data")])
+    assert exit_info.value.code == f"data.py: error: cannot write under {tmp_path / 'data'} (Permission denied): " \
+                                   f"give a writable folder as --data_dir"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: (f / "val.bin").unlink(), "val.bin is missing, empty or cut short"),
+    (lambda f: (f / "train.bin").write_bytes(b""), "train.bin is missing, empty or cut short"),
+    (lambda f: (f / "train.bin").write_bytes(b"\x01\x00\x02"), "train.bin is missing, empty or cut short"),
+    (lambda f: (f / "meta.json").write_text(json.dumps({k: v for k, v in json.loads(
+        (f / "meta.json").read_text()).items() if k != "vocab_size"})), "meta.json has no 'vocab_size'"),
+    (lambda f: (f / "meta.json").write_text("[1, 2]"), "is not a prepared corpus"),
+])
+def test_damaged_corpora_are_refused_in_one_line(tmp_path, damage, expected):
+    folder = prepare(write_folder(tmp_path / "in"), data_dir=tmp_path / "data", val_fraction=0.4)
+    damage(folder)
+    with pytest.raises(DataError, match=expected) as error:
+        load_corpus(str(folder))
+    assert "\n" not in str(error.value)
+
+
+def test_each_preparation_gets_its_own_fingerprint(tmp_path):
+    source = write_folder(tmp_path / "in")
+    a = Corpus(prepare(source, name="a", data_dir=tmp_path, val_fraction=0.4))
+    b = Corpus(prepare(source, name="a", data_dir=tmp_path, val_fraction=0.4))
+    assert a.fingerprint == a.meta["created"] and b.fingerprint == b.meta["created"] and a.fingerprint != b.fingerprint
+    meta = dict(b.meta)
+    del meta["created"]  # a corpus prepared before the stamp existed
+    (b.folder / "meta.json").write_text(json.dumps(meta))
+    sizes = f"sizes-{(b.folder / 'train.bin').stat().st_size}-{(b.folder / 'val.bin').stat().st_size}"
+    assert Corpus(b.folder).fingerprint == Corpus(b.folder).fingerprint == sizes
+
