@@ -3,14 +3,24 @@
     python data.py                                  the default corpus (below), byte tokens, into data/stdlib/
     python data.py --input PATH [--name NAME] [--tokenizer gpt2]
                                                     a text file, a folder of text files (recursive), or .jsonl /
-                                                    .jsonl.gz with a "text" field, one document per line
+                                                    .jsonl.gz / .jsonl.zst with a "text" field, one document per
+                                                    line (the Pile's files are .jsonl.zst: read as a stream)
 
 The default corpus is the Python standard library's own source code: every .py file under the running
 interpreter's stdlib folder (site-packages excluded), one document per file, about 30 MB. Every Python installation
 carries it, so it works offline on any machine, and it is real text that nobody here wrote, with long documents and
-long-range structure (imports, names defined far above their use). It is tokenised into bytes by default: 256 byte
-tokens plus an end-of-text token, which keeps the embedding and the softmax tiny, so a small model trains fast on a
-laptop CPU. Any tiktoken encoding (gpt2, cl100k_base, ...) works too; tiktoken downloads and caches it on first use.
+long-range structure (imports, names defined far above their use).
+
+Tokenizers (--tokenizer), tried in this order:
+    bytes                    the default: 256 byte tokens plus an end-of-text token, which keeps the embedding and
+                             the softmax tiny, so a small model trains fast on a laptop CPU
+    gpt2, cl100k_base, ...   any tiktoken encoding; tiktoken downloads and caches it on first use
+    PATH                     a Hugging Face tokenizer.json, or a folder holding one
+    ORG/NAME                 a Hugging Face hub model whose tokenizer.json is downloaded (and cached) with
+                             huggingface_hub, e.g. EleutherAI/gpt-neox-20b, the tokenizer of the official Mamba-2
+                             checkpoints
+meta.json records the tokenizer (a hub name, or the absolute path of a local tokenizer.json) and, for Hugging Face
+tokenizers, the sha256 of its tokenizer.json: tokenizer_mismatch() compares that record with a model's.
 
 Each document is followed by the end-of-text token; documents go to train or val by a hash of their name (10% val),
 so the split is deterministic and no document is in both. A single text file is one document; then the last 10% of
@@ -30,9 +40,11 @@ Batches (torch int64 tensors):
 import argparse
 import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -49,7 +61,8 @@ from tqdm import tqdm
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CORPUS = "stdlib"
 EOT = "<|endoftext|>"
-JSONL = (".jsonl", ".jsonl.gz")
+EOT_NAMES = (EOT, "</s>", "<eos>")  # what Hugging Face tokenizers call their end-of-text token, in order of trust
+JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 VAL_FRACTION = 0.1
 PARALLEL_ABOVE_BYTES = 16 * 2 ** 20  # inputs larger than this are tokenised by a pool of processes
 
@@ -79,20 +92,125 @@ def bytes_encoding():
                              special_tokens={EOT: 256})
 
 
-def get_tokenizer(name):
-    """'bytes' or any tiktoken encoding name.  Raises DataError with what to do when it cannot be had."""
+class HFTokenizer:
+    """A Hugging Face tokenizer.json behind the part of tiktoken's Encoding that this code uses: encode_ordinary,
+    decode, n_vocab, eot_token and name (a hub name, or the file's absolute path), plus the file's sha256."""
+
+    def __init__(self, path, name):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError(f"tokenizer {name!r} is a Hugging Face tokenizer: pip install tokenizers") from None
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # noqa: BLE001 - the Rust side reports a bad file as a plain Exception
+            raise DataError(f"{path} is not a readable tokenizer.json ({str(error)[:80]}): give the tokenizer.json "
+                            f"of a Hugging Face model") from None
+        self.path, self.name = Path(path), name
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.n_vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        ids = [self._tokenizer.token_to_id(token) for token in EOT_NAMES]
+        if all(i is None for i in ids):
+            raise DataError(f"tokenizer {name!r} has no end-of-text token ({', '.join(EOT_NAMES)}): documents "
+                            f"could not be separated; use a tokenizer that has one")
+        self.eot_token = next(i for i in ids if i is not None)
+
+    def encode_ordinary(self, text):
+        # unlike tiktoken's encode_ordinary, a special token spelled out in the text (say <|endoftext|>) still
+        # becomes that token
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _is_builtin(spec):
+    """bytes or a tiktoken encoding: the name alone says which tokenizer it is."""
     import tiktoken
 
-    if name == "bytes":
+    return spec == "bytes" or spec in tiktoken.list_encoding_names()
+
+
+def get_tokenizer(spec):
+    """'bytes', a tiktoken encoding name, a tokenizer.json (or a folder holding one), or a Hugging Face hub name
+    (ORG/NAME).  Raises DataError with what to do when it cannot be had."""
+    import tiktoken
+
+    if spec == "bytes":
         return bytes_encoding()
-    if name not in tiktoken.list_encoding_names():
-        raise DataError(f"unknown tokenizer {name!r}: use bytes or one of tiktoken's "
-                        f"({', '.join(tiktoken.list_encoding_names())})")
+    if _is_builtin(spec):
+        try:
+            return tiktoken.get_encoding(spec)
+        except Exception as error:  # noqa: BLE001 - network errors come in many types
+            raise DataError(f"could not load the {spec} vocabulary ({type(error).__name__}; offline?): set "
+                            f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files, or use --tokenizer bytes")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{spec} holds no tokenizer.json: give a tokenizer.json file or a folder holding one")
+    if path.is_file():
+        return HFTokenizer(path.resolve(), str(path.resolve()))
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) and not spec.endswith(".json"):
+        return HFTokenizer(_download_tokenizer(spec), spec)
+    if "/" in spec or spec.endswith(".json"):
+        raise DataError(f"{spec} does not exist: give a tokenizer.json file or a folder holding one")
+    raise DataError(f"unknown tokenizer {spec!r}: use bytes, one of tiktoken's "
+                    f"({', '.join(tiktoken.list_encoding_names())}), a tokenizer.json path or a Hugging Face hub "
+                    f"name (ORG/NAME)")
+
+
+def _download_tokenizer(repo):
+    """The tokenizer.json of a hub model, from huggingface_hub's cache or downloaded into it."""
     try:
-        return tiktoken.get_encoding(name)
-    except Exception as error:  # noqa: BLE001 - network errors come in many types
-        raise DataError(f"could not load the {name} vocabulary ({type(error).__name__}; offline?): set "
-                        f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files, or use --tokenizer bytes")
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DataError(f"tokenizer {repo!r} comes from the Hugging Face hub: pip install huggingface_hub, or pass "
+                        f"the path of its tokenizer.json") from None
+    try:
+        return Path(hf_hub_download(repo, "tokenizer.json"))
+    except Exception as error:  # noqa: BLE001 - offline, unknown, gated and missing files raise unrelated types
+        raise DataError(f"could not get tokenizer.json of {repo!r} from the Hugging Face hub ({type(error).__name__}; "
+                        f"offline, misspelt or gated?): download it elsewhere and pass its path as --tokenizer "
+                        f"PATH") from None
+
+
+def tokenizer_identity(meta_or_spec):
+    """{"tokenizer": name, "tokenizer_sha256": sha256 of its tokenizer.json, or None for bytes and tiktoken}, from
+    a corpus's meta.json (or any dict with those keys; missing keys are None) or from a --tokenizer spec."""
+    if isinstance(meta_or_spec, str):
+        if _is_builtin(meta_or_spec):
+            return {"tokenizer": meta_or_spec, "tokenizer_sha256": None}
+        enc = get_tokenizer(meta_or_spec)
+        return {"tokenizer": enc.name, "tokenizer_sha256": enc.sha256}
+    meta = meta_or_spec or {}
+    return {"tokenizer": meta.get("tokenizer"), "tokenizer_sha256": meta.get("tokenizer_sha256")}
+
+
+def tokenizer_mismatch(corpus_meta, model_tokenizer):
+    """None when a corpus (its meta.json) and a model (tokenizer_identity() of what it was trained with) use the
+    same tokenizer, else why not, in a few words.  The tokenizer.json's sha256 decides when both sides have one
+    (a hub name and a local copy of its file agree); otherwise the names do. A model whose tokenizer is unknown
+    (None) is taken to match."""
+    corpus, model = tokenizer_identity(corpus_meta), tokenizer_identity(model_tokenizer)
+    if corpus["tokenizer_sha256"] and model["tokenizer_sha256"]:
+        if corpus["tokenizer_sha256"] == model["tokenizer_sha256"]:
+            return None
+        return (f"the corpus was tokenised by {corpus['tokenizer']} (tokenizer.json sha256 "
+                f"{corpus['tokenizer_sha256'][:12]}), the model by {model['tokenizer']} (sha256 "
+                f"{model['tokenizer_sha256'][:12]})")
+    if model["tokenizer"] is None or corpus["tokenizer"] == model["tokenizer"]:
+        return None
+    return f"the corpus was tokenised by {corpus['tokenizer']}, the model by {model['tokenizer']}"
+
+
+def _tokenizer_label(enc):
+    """The part of a default corpus name that says which tokenizer made it ('' for bytes)."""
+    if isinstance(enc, HFTokenizer):
+        path = Path(enc.name)
+        label = path.parent.name if path.name == "tokenizer.json" else path.name.removesuffix(".json")
+        return re.sub(r"[^\w.-]", "_", label).lstrip(".") or "tokenizer"
+    return "" if enc.name == "bytes" else enc.name
 
 
 def token_dtype(vocab_size):
@@ -111,7 +229,7 @@ def list_sources(path):
     """The files a --input path stands for: itself, or every non-hidden file below a folder, sorted."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path} does not exist: give a text file, a folder of text files or a .jsonl(.gz) file")
+        raise DataError(f"{path} does not exist: give a text file, a folder of text files or a .jsonl(.gz/.zst) file")
     if path.is_file():
         return [path]
     files = [f for f in sorted(path.rglob("*"))
@@ -136,9 +254,9 @@ def read_documents(files, root, skipped):
 
 
 def _read_jsonl(f, key, skipped):
-    opener = gzip.open if f.name.endswith(".gz") else open
+    damaged = (OSError, UnicodeDecodeError, EOFError) + ((_zstandard().ZstdError,) if f.name.endswith(".zst") else ())
     try:
-        with opener(f, "rt", encoding="utf-8") as lines:
+        with _open_text(f) as lines:
             for number, line in enumerate(lines):
                 try:
                     text = json.loads(line)["text"]
@@ -148,8 +266,24 @@ def _read_jsonl(f, key, skipped):
                     skipped["lines"] += 1
                     continue
                 yield f"{key}:{number}", text
-    except (OSError, UnicodeDecodeError, EOFError):
+    except damaged:
         skipped["files"] += 1
+
+
+def _open_text(f):
+    """A text file, decompressed as it is read when it ends in .gz or .zst: a large file is never held whole."""
+    if f.name.endswith(".zst"):
+        reader = _zstandard().ZstdDecompressor().stream_reader(open(f, "rb"), read_across_frames=True)
+        return io.TextIOWrapper(reader, encoding="utf-8")
+    return (gzip.open if f.name.endswith(".gz") else open)(f, "rt", encoding="utf-8")
+
+
+def _zstandard():
+    try:
+        import zstandard
+    except ImportError:
+        raise DataError("reading .zst files needs the zstandard package: pip install zstandard") from None
+    return zstandard
 
 
 def is_validation(key, val_fraction):
@@ -234,7 +368,9 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
         files = list_sources(root)
         source = str(root)
         base = root.name.split(".")[0] or "corpus"
-    name = check_name(name if name is not None else base if tokenizer == "bytes" else f"{base}-{tokenizer}")
+    name = check_name(name if name is not None else "-".join(filter(None, (base, _tokenizer_label(enc)))))
+    if any(f.name.endswith(".zst") for f in files):
+        _zstandard()  # missing: say so now rather than skip every file
     single_document = root.is_file() and not root.name.endswith(JSONL)
     total_bytes = sum(f.stat().st_size for f in files)
     if workers is None:
@@ -301,7 +437,8 @@ def _write_splits(files, root, enc, workers, val_fraction, single_document, work
     counts = {split: {"documents": 0, "tokens": 0} for split in ("train", "val")}
     skipped = {"files": 0, "lines": 0}
     outputs = {split: open(work / f"{split}.bin", "wb") for split in counts}
-    encoded = _encoded(read_documents(files, root, skipped), enc.name, workers)
+    # the workers rebuild the tokenizer from this: the file itself for a Hugging Face one, never the hub again
+    encoded = _encoded(read_documents(files, root, skipped), str(getattr(enc, "path", enc.name)), workers)
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenising ({enc.name})") as bar:
             for key, tokens, characters in encoded:
@@ -326,8 +463,8 @@ def _write_splits(files, root, enc, workers, val_fraction, single_document, work
     for split in counts:
         if counts[split]["tokens"] == 0:
             raise DataError(f"the {split} split of {root} is empty: give more documents or change --val_fraction")
-    return {"tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
-            "dtype": np.dtype(dtype).name, "splits": counts, "skipped": skipped}
+    return {"tokenizer": enc.name, "tokenizer_sha256": getattr(enc, "sha256", None), "vocab_size": enc.n_vocab,
+            "eot_token": enc.eot_token, "dtype": np.dtype(dtype).name, "splits": counts, "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,7 +502,12 @@ class Corpus:
         return self._splits[split]
 
     def tokenizer(self):
-        return get_tokenizer(self.meta["tokenizer"])
+        """The tokenizer that made this corpus; refused when its tokenizer.json has changed since."""
+        enc, recorded = get_tokenizer(self.meta["tokenizer"]), self.meta.get("tokenizer_sha256")
+        if recorded not in (None, getattr(enc, "sha256", None)):
+            raise DataError(f"{self.meta['tokenizer']} is not the tokenizer.json that prepared corpus '{self.name}' "
+                            f"(its sha256 was {recorded[:12]}...): prepare the corpus again, or put that file back")
+        return enc
 
     def random_windows(self, split, batch_size, length, generator=None):
         """(B, length + 1) int64 windows at uniformly random offsets of a split."""
@@ -452,8 +594,8 @@ def _require(condition, message):
 
 
 def load_corpus(data=DEFAULT_CORPUS, data_dir=DATA_DIR):
-    """A prepared corpus by folder or by name under data_dir. The default corpus ('stdlib', or 'stdlib-TOKENIZER')
-    is prepared on first use, so the first command a new user runs just works."""
+    """A prepared corpus by folder or by name under data_dir. The default corpus ('stdlib', or 'stdlib-TOKENIZER'
+    for bytes and tiktoken encodings) is prepared on first use, so the first command a new user runs just works."""
     folder = Path(data) if Path(data).is_dir() else Path(data_dir) / data
     try:
         _recover(folder)  # a replacement of this corpus that was killed half-way
@@ -462,8 +604,8 @@ def load_corpus(data=DEFAULT_CORPUS, data_dir=DATA_DIR):
                         f"({error.strerror}): rename it by hand") from None
     if (folder / "meta.json").exists():
         return Corpus(folder)
-    if data == DEFAULT_CORPUS or data.startswith(DEFAULT_CORPUS + "-"):
-        tokenizer = data[len(DEFAULT_CORPUS) + 1:] or "bytes"
+    tokenizer = data[len(DEFAULT_CORPUS) + 1:] or "bytes"
+    if (data == DEFAULT_CORPUS or data.startswith(DEFAULT_CORPUS + "-")) and _is_builtin(tokenizer):
         print(f"preparing the default corpus '{data}' (once; see data.py)", file=sys.stderr)
         return Corpus(prepare(name=data, tokenizer=tokenizer, data_dir=data_dir))
     raise DataError(f"no prepared corpus '{data}' (looked for {folder}/meta.json): prepare it with "
@@ -477,12 +619,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main(argv=None):
     parser = OneLineParser(prog="data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", help="text file, folder of text files, or .jsonl/.jsonl.gz with a 'text' field "
-                                        "(default: the Python standard library's source)")
+    parser.add_argument("--input", help="text file, folder of text files, or .jsonl/.jsonl.gz/.jsonl.zst with a "
+                                        "'text' field (default: the Python standard library's source)")
     parser.add_argument("--name", help="corpus name, one folder name under --data_dir (default: from the input "
                                        "and the tokenizer)")
-    parser.add_argument("--tokenizer", default="bytes", help="'bytes' (offline, 257 tokens) or a tiktoken encoding "
-                                                             "such as gpt2 (default: bytes)")
+    parser.add_argument("--tokenizer", default="bytes", help="'bytes' (offline, 257 tokens), a tiktoken encoding "
+                        "such as gpt2, a Hugging Face tokenizer.json (or its folder), or a hub name such as "
+                        "EleutherAI/gpt-neox-20b (default: bytes)")
     parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help="share of documents for validation")
     parser.add_argument("--workers", type=int, help="tokenising processes (default: all cores for inputs over 16 MB)")
     parser.add_argument("--data_dir", default=str(DATA_DIR), help="where corpora live (default: data/ here)")

@@ -1,5 +1,6 @@
 """Tests of data.py on small made-up corpora: round trips, the split, the batches, the inputs and the errors."""
 import gzip
+import hashlib
 import json
 import multiprocessing
 import os
@@ -417,3 +418,185 @@ def test_each_preparation_gets_its_own_fingerprint(tmp_path):
     sizes = f"sizes-{(b.folder / 'train.bin').stat().st_size}-{(b.folder / 'val.bin').stat().st_size}"
     assert Corpus(b.folder).fingerprint == Corpus(b.folder).fingerprint == sizes
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizers and .jsonl.zst
+# ----------------------------------------------------------------------------------------------------------------
+
+def train_bpe(folder, special_tokens=(data.EOT,), vocab_size=400):
+    """A small byte-level BPE tokenizer.json, trained here on made-up text (so decoding round-trips any text)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(list(DOCS.values()) + [f"def f_{i}(x): return x * {i}  # note {i}" for i in
+                                                         range(300)], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return train_bpe(tmp_path_factory.mktemp("tok") / "mybpe")
+
+
+def expected_tokens(tokenizer_file, docs, val_fraction):
+    """Each split as every document's own encoding plus end-of-text, in file order: what prepare must write."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eot = tokenizer.token_to_id(data.EOT)
+    splits = {"train": [], "val": []}
+    for key in sorted(docs):
+        splits["val" if data.is_validation(key, val_fraction) else "train"] += tokenizer.encode(docs[key]).ids + [eot]
+    return splits
+
+
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_hugging_face_tokenizer_by_path(tmp_path, bpe, given):
+    spec = str(bpe if given == "file" else bpe.parent)
+    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer=spec, data_dir=tmp_path / "data",
+                            val_fraction=0.4))
+    assert corpus.name == "in-mybpe"
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(bpe))
+    assert corpus.meta["tokenizer"] == str(bpe.resolve())
+    assert corpus.meta["tokenizer_sha256"] == hashlib.sha256(bpe.read_bytes()).hexdigest()
+    assert corpus.meta["vocab_size"] == reference.get_vocab_size(with_added_tokens=True) == 400
+    assert corpus.meta["eot_token"] == reference.token_to_id(data.EOT) == 0
+    for split, tokens in expected_tokens(bpe, DOCS, 0.4).items():
+        assert corpus.tokens(split).tolist() == tokens
+    assert sorted(decoded_documents(corpus, "train") + decoded_documents(corpus, "val")) == sorted(DOCS.values())
+
+
+def test_hugging_face_tokenizer_in_parallel_matches_serial(tmp_path, bpe):
+    source = write_folder(tmp_path / "in")
+    a = prepare(source, name="a", tokenizer=str(bpe), data_dir=tmp_path, workers=1, val_fraction=0.4)
+    b = prepare(source, name="b", tokenizer=str(bpe), data_dir=tmp_path, workers=2, val_fraction=0.4)
+    for split in ("train.bin", "val.bin"):
+        assert (a / split).read_bytes() == (b / split).read_bytes()
+
+
+def test_hugging_face_tokenizer_from_the_hub(tmp_path, bpe, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    asked = []
+
+    def cached(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        return str(bpe)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cached)
+    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer="SomeOrg/Some-Model.v2",
+                            data_dir=tmp_path / "data", val_fraction=0.4))
+    assert asked == [("SomeOrg/Some-Model.v2", "tokenizer.json")]
+    assert corpus.name == "in-Some-Model.v2" and corpus.meta["tokenizer"] == "SomeOrg/Some-Model.v2"
+    assert corpus.meta["tokenizer_sha256"] == hashlib.sha256(bpe.read_bytes()).hexdigest()
+    assert corpus.tokens("val").tolist() == expected_tokens(bpe, DOCS, 0.4)["val"]
+
+
+@pytest.mark.parametrize("error", ["LocalEntryNotFoundError", "OSError", "RepositoryNotFoundError"])
+def test_hub_tokenizer_that_cannot_be_downloaded(tmp_path, monkeypatch, capsys, error):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.errors
+
+    def offline(*args, **kwargs):
+        exception = getattr(huggingface_hub.errors, error, OSError)
+        raise exception.__new__(exception, "no network")  # their constructors want more than a message
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--input", str(write_folder(tmp_path / "in")), "--tokenizer", "EleutherAI/gpt-neox-20b",
+                   "--data_dir", str(tmp_path / "data")])
+    assert exit_info.value.code == (
+        f"data.py: error: could not get tokenizer.json of 'EleutherAI/gpt-neox-20b' from the Hugging Face hub "
+        f"({error}; offline, misspelt or gated?): download it elsewhere and pass its path as --tokenizer PATH")
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_packages_are_named(tmp_path, monkeypatch, bpe):
+    source = write_folder(tmp_path / "in")
+    (tmp_path / "docs.jsonl.zst").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what an import of a missing package meets
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    for kwargs, expected in (({"tokenizer": "EleutherAI/gpt-neox-20b"}, "pip install huggingface_hub"),
+                             ({"tokenizer": str(bpe)}, "pip install tokenizers"),
+                             ({"input": tmp_path / "docs.jsonl.zst"}, "pip install zstandard")):
+        with pytest.raises(DataError, match=expected):
+            prepare(**{"input": source, **kwargs}, data_dir=tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_tokenizer_path_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.json").write_text("{not json")
+    no_eot = train_bpe(tmp_path / "no_eot", special_tokens=["<pad>"], vocab_size=300)
+    for spec, expected in ((tmp_path / "empty", "holds no tokenizer.json"),
+                           (tmp_path / "nowhere" / "tokenizer.json", "does not exist"),
+                           (tmp_path / "broken.json", "is not a readable tokenizer.json"),
+                           (no_eot, r"has no end-of-text token \(<\|endoftext\|>, </s>, <eos>\)")):
+        with pytest.raises(DataError, match=expected) as error:
+            data.get_tokenizer(str(spec))
+        assert "\n" not in str(error.value)
+
+
+def test_a_changed_tokenizer_file_is_refused_when_decoding(tmp_path):
+    tokenizer_file = train_bpe(tmp_path / "tok")
+    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer=str(tokenizer_file), data_dir=tmp_path / "data",
+                            val_fraction=0.4))
+    train_bpe(tmp_path / "tok", vocab_size=350)  # the same path, now another vocabulary
+    with pytest.raises(DataError, match="is not the tokenizer.json that prepared corpus .in-tok."):
+        corpus.tokenizer()
+
+
+def test_tokenizer_identity_and_mismatch(tmp_path, bpe):
+    sha = hashlib.sha256(bpe.read_bytes()).hexdigest()
+    identity = data.tokenizer_identity(str(bpe.parent))
+    assert identity == {"tokenizer": str(bpe.resolve()), "tokenizer_sha256": sha}
+    assert data.tokenizer_identity("bytes") == {"tokenizer": "bytes", "tokenizer_sha256": None}
+    assert data.tokenizer_identity({"tokenizer": "gpt2", "vocab_size": 50257}) == {"tokenizer": "gpt2",
+                                                                                   "tokenizer_sha256": None}
+    hub = {"tokenizer": "EleutherAI/gpt-neox-20b", "tokenizer_sha256": sha}
+    other = {"tokenizer": "EleutherAI/gpt-neox-20b", "tokenizer_sha256": "f" * 64}
+    assert data.tokenizer_mismatch(hub, identity) is None  # same file, by hub name and by local path
+    assert data.tokenizer_mismatch(hub, other) == (
+        f"the corpus was tokenised by EleutherAI/gpt-neox-20b (tokenizer.json sha256 {sha[:12]}), the model by "
+        f"EleutherAI/gpt-neox-20b (sha256 ffffffffffff)")
+    assert data.tokenizer_mismatch(hub, {"tokenizer": "EleutherAI/gpt-neox-20b"}) is None  # no sha: names decide
+    assert data.tokenizer_mismatch(hub, {"tokenizer": "eleutherai/gpt-neox-20b"}) is not None
+    assert data.tokenizer_mismatch({"tokenizer": "bytes"}, {"tokenizer": "gpt2", "tokenizer_sha256": None}) == \
+        "the corpus was tokenised by bytes, the model by gpt2"
+    assert data.tokenizer_mismatch({"tokenizer": "gpt2"}, {"tokenizer": "gpt2"}) is None
+    assert data.tokenizer_mismatch({"tokenizer": "bytes"}, {"tokenizer": None, "tokenizer_sha256": None}) is None
+    assert data.tokenizer_mismatch({"tokenizer": "bytes"}, None) is None
+
+
+def test_jsonl_zst_gives_the_same_documents_as_jsonl(tmp_path, bpe):
+    zstandard = pytest.importorskip("zstandard")
+    lines = [json.dumps({"text": f"document number {i}, ü " * (5 + i)}) for i in range(40)]
+    lines += ["not json", json.dumps({"no_text": 1})]
+    text = ("\n".join(lines) + "\n").encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "docs.jsonl").write_bytes(text)
+    (tmp_path / "zst").mkdir()
+    half = len(text) // 2  # two frames, as a file written in pieces has
+    compressor = zstandard.ZstdCompressor()
+    (tmp_path / "zst" / "docs.jsonl.zst").write_bytes(compressor.compress(text[:half]) +
+                                                      compressor.compress(text[half:]))
+    (tmp_path / "zst" / "damaged.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd not really zstandard")
+    corpora = [Corpus(prepare(tmp_path / folder, data_dir=tmp_path / "data", tokenizer=str(bpe), val_fraction=0.3))
+               for folder in ("plain", "zst")]
+
+    def documents(corpus):  # each document's tokens, in an order that does not depend on the split
+        tokens = np.concatenate([corpus.tokens("train"), corpus.tokens("val")])
+        ends = np.flatnonzero(tokens == corpus.meta["eot_token"]) + 1
+        return sorted(tuple(d.tolist()) for d in np.split(tokens, ends[:-1]))
+
+    assert documents(corpora[0]) == documents(corpora[1]) and len(documents(corpora[0])) == 40
+    assert corpora[1].meta["skipped"] == {"files": 1, "lines": 2} and corpora[0].meta["skipped"]["lines"] == 2
