@@ -20,13 +20,11 @@ import torch
 
 from model import State
 
-INITS = ("zero", "random_noise", "fitted_noise", "state_passing", "tbptt")
-
-
 class Intervention:
     """The interface: initial_state() before each batch, observe() after it, state_dict() for checkpoints."""
 
     uses_streams = False  # True when batches must be contiguous streams (tbptt)
+    options = ()  # the names of this class's own __init__ arguments, which train.py offers as flags
 
     def __init__(self, model, p_zero=0.0, seed=0):
         self.model, self.p_zero, self.seed = model, p_zero, seed
@@ -69,6 +67,8 @@ class Zero(Intervention):
 
 class RandomNoise(Intervention):
     """SSM states drawn iid from N(0, noise_std^2); convolution states zero (they hold recent inputs, not memory)."""
+
+    options = ("noise_std",)
 
     def __init__(self, model, noise_std=0.1, **kwargs):
         super().__init__(model, **kwargs)
@@ -143,6 +143,8 @@ class StatePassing(Intervention):
     unrelated sequence, detached so gradients stay inside the batch. The convolution state is passed too unless
     ssm_only (it holds the previous batch's last inputs). The first batch starts from zero."""
 
+    options = ("ssm_only",)
+
     def __init__(self, model, ssm_only=False, **kwargs):
         super().__init__(model, **kwargs)
         self.ssm_only = ssm_only
@@ -180,17 +182,14 @@ class TBPTT(StatePassing):
         return state
 
 
-def make_intervention(name, model, noise_std=0.1, p_zero=0.0, ssm_only=False, seed=0):
-    """The Intervention for --init NAME; model is the (unwrapped) LM, used to build zero states."""
-    common = dict(p_zero=p_zero, seed=seed)
-    if name == "zero":
-        return Zero(model, **common)
-    if name == "random_noise":
-        return RandomNoise(model, noise_std=noise_std, **common)
-    if name == "fitted_noise":
-        return FittedNoise(model, **common)
-    if name == "state_passing":
-        return StatePassing(model, ssm_only=ssm_only, **common)
-    if name == "tbptt":
-        return TBPTT(model, ssm_only=ssm_only, **common)
-    raise ValueError(f"unknown --init {name!r}; choose one of {', '.join(INITS)}")
+INITS = {"zero": Zero, "random_noise": RandomNoise, "fitted_noise": FittedNoise, "state_passing": StatePassing,
+         "tbptt": TBPTT}  # --init NAME -> its class
+
+
+def make_intervention(name, model, p_zero=0.0, seed=0, **options):
+    """The Intervention for --init NAME; model is the (unwrapped) LM, used to build zero states. options: values of
+    the classes' own arguments (noise_std=, ssm_only=); each class takes those it names in its options."""
+    if name not in INITS:
+        raise ValueError(f"unknown --init {name!r}; choose one of {', '.join(INITS)}")
+    cls = INITS[name]
+    return cls(model, p_zero=p_zero, seed=seed, **{k: v for k, v in options.items() if k in cls.options})

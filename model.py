@@ -25,7 +25,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,69 +35,65 @@ import torch.nn.functional as F
 
 from kernels import BACKENDS, chunked_scan, scan_step, triton_refusal
 
-MIXERS = ("mamba2", "gla")
+MIXERS = {}  # --mixer NAME -> its class; filled in below the mixer classes (adding a mixer adds one entry)
 GATES = ("data", "none")
+
+
+def flag(default, help, **extra):
+    """A ModelConfig field that train.py offers as the flag --NAME, of the field's type, with this help (and choices,
+    when given). runtime=True marks fields that say how the model is computed, not what it is: they may differ from
+    a checkpoint's. Fields made without flag() are not flags."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class ModelConfig:
     """Everything needed to build an LM. vocab_size, d_model, n_layer and mixer are required."""
     vocab_size: int
-    d_model: int
-    n_layer: int
-    mixer: str  # "mamba2" or "gla"
+    d_model: int = flag(MISSING, "width of the residual stream")
+    n_layer: int = flag(MISSING, "number of blocks")
+    mixer: str = flag(MISSING, "the sequence mixer of every block", choices=MIXERS)
     # mamba2 (defaults of the official Mamba-2 language models)
-    d_state: int = 128  # N
+    d_state: int = flag(128, "mamba2: N, the state size per head")
     d_conv: int = 4  # W
-    expand: int = 2  # d_inner = expand * d_model
-    headdim: int = 64  # P
+    expand: int = flag(2, "mamba2: inner width / d_model")
+    headdim: int = flag(64, "mamba2: P, the value width per head")
     ngroups: int = 1  # G
-    dt_min: float = 0.001
-    dt_max: float = 0.1
+    dt_min: float = flag(0.001, "mamba2: smallest initial step dt; a head remembers about 1 / (A dt) tokens, so "
+                                "smaller dt means longer memories")
+    dt_max: float = flag(0.1, "mamba2: largest initial step dt")
     dt_init_floor: float = 1e-4
     A_init_range: tuple = (1.0, 16.0)
     # gla
-    n_heads: int = 4
+    n_heads: int = flag(4, "gla: number of heads")
     expand_k: float = 0.5  # key width = expand_k * d_model, split over the heads
     expand_v: float = 1.0  # value width = expand_v * d_model
-    gate: str = "data"  # "data": forget gate from the input; "none": plain linear attention
-    gate_temperature: float = 16.0
+    gate: str = flag("data", "gla: data-dependent forget gate, or none (plain linear attention)", choices=GATES)
+    gate_temperature: float = flag(16.0, "gla: log_decay = logsigmoid(.) / temperature; higher means decays stay "
+                                         "closer to 1 (slower forgetting)")
     # blocks
-    mlp: Optional[bool] = None  # a SwiGLU MLP after each mixer; None means off for mamba2, on for gla
+    mlp: Optional[bool] = None  # a SwiGLU MLP after each mixer; None means the mixer's default (off for mamba2)
     norm_eps: float = 1e-5
     pad_vocab_multiple: int = 64
     # the scan
-    chunk_size: int = 64
-    backend: str = "auto"  # "auto", "torch" or "triton" (see kernels.chunked_scan)
+    chunk_size: int = flag(64, "scan chunk size", runtime=True)
+    backend: str = flag("auto", "scan implementation (see kernels.chunked_scan)", choices=BACKENDS, runtime=True)
 
     def __post_init__(self):
-        if self.mixer not in MIXERS:
-            raise ValueError(f"unknown mixer {self.mixer!r}; choose one of {MIXERS}")
-        if self.gate not in GATES:
-            raise ValueError(f"unknown gate {self.gate!r}; choose one of {GATES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
-        if min(self.vocab_size, self.d_model, self.n_layer) < 1:
-            raise ValueError("vocab_size, d_model and n_layer must be positive")
-        if self.mixer == "mamba2" and (self.expand * self.d_model) % self.headdim:
-            raise ValueError(f"expand * d_model = {self.expand * self.d_model} must be a multiple of "
-                             f"headdim = {self.headdim}")
-        if self.mixer == "mamba2" and ((self.expand * self.d_model) // self.headdim) % self.ngroups:
-            raise ValueError(f"the number of heads must be a multiple of ngroups = {self.ngroups}")
-        if self.mixer == "gla":
-            for name, width in (("key", self.expand_k * self.d_model), ("value", self.expand_v * self.d_model)):
-                if width != int(width) or int(width) % self.n_heads:
-                    raise ValueError(f"the {name} width {width} must be an integer multiple of n_heads = "
-                                     f"{self.n_heads}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"unknown {f.name} {value!r}; choose one of {tuple(f.metadata['choices'])}")
+            if f.type in (int, float) and not (math.isfinite(value) and value > 0):  # every size, width and rate
+                raise ValueError(f"{f.name} must be positive; got {value}")
+        MIXERS[self.mixer].check(self)
         if self.mlp is None:
-            self.mlp = self.mixer == "gla"
+            self.mlp = MIXERS[self.mixer].mlp_by_default
         self.A_init_range = tuple(self.A_init_range)
 
     def head_sizes(self):
         """(P, N): the value and key width of one head, the sizes of each scan state's matrix."""
-        if self.mixer == "mamba2":
-            return self.headdim, self.d_state
-        return int(self.expand_v * self.d_model) // self.n_heads, int(self.expand_k * self.d_model) // self.n_heads
+        return MIXERS[self.mixer].head_sizes(self)
 
     @property
     def padded_vocab_size(self):
@@ -296,6 +292,8 @@ class GatedRMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """The gated MLP of the official Mamba blocks: fc2(a * silu(gate)) with (a, gate) = fc1(x).  (..., D)"""
 
+    residual_projections = ("fc2",)
+
     def __init__(self, d_model):
         super().__init__()
         hidden = (int(8 * d_model / 3) + 127) // 128 * 128
@@ -338,7 +336,28 @@ def _scan(cfg, q, k, v, log_decay, ssm_state, one_step):
 # ----------------------------------------------------------------------------------------------------------------
 
 class Mamba2(nn.Module):
-    """The Mamba-2 mixer.  (B, L, D) -> (B, L, D), plus the layer's new (ssm, conv) state."""
+    """The Mamba-2 mixer.  (B, L, D) -> (B, L, D), plus the layer's new (ssm, conv) state.
+
+    What every mixer provides besides forward and zero_state: head_sizes(cfg) -> (P, N), check(cfg) raising
+    ValueError for a configuration it cannot build, mlp_by_default, and residual_projections, the names of its
+    layers that write into the residual stream (LM._init_weights scales them)."""
+
+    residual_projections = ("out_proj",)
+    mlp_by_default = False
+
+    @staticmethod
+    def head_sizes(cfg):
+        return cfg.headdim, cfg.d_state
+
+    @staticmethod
+    def check(cfg):
+        if (cfg.expand * cfg.d_model) % cfg.headdim:
+            raise ValueError(f"expand * d_model = {cfg.expand * cfg.d_model} must be a multiple of "
+                             f"headdim = {cfg.headdim}")
+        if ((cfg.expand * cfg.d_model) // cfg.headdim) % cfg.ngroups:
+            raise ValueError(f"the number of heads must be a multiple of ngroups = {cfg.ngroups}")
+        if cfg.dt_min > cfg.dt_max:
+            raise ValueError(f"dt_min = {cfg.dt_min} is above dt_max = {cfg.dt_max}")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -384,6 +403,19 @@ class Mamba2(nn.Module):
 class GatedLinearAttention(nn.Module):
     """Gated linear attention with a scalar forget gate per head.  (B, L, D) -> (B, L, D), plus the new state."""
 
+    residual_projections = ("o_proj",)
+    mlp_by_default = True
+
+    @staticmethod
+    def head_sizes(cfg):
+        return int(cfg.expand_v * cfg.d_model) // cfg.n_heads, int(cfg.expand_k * cfg.d_model) // cfg.n_heads
+
+    @staticmethod
+    def check(cfg):
+        for name, width in (("key", cfg.expand_k * cfg.d_model), ("value", cfg.expand_v * cfg.d_model)):
+            if width != int(width) or int(width) % cfg.n_heads:
+                raise ValueError(f"the {name} width {width} must be an integer multiple of n_heads = {cfg.n_heads}")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -415,6 +447,9 @@ class GatedLinearAttention(nn.Module):
         return (torch.zeros(batch_size, self.cfg.n_heads, self.head_v_dim, self.head_k_dim, device=device), None)
 
 
+MIXERS.update(mamba2=Mamba2, gla=GatedLinearAttention)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The language model
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,7 +460,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer = Mamba2(cfg) if cfg.mixer == "mamba2" else GatedLinearAttention(cfg)
+        self.mixer = MIXERS[cfg.mixer](cfg)
         if cfg.mlp:
             self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
             self.mlp = SwiGLU(cfg.d_model)
@@ -461,13 +496,14 @@ class LM(nn.Module):
         residual stream's variance does not grow with depth. Mixer-specific parameters keep their own init."""
         nn.init.normal_(self.backbone.embedding.weight, std=0.02)
         writes = 2 if self.cfg.mlp else 1
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if name.endswith(("out_proj", "o_proj", "fc2")):
-                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            for name in getattr(module, "residual_projections", ()):
+                weight = getattr(module, name).weight
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
                 with torch.no_grad():
-                    module.weight /= math.sqrt(writes * self.cfg.n_layer)
+                    weight /= math.sqrt(writes * self.cfg.n_layer)
 
     def init_state(self, batch_size, device=None):
         """The zero State for batch_size rows."""
@@ -642,22 +678,3 @@ def check_backend(cfg, device, compute_dtype):
     refusal = triton_refusal(P, N, cfg.chunk_size, compute_dtype, device)
     if refusal:
         raise UsageError(f"--backend triton: {refusal}; or use --backend auto")
-
-
-# Named model sizes. The demo sizes train on a laptop CPU in minutes (see train.py); mamba2-130m is the size of the
-# smallest official Mamba-2 language model, for GPUs.
-PRESETS = {
-    "mamba2-130m": dict(d_model=768, n_layer=24, mixer="mamba2"),
-    "gla-130m": dict(d_model=768, n_layer=12, mixer="gla", n_heads=8),  # heads of N=48, P=96
-}
-
-
-def parameter_table(vocab_size=50257):
-    """(name, parameters) for every preset, with the GPT-2 vocabulary by default."""
-    return [(name, LM(ModelConfig(vocab_size=vocab_size, **kwargs)).num_parameters())
-            for name, kwargs in PRESETS.items()]
-
-
-if __name__ == "__main__":
-    for name, count in parameter_table():
-        print(f"{name:14s} {count / 1e6:8.2f}M parameters")

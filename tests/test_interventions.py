@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from interventions import FittedNoise, RandomNoise, StatePassing, TBPTT, Zero, make_intervention
+from interventions import INITS, FittedNoise, RandomNoise, StatePassing, TBPTT, Zero, make_intervention
 from model import LM, ModelConfig, State
 
 VOCAB = 50
@@ -119,6 +119,15 @@ def test_interventions_round_trip_through_state_dict(model):
         b.load_state_dict(a.state_dict())
         sa, sb = a.initial_state(4, "cpu"), b.initial_state(4, "cpu")
         assert all(torch.equal(x, y) for x, y in zip(sa.ssm, sb.ssm)), name
+
+
+def test_make_intervention_gives_each_class_its_own_options(model):
+    assert list(INITS) == ["zero", "random_noise", "fitted_noise", "state_passing", "tbptt"]
+    noise = make_intervention("random_noise", model, noise_std=0.25, ssm_only=True)
+    assert type(noise) is RandomNoise and noise.noise_std == 0.25
+    passing = make_intervention("tbptt", model, noise_std=0.25, ssm_only=True, p_zero=0.5, seed=7)
+    assert type(passing) is TBPTT and passing.ssm_only and passing.p_zero == 0.5 and passing.seed == 7
+    assert type(make_intervention("zero", model, noise_std=0.25, ssm_only=True)) is Zero
 
 
 def test_unknown_intervention_is_a_clear_error(model):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import HAS_TRITON
-from model import LM, PRESETS, ModelConfig, State, sample
+from model import LM, MIXERS, GatedLinearAttention, ModelConfig, State, sample
 
 VOCAB = 97
 
@@ -112,7 +112,8 @@ def expected_parameters(cfg):
     return V * D + cfg.n_layer * (D + mixer + mlp) + D  # tied embedding, blocks, final norm
 
 
-@pytest.mark.parametrize("kwargs", [dict(PRESETS["mamba2-130m"]), dict(PRESETS["gla-130m"]),
+@pytest.mark.parametrize("kwargs", [dict(d_model=768, n_layer=24, mixer="mamba2"),
+                                    dict(d_model=768, n_layer=12, mixer="gla", n_heads=8),
                                     dict(d_model=64, n_layer=3, mixer="mamba2", d_state=32, ngroups=2),
                                     dict(d_model=64, n_layer=2, mixer="gla", gate="none", n_heads=4)])
 def test_parameter_counts(kwargs):
@@ -121,12 +122,11 @@ def test_parameter_counts(kwargs):
 
 
 def test_mamba2_130m_has_the_official_size():
-    """The smallest official Mamba-2 model is called 130M; with the GPT-2 vocabulary ours has 129.0M."""
-    from model import parameter_table
+    """train.py's paper preset is the smallest official Mamba-2 model, called 130M; with the GPT-2 vocabulary it has
+    129.0M parameters."""
+    import train
 
-    counts = dict(parameter_table())
-    print(counts)
-    assert counts["mamba2-130m"] == 129_001_920
+    assert LM(ModelConfig(vocab_size=50257, **train.PRESETS["paper"]["model"])).num_parameters() == 129_001_920
 
 
 def test_mamba2_initialisation_follows_the_official_ranges():
@@ -190,6 +190,11 @@ def test_sample_top_k_only_draws_from_the_top():
     (dict(mixer="mamba2", headdim=48), "multiple of headdim"),
     (dict(mixer="gla", n_heads=3), "multiple of n_heads"),
     (dict(mixer="mamba2", backend="cuda"), "unknown backend"),
+    (dict(mixer="mamba2", headdim=0), "headdim must be positive; got 0"),
+    (dict(mixer="gla", n_heads=0), "n_heads must be positive; got 0"),
+    (dict(mixer="mamba2", dt_min=-1.0), "dt_min must be positive"),
+    (dict(mixer="mamba2", gate_temperature=float("nan")), "gate_temperature must be positive"),
+    (dict(mixer="mamba2", dt_min=0.5, dt_max=0.1), "dt_min = 0.5 is above dt_max = 0.1"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -200,3 +205,25 @@ def test_state_batch_mismatch_is_a_clear_error():
     model = LM(small_config("mamba2"))
     with pytest.raises(ValueError, match="state holds 3 rows"):
         model(torch.randint(0, VOCAB, (2, 4)), state=model.init_state(3))
+
+
+def test_a_mixer_is_added_by_one_entry_in_mixers(monkeypatch):
+    """A registered class is all a new mixer needs: the config checks it, Block builds it, and the projections it
+    names are scaled at initialisation."""
+
+    class ScaledGLA(GatedLinearAttention):
+        residual_projections = ("o_proj", "g_proj")
+
+    monkeypatch.setitem(MIXERS, "scaled_gla", ScaledGLA)
+    cfg = small_config("scaled_gla")
+    assert cfg.mlp and cfg.head_sizes() == small_config("gla").head_sizes()
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        small_config("scaled_gla", n_heads=3)
+    torch.manual_seed(0)
+    scaled = LM(cfg).backbone.layers[0].mixer.g_proj.weight
+    torch.manual_seed(0)
+    plain = LM(small_config("gla")).backbone.layers[0].mixer.g_proj.weight
+    # kaiming_uniform's bound is 1/sqrt(fan_in); the scaled one is divided by sqrt(2 writes * 2 layers) = 2
+    assert scaled.abs().max() <= 32 ** -0.5 / 2 + 1e-6 < plain.abs().max()
+    logits, _, state = LM(cfg)(torch.randint(0, VOCAB, (2, 20)))
+    assert logits.shape == (2, 20, VOCAB) and len(state.ssm) == 2
