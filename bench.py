@@ -261,15 +261,14 @@ def eval_measure(length, num_seqs, preset):
     import eval as evaluation
     import train
     from data import load_corpus
-    from model import LM
+    from model import LM, ModelConfig
 
     p = train.PRESETS[preset]
-    corpus = load_corpus(p["data"])
-    cfg = train.model_config(argparse.Namespace(**p, gate="data", backend="auto"), corpus.vocab_size)
+    corpus = load_corpus(p["train"]["data"])
     with tempfile.TemporaryDirectory() as tmp:
-        train.save_checkpoint(tmp, {"format": train.CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
-                                    "model": LM(cfg).state_dict(), "step": 0, "args": {"seq_len": p["seq_len"],
-                                    "init": "zero"}, "corpus": {"name": corpus.name, "tokenizer": "bytes"}})
+        LM(ModelConfig(vocab_size=corpus.vocab_size, **p["model"])).save(
+            tmp, step=0, args={"seq_len": p["train"]["seq_len"], "init": "zero"},
+            corpus={"name": corpus.name, "tokenizer": "bytes"})
         args = evaluation.build_parser().parse_args(["--ckpt", tmp, "--len", str(length), "--num_seqs",
                                                      str(num_seqs), "--out", os.path.join(tmp, "eval")])
         base_mb = _resident_mb()

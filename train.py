@@ -8,20 +8,25 @@
 
 This is the paper's recipe: train as usual (zero initial state), then continue for a few hundred steps at the same
 training length T with a fresh optimizer, every batch starting from a state chosen by the intervention (--init,
-see interventions.py). Every flag is listed by --help; --preset picks the defaults of a whole configuration:
+see interventions.py): the three marked lines of train_step(). Every flag is listed by --help; --preset picks the
+defaults of a whole configuration (PRESETS):
     demo    a small byte-level Mamba-2 on the default corpus (the Python standard library's source), for a laptop CPU
-    paper   a 129M-parameter Mamba-2 at T = 2048 with GPT-2 tokens, for GPUs (bring a real corpus, see data.py)
+    paper   a 129M-parameter Mamba-2 (the size of the official mamba2-130m) at T = 2048 with GPT-2 tokens, for GPUs
 
 Outputs in --out_dir (default out/INIT): ckpt.pt (model, optimizer, step, random states, the intervention's state
-and the arguments; written to a temporary file, then renamed), and log.jsonl (train and validation losses).
---resume continues a run exactly where it stopped. Validation reads fixed held-out sequences of 8 T tokens from the
-zero state and logs the loss within the training length (val_loss) and beyond it (val_loss_beyond_T).
+and the arguments; written atomically, never with weights that are not finite) and log.jsonl (train and validation
+losses). --resume continues a run exactly where it stopped; Ctrl-C stops at the end of the current step with a
+checkpoint. Validation reads fixed held-out sequences of 8 T tokens from the zero state and logs the loss within the
+training length (val_loss) and beyond it (val_loss_beyond_T). A run that would not fit in memory is refused before
+its first step.
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,239 +35,63 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, load_corpus
+from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, get_tokenizer, load_corpus
 from interventions import INITS, make_intervention
-from kernels import triton_refusal
-from model import LM, MIXERS, ModelConfig
-
-CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
-
-# Defaults of whole configurations. Flags given on the command line override them. "post_*" entries apply when
-# post-training (--init other than zero, or --init_from).
-PRESETS = {
-    "demo": dict(
-        data=DEFAULT_CORPUS, mixer="mamba2", d_model=128, n_layer=4, d_state=64, headdim=32, expand=2, n_heads=4,
-        seq_len=64, batch_size=16, grad_accum=1, max_steps=3000, lr=3e-3, min_lr=3e-4, warmup_steps=100,
-        post_max_steps=500, post_lr=1e-3, post_warmup_steps=20, weight_decay=0.1, grad_clip=1.0,
-        eval_interval=250, eval_seqs=16, chunk_size=64, dt_min=0.001, dt_max=0.1, gate_temperature=16.0,
-    ),
-    "paper": dict(
-        data=DEFAULT_CORPUS + "-gpt2", mixer="mamba2", d_model=768, n_layer=24, d_state=128, headdim=64, expand=2,
-        n_heads=4, seq_len=2048, batch_size=16, grad_accum=4, max_steps=20000, lr=3e-3, min_lr=3e-4,
-        warmup_steps=1000, post_max_steps=500, post_lr=3e-4, post_warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
-        eval_interval=1000, eval_seqs=16, chunk_size=64, dt_min=0.001, dt_max=0.1, gate_temperature=16.0,
-    ),
-}
-ARCHITECTURE = ("mixer", "d_model", "n_layer", "d_state", "headdim", "expand", "n_heads", "gate", "gate_temperature",
-                "dt_min", "dt_max")
-RESUMABLE = ("resume", "device", "compile", "eval_interval", "log_interval", "stop_at", "out_dir", "backend",
-             "max_steps")  # max_steps: a finished run can be extended (the schedule follows the new length)
-# what post-training takes from the checkpoint it starts from, unless given: the paper's recipe keeps T and the data
-INHERITED = ("seq_len", "batch_size", "grad_accum", "data", "data_dir", "chunk_size")
-# flags that the automatic pre-training of out/zero shares with the post-training that asked for it
-PRETRAIN_SHARED = ARCHITECTURE + ("preset", "data", "data_dir", "seq_len", "batch_size", "grad_accum", "seed",
-                                  "device", "dtype", "compile", "backend", "chunk_size", "weight_decay",
-                                  "grad_clip", "eval_seqs", "log_interval")
-BASE_RUN = os.path.join("out", "zero")
-
-
-class TrainError(Exception):
-    """A problem with the user's options or files, told in one line that says what to do."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
-
-
-def build_parser():
-    p = OneLineParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      allow_abbrev=False)
-    g = p.add_argument_group("what to train")
-    g.add_argument("--init", default="zero", choices=INITS, help="initial-state intervention (default: zero)")
-    g.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults of a whole configuration")
-    g.add_argument("--init_from", help="post-train this checkpoint (file or run folder) with a fresh optimizer; "
-                                       "default for --init other than zero: out/zero (pre-trained first if missing)")
-    g.add_argument("--base_steps", type=int, help="steps of the automatic pre-training of out/zero when it is "
-                                                   "missing (default: the preset's pre-training steps)")
-    g.add_argument("--from_scratch", action="store_true", help="train from random weights even with --init "
-                                                               "other than zero (the intervention during pre-training)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir exactly where it stopped")
-    g.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that already holds a run")
-    g.add_argument("--out_dir", help="where the checkpoint and log go (default: out/INIT)")
-    g = p.add_argument_group("interventions")
-    g.add_argument("--noise_std", type=float, help="std of the random_noise states (default 0.1)")
-    g.add_argument("--p_zero", type=float, help="fraction of rows that start from zero instead (default 0)")
-    g.add_argument("--ssm_only", action="store_true", help="state_passing/tbptt: pass the SSM state only, "
-                                                          "not the convolution state")
-    g = p.add_argument_group("model (from the preset unless given)")
-    g.add_argument("--mixer", choices=MIXERS)
-    g.add_argument("--d_model", type=int)
-    g.add_argument("--n_layer", type=int)
-    g.add_argument("--d_state", type=int, help="mamba2: N, the state size per head")
-    g.add_argument("--headdim", type=int, help="mamba2: P, the value width per head")
-    g.add_argument("--expand", type=int, help="mamba2: inner width / d_model")
-    g.add_argument("--dt_min", type=float, help="mamba2: smallest initial step dt; a head remembers about "
-                                                "1 / (A dt) tokens, so smaller dt means longer memories")
-    g.add_argument("--dt_max", type=float, help="mamba2: largest initial step dt")
-    g.add_argument("--n_heads", type=int, help="gla: number of heads")
-    g.add_argument("--gate", choices=("data", "none"), help="gla: data-dependent forget gate, or none "
-                                                           "(plain linear attention)")
-    g.add_argument("--gate_temperature", type=float, help="gla: log_decay = logsigmoid(.) / temperature; higher "
-                                                          "means decays stay closer to 1 (slower forgetting)")
-    g.add_argument("--backend", choices=("auto", "torch", "triton"), help="scan implementation (default auto)")
-    g.add_argument("--chunk_size", type=int, help="scan chunk size")
-    g = p.add_argument_group("data and optimisation (from the preset unless given)")
-    g.add_argument("--data", help="a prepared corpus name under --data_dir, or its folder (see data.py)")
-    g.add_argument("--data_dir", default=str(DATA_DIR), help="where corpora live")
-    g.add_argument("--seq_len", type=int, help="training length T")
-    g.add_argument("--batch_size", type=int, help="sequences per micro-batch, per process")
-    g.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step")
-    g.add_argument("--max_steps", type=int, help="optimizer steps of this run")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup_steps", type=int, help="linear warm-up steps")
-    g.add_argument("--weight_decay", type=float)
-    g.add_argument("--grad_clip", type=float, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("running")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--eval_interval", type=int, help="steps between validations (and checkpoints)")
-    g.add_argument("--eval_seqs", type=int, help="validation sequences of 8 T tokens")
-    g.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
-    g.add_argument("--stop_at", type=int, help="stop after this step with a checkpoint (continue with --resume)")
-    return p
+from model import (LM, ModelConfig, OneLineParser, UsageError, autocast_for, check_backend, checkpoint_path,
+                   first_nonfinite, load_checkpoint, pick_device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments
+# The training loop
 # ----------------------------------------------------------------------------------------------------------------
 
-def resolve_args(args, explicit):
-    """Fill what the command line left open from the preset, the checkpoint being resumed or post-trained, and
-    the mode (pre- or post-training). explicit: the flags the user gave. Raises TrainError on conflicts."""
-    if args.resume and (args.init_from or args.from_scratch):
-        raise TrainError("--resume continues a run as it was started; drop --init_from/--from_scratch")
-    if args.init_from and args.from_scratch:
-        raise TrainError("--init_from and --from_scratch contradict each other; give one")
-    if args.p_zero is not None and not 0 <= args.p_zero <= 1:
-        raise TrainError(f"--p_zero must be in [0, 1]; got {args.p_zero}")
-    if args.noise_std is not None and args.init != "random_noise":
-        raise TrainError("--noise_std only applies to --init random_noise")
-    if args.ssm_only and args.init not in ("state_passing", "tbptt"):
-        raise TrainError("--ssm_only only applies to --init state_passing or tbptt")
-    if args.p_zero and args.init == "zero":
-        raise TrainError("--p_zero does not apply to --init zero, whose rows all start from zero")
-    args.out_dir = args.out_dir or os.path.join("out", args.init)
-    if args.resume:
-        return _resume_args(args, explicit)
-    if checkpoint_path(args.out_dir).exists() and not args.overwrite:
-        raise TrainError(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to start over, "
-                         f"or choose another --out_dir")
-    preset = PRESETS[args.preset]
-    if args.init != "zero" and not args.init_from and not args.from_scratch:
-        args.init_from = BASE_RUN  # the paper's recipe: post-train the zero-init model
-    post = bool(args.init_from)
-    if post and checkpoint_path(args.init_from).resolve() == checkpoint_path(args.out_dir).resolve():
-        raise TrainError(f"post-training {args.init_from} into itself would overwrite it: give another --out_dir")
-    if post:
-        base_args = load_checkpoint(args.init_from)["args"]
-        for key in INHERITED:
-            if key not in explicit and key in base_args:
-                setattr(args, key, base_args[key])
-    for key, value in preset.items():
-        if not key.startswith("post_") and getattr(args, key, None) is None:
-            setattr(args, key, preset.get("post_" + key, value) if post else value)
-    if post:  # the architecture is the checkpoint's; flags may restate it but not change it
-        config = load_checkpoint(args.init_from)["model_config"]
-        differ = [f"--{k} {getattr(args, k)}" for k in ARCHITECTURE
-                  if k in explicit and getattr(args, k) != config[k]]
-        if differ:
-            raise TrainError(f"{checkpoint_path(args.init_from)} holds a {config['mixer']} model that "
-                             f"{', '.join(differ)} would change: drop the flags or post-train another checkpoint")
-        for key in ARCHITECTURE:
-            setattr(args, key, config[key])
-    args.noise_std = 0.1 if args.noise_std is None else args.noise_std
-    args.p_zero = 0.0 if args.p_zero is None else args.p_zero
-    args.backend = args.backend or "auto"
-    args.gate = args.gate or "data"
-    for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_seqs", "chunk_size",
-                "log_interval"):
-        if getattr(args, key) < 1:
-            raise TrainError(f"--{key} must be at least 1")
-    return args
+def train_step(run):
+    """One optimizer step over grad_accum micro-batches.  Returns the mean training loss and the learning rate."""
+    args = run.args
+    lr = lr_at(run.step, args)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for micro in range(args.grad_accum):
+        inputs, targets, restarted = run.next_batch()  # (B, T) int64 each; restarted (B,) bool or None
+        initial = run.intervention.initial_state(inputs.shape[0], run.device, restarted)  # 1. where it starts
+        with run.gradient_sync(micro == args.grad_accum - 1):
+            with run.autocast:
+                _, loss, final = run.trained(inputs, targets, initial)  # 2. read the batch from there
+            (loss / args.grad_accum).backward()
+        run.intervention.observe(final.detach())  # 3. the state it ended in (what state passing hands on)
+        total += loss.detach()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return run.mean_over_processes(total / args.grad_accum), lr
 
 
-def _resume_args(args, explicit):
-    """On --resume the run continues with its own arguments; flags that would change it are refused."""
-    ckpt = load_checkpoint(args.out_dir)
-    saved = ckpt["args"]
-    changed = [k for k in explicit if k not in RESUMABLE and k in saved and getattr(args, k) != saved[k]]
-    if changed:
-        raise TrainError(f"--resume continues the run in {args.out_dir} as it was started; "
-                         f"{', '.join('--' + k for k in changed)} differ from it: drop them or use another --out_dir")
-    runtime = {k: getattr(args, k) for k in RESUMABLE if k in explicit}
-    return argparse.Namespace(**{**saved, **runtime, "resume": True, "out_dir": args.out_dir,
-                                 "stop_at": args.stop_at})  # a stop belongs to one invocation only
+def train(args, rank=0, world=1, device=torch.device("cpu")):
+    """Train to args.max_steps (or --stop_at), validating and saving every eval_interval steps. Returns the
+    checkpoint path. Raises UsageError when the run cannot go on, Stopped at a Ctrl-C."""
+    run = Run(args, rank, world, device)
+    last_step = min(args.max_steps, args.stop_at or args.max_steps)
+    with Progress(run, last_step) as progress, StopRequests(run) as stop:
+        while run.step < last_step:
+            started = time.perf_counter()
+            loss, lr = train_step(run)
+            if not math.isfinite(loss):
+                raise UsageError(f"the training loss became {loss} at step {run.step}; stopped without saving: "
+                                 f"{run.what_survives()}; start again with a lower --lr or --grad_clip")
+            progress.step(loss, lr, seconds=time.perf_counter() - started)
+            if run.step % args.eval_interval == 0 or run.step == last_step:
+                run.checkpoint(progress.validation(run.validate()))
+            if stop.requested() and run.step < last_step:  # Ctrl-C: stop here, at the end of a whole step
+                if run.saved_step != run.step:
+                    run.checkpoint()
+                raise Stopped(f"stopped at step {run.step}; continue with python train.py --resume --out_dir "
+                              f"{args.out_dir}")
+    progress.finish()
+    return checkpoint_path(args.out_dir)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-def checkpoint_path(path):
-    path = Path(path)
-    return path / "ckpt.pt" if path.is_dir() or not path.suffix else path
-
-
-def save_checkpoint(path, payload):
-    """Write atomically: a reader (or a crash) never sees a half-written file."""
-    path = checkpoint_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path):
-    """A checkpoint of this project, loaded with weights_only=True (it cannot run code). One-line errors."""
-    path = checkpoint_path(path)
-    if not path.exists():
-        raise TrainError(f"no checkpoint at {path}: train one first (python train.py) or give another path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated files and foreign pickles fail in many ways
-        raise TrainError(f"{path} is not a readable checkpoint ({type(error).__name__}): it may be truncated or "
-                         f"not from this project; delete it or give another path")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, device="cpu", **overrides):
-    """Rebuild the LM a checkpoint holds.  overrides: non-architectural config fields (backend, chunk_size)."""
-    config = {**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        model = LM(ModelConfig(**config))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise TrainError(f"the checkpoint's model does not match this code ({str(error).splitlines()[0]})")
-    return model.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
 
 def lr_at(step, args):
     """Linear warm-up to --lr, then cosine decay to --min_lr at --max_steps."""
@@ -281,147 +110,318 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-@torch.no_grad()
-def validate(model, sequences, seq_len, device, autocast):
-    """Mean loss from the zero state over positions [0, T) and [T, end) of fixed sequences (n, 8 T + 1), read T
-    tokens at a time (memory stays that of one training window)."""
-    model.eval()
-    with autocast:
-        losses = torch.cat([model.loss_per_position(rows.to(device), seq_len) for rows in sequences.split(4)])
-    model.train()
-    per_position = losses.mean(0)
-    return per_position[:seq_len].mean().item(), per_position[seq_len:].mean().item()
+# ----------------------------------------------------------------------------------------------------------------
+# Configurations and flags
+# ----------------------------------------------------------------------------------------------------------------
 
+# Defaults of whole configurations; flags given on the command line override them. "model" holds ModelConfig fields
+# (the others keep ModelConfig's defaults), "train" the other flags; "post" replaces some of those when
+# post-training (--init_from, or an --init other than zero).
+PRESETS = {
+    "demo": dict(
+        model=dict(mixer="mamba2", d_model=128, n_layer=4, d_state=64, headdim=32),
+        train=dict(data=DEFAULT_CORPUS, seq_len=64, batch_size=16, grad_accum=1, max_steps=3000, lr=3e-3,
+                   min_lr=3e-4, warmup_steps=100, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_seqs=16),
+        post=dict(max_steps=500, lr=1e-3, warmup_steps=20),
+    ),
+    "paper": dict(
+        model=dict(mixer="mamba2", d_model=768, n_layer=24),  # the official mamba2-130m (d_state 128, headdim 64)
+        train=dict(data=DEFAULT_CORPUS + "-gpt2", seq_len=2048, batch_size=16, grad_accum=4, max_steps=20000,
+                   lr=3e-3, min_lr=3e-4, warmup_steps=1000, weight_decay=0.1, grad_clip=1.0, eval_interval=1000,
+                   eval_seqs=16),
+        post=dict(max_steps=500, lr=3e-4, warmup_steps=50),
+    ),
+}
+MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if "help" in f.metadata]
+ARCHITECTURE = [f.name for f in MODEL_FLAGS if not f.metadata.get("runtime")]  # what post-training cannot change
+# what may change on --resume (max_steps: a finished run can be extended; the schedule follows the new length)
+RESUMABLE = {"resume", "out_dir", "device", "compile", "backend", "eval_interval", "log_interval", "stop_at",
+             "max_steps"}
+# what post-training takes from the checkpoint it starts from, unless given: the paper's recipe keeps T and the data
+INHERITED = ("seq_len", "batch_size", "grad_accum", "data", "data_dir", "chunk_size")
+# what the automatic pre-training of out/zero does not take from the command line that asked for it
+POST_ONLY = {"init", "init_from", "base_steps", "from_scratch", "resume", "overwrite", "out_dir", "noise_std",
+             "p_zero", "ssm_only", "max_steps", "lr", "min_lr", "warmup_steps", "eval_interval", "stop_at"}
+CAN_BE_ZERO = {"min_lr", "weight_decay", "grad_clip", "noise_std", "p_zero"}  # other numbers must be above zero
+BASE_RUN = os.path.join("out", "zero")
+
+
+def build_parser():
+    p = OneLineParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--init", default="zero", choices=INITS, help="initial-state intervention (default: zero)")
+    g.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults of a whole configuration")
+    g.add_argument("--init_from", help="post-train this checkpoint (file or run folder) with a fresh optimizer; "
+                                       "default for --init other than zero: out/zero (pre-trained first if missing)")
+    g.add_argument("--base_steps", type=int, help="steps of the automatic pre-training of out/zero when it is "
+                                                   "missing (default: the preset's pre-training steps)")
+    g.add_argument("--from_scratch", action="store_true", help="train from random weights even with --init "
+                                                               "other than zero (the intervention during pre-training)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir exactly where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that already holds a run")
+    g.add_argument("--out_dir", help="where the checkpoint and log go (default: out/INIT)")
+    g = p.add_argument_group("interventions")
+    g.add_argument("--noise_std", type=float, help="random_noise: std of the states (default 0.1)")
+    g.add_argument("--p_zero", type=float, help="fraction of rows that start from zero instead (default 0)")
+    g.add_argument("--ssm_only", action="store_true", help="state_passing/tbptt: pass the SSM state only, "
+                                                          "not the convolution state")
+    g = p.add_argument_group("model (from the preset unless given; see ModelConfig in model.py)")
+    for f in MODEL_FLAGS:
+        g.add_argument(f"--{f.name}", type=f.type, choices=f.metadata.get("choices"), help=f.metadata["help"])
+    g = p.add_argument_group("data and optimisation (from the preset unless given)")
+    g.add_argument("--data", help="a prepared corpus name under --data_dir, or its folder (see data.py)")
+    g.add_argument("--data_dir", default=str(DATA_DIR), help="where corpora live")
+    g.add_argument("--seq_len", type=int, help="training length T")
+    g.add_argument("--batch_size", type=int, help="sequences per micro-batch, per process")
+    g.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--max_steps", type=int, help="optimizer steps of this run")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup_steps", type=int, help="linear warm-up steps")
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--grad_clip", type=float, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--eval_interval", type=int, help="steps between validations (and checkpoints)")
+    g.add_argument("--eval_seqs", type=int, help="validation sequences of 8 T tokens")
+    g.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
+    g.add_argument("--stop_at", type=int, help="stop after this step with a checkpoint (continue with --resume)")
+    return p
+
+
+def check_numbers(args, parser):
+    """Every integer flag but --seed counts something (at least 1); every float is finite and above zero, or at
+    least zero where zero means off."""
+    for action in parser._actions:
+        value, name = getattr(args, action.dest, None), action.dest
+        if value is None or name == "seed":
+            continue
+        if action.type is int and value < 1:
+            raise UsageError(f"--{name} must be at least 1")
+        if action.type is float and not (math.isfinite(value) and (value > 0 or value == 0 and name in CAN_BE_ZERO)):
+            raise UsageError(f"--{name} must be a finite number {'of at least' if name in CAN_BE_ZERO else 'above'} "
+                             f"0; got {value}")
+    if args.p_zero is not None and not 0 <= args.p_zero <= 1:
+        raise UsageError(f"--p_zero must be in [0, 1]; got {args.p_zero}")
+
+
+def resolve_args(args, explicit):
+    """Fill what the command line left open from the preset, the checkpoint being resumed or post-trained, and
+    the mode (pre- or post-training). explicit: the flags the user gave. Raises UsageError on conflicts."""
+    if args.resume and (args.init_from or args.from_scratch):
+        raise UsageError("--resume continues a run as it was started; drop --init_from/--from_scratch")
+    if args.init_from and args.from_scratch:
+        raise UsageError("--init_from and --from_scratch contradict each other; give one")
+    for name in ("noise_std", "ssm_only"):
+        takers = [init for init, cls in INITS.items() if name in cls.options]
+        if getattr(args, name) and args.init not in takers:
+            raise UsageError(f"--{name} only applies to --init {' or '.join(takers)}")
+    if args.p_zero and args.init == "zero":
+        raise UsageError("--p_zero does not apply to --init zero, whose rows all start from zero")
+    args.out_dir = args.out_dir or os.path.join("out", args.init)
+    if Path(args.out_dir).is_file():
+        raise UsageError(f"--out_dir {args.out_dir} is a file: give a folder (it will hold ckpt.pt and log.jsonl)")
+    if args.resume:
+        return resume_args(args, explicit)
+    if checkpoint_path(args.out_dir).exists() and not args.overwrite:
+        raise UsageError(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to start over, "
+                         f"or choose another --out_dir")
+    if args.init != "zero" and not args.init_from and not args.from_scratch:
+        args.init_from = BASE_RUN  # the paper's recipe: post-train the zero-init model
+    preset = PRESETS[args.preset]
+    defaults = {**preset["model"], **preset["train"], **(preset["post"] if args.init_from else {})}
+    if args.init_from:
+        if checkpoint_path(args.init_from).resolve() == checkpoint_path(args.out_dir).resolve():
+            raise UsageError(f"post-training {args.init_from} into itself would overwrite it: give another --out_dir")
+        base = load_checkpoint(args.init_from)
+        differ = [f"--{k} {getattr(args, k)}" for k in ARCHITECTURE
+                  if k in explicit and getattr(args, k) != base["model_config"][k]]
+        if differ:
+            raise UsageError(f"{checkpoint_path(args.init_from)} holds a {base['model_config']['mixer']} model that "
+                             f"{', '.join(differ)} would change: drop the flags or post-train another checkpoint")
+        inherited = {k: v for k, v in base.get("args", {}).items() if k in INHERITED and k not in explicit}
+        vars(args).update({k: base["model_config"][k] for k in ARCHITECTURE}, **inherited)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.noise_std = 0.1 if args.noise_std is None else args.noise_std
+    args.p_zero = 0.0 if args.p_zero is None else args.p_zero
+    return args
+
+
+def resume_args(args, explicit):
+    """On --resume the run continues with its own arguments; flags that would change it are refused."""
+    saved = load_checkpoint(args.out_dir, require=("args",))["args"]
+    changed = [k for k in explicit - RESUMABLE if k in saved and getattr(args, k) != saved[k]]
+    if changed:
+        raise UsageError(f"--resume continues the run in {args.out_dir} as it was started; "
+                         f"{', '.join('--' + k for k in changed)} differ from it: drop them or use another --out_dir")
+    defaults = vars(build_parser().parse_args([]))  # for flags newer than the checkpoint
+    given = {k: getattr(args, k) for k in explicit & RESUMABLE}
+    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True, "out_dir": args.out_dir,
+                                 "stop_at": args.stop_at})  # a stop belongs to one invocation only
+
+
+def base_run_args(args, explicit):
+    """The arguments of the automatic pre-training of out/zero: the same command line with --init zero, without
+    the flags that only concern the post-training, and --base_steps as its --max_steps."""
+    shared = explicit - POST_ONLY
+    base = build_parser().parse_args([])
+    vars(base).update({k: getattr(args, k) for k in shared}, max_steps=args.base_steps)
+    return resolve_args(base, shared)
+
+
+def model_config(args, vocab_size):
+    """The ModelConfig of the model flags (ModelConfig's defaults where they are None)."""
+    try:
+        return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in MODEL_FLAGS
+                                                     if getattr(args, f.name) is not None})
+    except ValueError as error:
+        raise UsageError(f"{error}: change the model flags")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training process
+# ----------------------------------------------------------------------------------------------------------------
 
 class Run:
-    """Everything one training process holds: model, optimizer, data, intervention, and its place in the run."""
+    """Everything one training process holds: data, model, optimizer, intervention, and its place in the run."""
 
     def __init__(self, args, rank, world, device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
-        self.is_main = self.rank == 0
-        self.autocast, compute_dtype = autocast_for(self.device, args.dtype)
-        if self.world > 1 and not self.is_main:
-            dist.barrier()  # rank 0 prepares the corpus if it is missing; the others wait, then read it
-        self.corpus = load_corpus(args.data, args.data_dir)
-        if self.world > 1 and self.is_main:
-            dist.barrier()
-        self.step = 0
-        self.model, source = self._build_model()
-        check_backend(self.model.cfg, self.device, compute_dtype)
-        self.optimizer = make_optimizer(self.model, args, self.device)
-        # separate seeds: the data and the intervention must not draw the same random numbers
-        self.intervention = make_intervention(args.init, self.model, args.noise_std, args.p_zero, args.ssm_only,
-                                              seed=(args.seed * 1000 + self.rank) * 2 + 1)
-        self.data_rng = torch.Generator().manual_seed((args.seed * 1000 + self.rank) * 2)
-        self.streams = (StreamBatcher(self.corpus, "train", args.batch_size, args.seq_len, self.rank, self.world,
-                                      seed=args.seed) if self.intervention.uses_streams else None)
-        if source is not None:
-            self._restore(source)
-        self.trained = self.model
-        if args.compile:
-            self.trained = torch.compile(self.trained)
-        if self.world > 1:
+        self.is_main = rank == 0
+        self.autocast, compute_dtype = autocast_for(device, args.dtype)
+        seed = (args.seed * 1000 + rank) * 2  # the data and the intervention must not draw the same numbers
+        self.batches = CorpusBatches(open_corpus(args, rank, world), args, rank, world, seed,
+                                     streams=INITS[args.init].uses_streams)
+        self.step, self.saved_step = 0, None
+        self.model, ckpt = self._build_model()
+        vars(args).update({f.name: getattr(self.model.cfg, f.name) for f in MODEL_FLAGS})  # recorded as built
+        check_backend(self.model.cfg, device, compute_dtype)
+        check_memory(self.model, args, device, self.autocast)
+        self.optimizer = make_optimizer(self.model, args, device)
+        self.intervention = make_intervention(args.init, self.model, args.p_zero, seed + 1,
+                                              noise_std=args.noise_std, ssm_only=args.ssm_only)
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.trained = torch.compile(self.model) if args.compile else self.model
+        if world > 1:
             self.trained = torch.nn.parallel.DistributedDataParallel(
-                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.val_sequences = self.corpus.eval_sequences(8 * args.seq_len, args.eval_seqs,
-                                                        flags=("--eval_seqs", "--seq_len"))[0]
+                self.trained, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.is_main:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+            print(self.describe(), file=sys.stderr)
 
     def _build_model(self):
-        """(model, checkpoint to restore from or None): resumed, post-trained from a checkpoint, or fresh."""
+        """(model, checkpoint to continue or None): resumed, post-trained from a checkpoint, or fresh."""
         args = self.args
         if args.resume:
-            ckpt = load_checkpoint(args.out_dir)
-            return model_from_checkpoint(ckpt, self.device, backend=args.backend), ckpt
+            ckpt = load_checkpoint(args.out_dir, require=("model_config", "model", "optimizer", "step", "ranks"))
+            return LM.from_checkpoint(ckpt, self.device, backend=args.backend).train(), ckpt
         if args.init_from:
-            ckpt = load_checkpoint(args.init_from)
-            if ckpt["model_config"]["vocab_size"] != self.corpus.vocab_size:
-                raise TrainError(f"{args.init_from} was trained with a vocabulary of "
-                                 f"{ckpt['model_config']['vocab_size']} tokens but --data {args.data} has "
-                                 f"{self.corpus.vocab_size}: post-train on a corpus with the same tokenizer")
-            return model_from_checkpoint(ckpt, self.device, backend=args.backend, chunk_size=args.chunk_size), None
-        torch.manual_seed(args.seed)  # every rank builds the same initial weights
-        return LM(model_config(args, self.corpus.vocab_size)).to(self.device), None
+            model = LM.from_checkpoint(args.init_from, self.device, backend=args.backend, chunk_size=args.chunk_size)
+            if model.cfg.vocab_size != self.batches.vocab_size:
+                raise UsageError(f"{args.init_from} was trained with a vocabulary of {model.cfg.vocab_size} tokens "
+                                 f"but --data {args.data} has {self.batches.vocab_size}: post-train on a corpus "
+                                 f"with the same tokenizer")
+            return model.train(), None
+        torch.manual_seed(args.seed)  # every process builds the same initial weights
+        return LM(model_config(args, self.batches.vocab_size)).to(self.device), None
 
     def _restore(self, ckpt):
+        """Continue a run: optimizer, step, and each process's random states, data position and intervention."""
+        out_dir = self.args.out_dir
+        saved, current = (ckpt.get("corpus") or {}).get("fingerprint"), self.batches.describe()["fingerprint"]
+        if saved and current and saved != current:
+            raise UsageError(f"corpus '{self.args.data}' was prepared again after the run in {out_dir} started, so "
+                             f"resuming would continue on other data: put the original corpus back, or post-train "
+                             f"the checkpoint into a new run with --init_from {out_dir} --out_dir NEW")
         if len(ckpt["ranks"]) != self.world:
-            raise TrainError(f"the run in {self.args.out_dir} was trained by {len(ckpt['ranks'])} process(es); "
-                             f"resume it with the same number (torchrun --nproc_per_node={len(ckpt['ranks'])})")
+            raise UsageError(f"the run in {out_dir} was trained by {len(ckpt['ranks'])} process(es); resume it with "
+                             f"the same number (torchrun --nproc_per_node={len(ckpt['ranks'])})")
         mine = ckpt["ranks"][self.rank]
         saved_device = mine["intervention"].get("generator_device")
         if saved_device and torch.device(saved_device).type != self.device.type:
-            raise TrainError(f"the run in {self.args.out_dir} drew its random numbers on {saved_device}; resume it "
-                             f"on a {torch.device(saved_device).type} device to continue it exactly")
+            raise UsageError(f"the run in {out_dir} drew its random numbers on {saved_device}; resume it on a "
+                             f"{torch.device(saved_device).type} device to continue it exactly")
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step = ckpt["step"]
-        self.data_rng.set_state(mine["data_rng"])
+        self.step = self.saved_step = ckpt["step"]
         torch.set_rng_state(mine["torch_rng"])
+        self.batches.load_state_dict(mine)
         self.intervention.load_state_dict(_to_device(mine["intervention"], self.device))
-        if self.streams is not None:
-            self.streams.load_state_dict(mine["streams"])
+
+    def describe(self):
+        args = self.args
+        mode = "resuming" if args.resume else ("post-training " + args.init_from if args.init_from else "training")
+        per_step = args.batch_size * args.grad_accum * self.world
+        split = f" ({args.batch_size} x {args.grad_accum} micro-batches x {self.world} processes)" \
+            if per_step != args.batch_size else ""
+        return (f"{mode} with --init {args.init}: {self.model.num_parameters() / 1e6:.2f}M parameters, {args.mixer}, "
+                f"{per_step} sequences of {args.seq_len} tokens per step{split}, {args.max_steps} steps, "
+                f"device {self.device}, out {args.out_dir}")
 
     def next_batch(self):
         """(inputs, targets, restarted): (B, T) int64 on the device; restarted (B,) bool or None."""
-        args = self.args
-        if self.streams is not None:
-            windows, restarted = self.streams.next()
-        else:
-            windows, restarted = self.corpus.random_windows("train", args.batch_size, args.seq_len,
-                                                            self.data_rng), None
-        windows = windows.to(self.device, non_blocking=True)
-        return windows[:, :-1], windows[:, 1:], restarted
+        inputs, targets, restarted = self.batches.next()
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), restarted
 
-    def train_step(self):
-        """One optimizer step over grad_accum micro-batches.  Returns the mean training loss."""
-        args = self.args
-        lr = lr_at(self.step, args)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = 0.0
-        for micro in range(args.grad_accum):
-            inputs, targets, restarted = self.next_batch()
-            initial = self.intervention.initial_state(args.batch_size, self.device, restarted)
-            last = micro == args.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or self.world == 1) else self.trained.no_sync()
-            with sync:
-                with self.autocast:
-                    _, loss, final = self.trained(inputs, targets, initial)
-                self.intervention.observe(final.detach())
-                (loss / args.grad_accum).backward()
-            total += loss.detach()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        loss = total / args.grad_accum
-        if self.world > 1:
-            dist.all_reduce(loss)
-            loss /= self.world
-        return loss.item(), lr
+    def gradient_sync(self, last_micro_batch):
+        """Processes average their gradients in the backward pass of a step's last micro-batch only."""
+        return contextlib.nullcontext() if last_micro_batch or self.world == 1 else self.trained.no_sync()
 
-    def checkpoint(self):
-        """Gather every rank's own random and intervention state; rank 0 writes."""
-        mine = {"data_rng": self.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
-                "intervention": _to_device(self.intervention.state_dict(), "cpu"),
-                "streams": None if self.streams is None else self.streams.state_dict()}
-        ranks = [None] * self.world
+    def mean_over_processes(self, value):
+        """A scalar tensor averaged over the processes, as a float."""
         if self.world > 1:
+            dist.all_reduce(value)
+            value /= self.world
+        return value.item()
+
+    def validate(self):
+        """Rank 0's validation losses ({name: loss}); None on the other processes."""
+        if not self.is_main:
+            return None
+        self.model.eval()
+        losses = self.batches.validate(self.model, self.device, self.autocast)
+        self.model.train()
+        return losses
+
+    def checkpoint(self, losses=None):
+        """Save the run: rank 0 writes, every process contributes its own random, data and intervention state.
+        Weights (or validation losses) that are not finite are refused with a UsageError, and nothing is saved."""
+        broken = first_nonfinite(self.model.state_dict())
+        broken = f"the weight {broken}" if broken else next((k for k, v in (losses or {}).items()
+                                                             if not math.isfinite(v)), None)
+        if broken:
+            raise UsageError(f"{broken} is not finite after step {self.step}; stopped without saving: "
+                             f"{self.what_survives()}; start again with a lower --lr or --grad_clip")
+        mine = {"torch_rng": torch.get_rng_state(), "intervention": _to_device(self.intervention.state_dict(), "cpu"),
+                **self.batches.state_dict()}
+        ranks = [mine]
+        if self.world > 1:
+            ranks = [None] * self.world
             dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
         if self.is_main:
-            save_checkpoint(self.args.out_dir, {
-                "format": CHECKPOINT_FORMAT, "model_config": self.model.cfg.to_dict(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "args": vars(self.args), "ranks": ranks,
-                "corpus": {"name": self.corpus.name, "tokenizer": self.corpus.meta["tokenizer"],
-                           "vocab_size": self.corpus.vocab_size}})
+            self.model.save(self.args.out_dir, optimizer=self.optimizer.state_dict(), step=self.step,
+                            args=vars(self.args), ranks=ranks, corpus=self.batches.describe())
+        self.saved_step = self.step
         if self.world > 1:
             dist.barrier()  # nobody reads the checkpoint (a post-training that follows, say) before it exists
 
+    def what_survives(self):
+        if self.saved_step is not None:
+            return f"the last good checkpoint (step {self.saved_step}) in {self.args.out_dir} survives"
+        if checkpoint_path(self.args.out_dir).exists():
+            return f"no checkpoint of this run was written ({self.args.out_dir} still holds the run it replaces)"
+        return "no checkpoint was written"
+
 
 def _to_device(obj, device):
-    """Move every tensor inside nested dicts/lists (states, generator states stay on the CPU)."""
+    """Move every tensor inside nested dicts/lists (generator states, uint8, stay on the CPU)."""
     if isinstance(obj, torch.Tensor):
         return obj if obj.dtype == torch.uint8 else obj.to(device)
     if isinstance(obj, dict):
@@ -431,37 +431,247 @@ def _to_device(obj, device):
     return obj
 
 
-def model_config(args, vocab_size):
-    """The ModelConfig the architecture flags (or a preset's values, as attributes of args) describe."""
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+class CorpusBatches:
+    """Training batches from a prepared corpus, and its fixed validation sequences of 8 T tokens.
+
+    next() -> (inputs, targets, restarted) on the CPU: random windows, or with streams (tbptt) windows whose row i
+    continues row i of the previous batch. state_dict() holds where the data stands, for an exact resume."""
+
+    def __init__(self, corpus, args, rank, world, seed, streams):
+        self.corpus, self.batch_size, self.seq_len = corpus, args.batch_size, args.seq_len
+        self.vocab_size = corpus.vocab_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.streams = (StreamBatcher(corpus, "train", args.batch_size, args.seq_len, rank, world, seed=args.seed)
+                        if streams else None)
+        self.val_sequences = corpus.eval_sequences(8 * args.seq_len, args.eval_seqs,
+                                                   flags=("--eval_seqs", "--seq_len"))[0]
+
+    def next(self):
+        if self.streams is not None:
+            windows, restarted = self.streams.next()
+        else:
+            windows, restarted = self.corpus.random_windows("train", self.batch_size, self.seq_len, self.rng), None
+        return windows[:, :-1], windows[:, 1:], restarted
+
+    @torch.no_grad()
+    def validate(self, model, device, autocast):
+        """Mean loss from the zero state over positions [0, T) and [T, 8T) of the validation sequences (n, 8 T + 1),
+        read T tokens at a time (memory stays that of one training window)."""
+        T = self.seq_len
+        with autocast:
+            losses = torch.cat([model.loss_per_position(rows.to(device), T) for rows in self.val_sequences.split(4)])
+        per_position = losses.mean(0)
+        return {"val_loss": per_position[:T].mean().item(), "val_loss_beyond_T": per_position[T:].mean().item()}
+
+    def describe(self):
+        """What the checkpoint records of the data: the corpus and, to notice a re-preparation, its fingerprint."""
+        meta = self.corpus.meta
+        return {"name": self.corpus.name, "tokenizer": meta["tokenizer"], "vocab_size": self.vocab_size,
+                "tokenizer_sha256": meta.get("tokenizer_sha256"),
+                "fingerprint": getattr(self.corpus, "fingerprint", None)}
+
+    def state_dict(self):
+        return {"data_rng": self.rng.get_state(), "streams": None if self.streams is None else self.streams.state_dict()}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state["data_rng"])
+        if self.streams is not None:
+            self.streams.load_state_dict(state["streams"])
+
+
+def open_corpus(args, rank, world):
+    """load_corpus, with rank 0 preparing a missing default corpus while the others wait; a default corpus whose
+    tokenizer cannot be downloaded is told in train.py's terms."""
+    if world > 1 and rank > 0:
+        dist.barrier()
     try:
-        return ModelConfig(vocab_size=vocab_size, d_model=args.d_model, n_layer=args.n_layer, mixer=args.mixer,
-                           d_state=args.d_state, headdim=args.headdim, expand=args.expand, n_heads=args.n_heads,
-                           gate=args.gate, chunk_size=args.chunk_size, backend=args.backend, dt_min=args.dt_min,
-                           dt_max=args.dt_max, gate_temperature=args.gate_temperature)
-    except ValueError as error:
-        raise TrainError(f"{error}: change the model flags")
+        corpus = load_corpus(args.data, args.data_dir)
+    except DataError:
+        tokenizer = args.data[len(DEFAULT_CORPUS) + 1:]
+        if args.data.startswith(DEFAULT_CORPUS + "-") and not (Path(args.data_dir) / args.data).exists():
+            try:
+                get_tokenizer(tokenizer)
+            except DataError:
+                raise UsageError(f"the default corpus '{args.data}' needs tiktoken's {tokenizer} vocabulary, which "
+                                 f"could not be downloaded (offline?): set TIKTOKEN_CACHE_DIR to a folder holding "
+                                 f"tiktoken's cached files, or train on byte tokens (--data {DEFAULT_CORPUS}, as "
+                                 f"--preset demo does)") from None
+        raise
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return corpus
 
 
-def autocast_for(device, dtype="auto"):
-    """(autocast context, the dtype the scan then computes in) for a --dtype flag: bfloat16 autocast on CUDA unless
-    told otherwise, float32 on the CPU."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), compute_dtype
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------------------
+
+def estimate_memory(model, args, device, autocast):
+    """Bytes one training process needs, at least: 16 per parameter (float32 weights, gradients and AdamW's two
+    moments) plus 1.5 times the activations that a micro-batch keeps for its backward pass. Those are measured, not
+    modelled: the bytes of the tensors autograd saves while reading one short sequence, per token. The factor is
+    what the backward pass holds on top (gradients of activations, allocator slack): the peak resident memory of CPU
+    runs of mamba2 and gla models of several sizes was 1.5 to 2.1 times their saved activations."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    length = min(args.seq_len, 2 * model.cfg.chunk_size)
+    tokens = torch.zeros(1, length, dtype=torch.long, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast:
+        model(tokens, tokens)
+    return 16 * model.num_parameters() + 1.5 * sum(saved.values()) / length * args.batch_size * args.seq_len
 
 
-def pick_device(name):
-    """The torch.device for a --device flag ("auto": CUDA when available), with one-line errors."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def available_memory(device):
+    """Bytes that device could still give: free GPU memory, else the system's available RAM, or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
-    return device
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:  # no /proc (macOS): all of the physical memory, so only a run that could never fit is refused
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
+
+def check_memory(model, args, device, autocast):
+    """Refuse, before the first step, a run whose estimate exceeds 90% of what is available: the alternative is an
+    out-of-memory error, or on Linux the kernel killing the process without a word."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type != "cuda" else 1  # sharing the RAM
+    weights = 4 * model.num_parameters()  # already allocated, so no longer counted as available
+    need = (estimate_memory(model, args, device, autocast) - weights) * processes
+    free = available_memory(device)
+    if free is not None and need > 0.9 * free:
+        raise UsageError(f"this run needs about {need / 2**30:.1f} GiB more memory on {device} but "
+                         f"{free / 2**30:.1f} GiB are available: lower --batch_size (raising --grad_accum keeps "
+                         f"the {args.batch_size * args.grad_accum} sequences per step) or --seq_len")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging and stopping
+# ----------------------------------------------------------------------------------------------------------------
+
+class Progress:
+    """What rank 0 shows and keeps of a run: the progress bar, log.jsonl, and the training speed (validation time
+    excluded). The other processes keep nothing."""
+
+    def __init__(self, run, last_step):
+        args = run.args
+        self.run, self.last_step, self.first_step = run, last_step, run.step
+        self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * run.world
+        self.started, self.train_seconds = time.time(), 0.0
+        self.log = open_log(args.out_dir, run.step) if run.is_main else None
+        self.bar = tqdm(total=last_step, initial=run.step, disable=not run.is_main, desc=args.init,
+                        dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.log:
+            self.log.close()
+
+    def step(self, loss, lr, seconds):
+        step, self.train_seconds = self.run.step, self.train_seconds + seconds
+        rate = self.tokens_per_step * (step - self.first_step) / self.train_seconds
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
+        if step == self.last_step:
+            self.bar.close()  # before the last validation, so the bar's final speed is the training speed
+        if self.log and (step % self.run.args.log_interval == 0 or step == self.last_step):
+            self._write(step=step, train_loss=loss, lr=lr, tokens_per_s=rate, time=time.time() - self.started)
+
+    def validation(self, losses):
+        """Log and show rank 0's validation losses; returns them."""
+        if losses is not None:
+            self._write(step=self.run.step, **losses)
+            self.bar.write(f"step {self.run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+            self.bar.unpause()  # the time spent validating does not count in the bar's speed
+        return losses
+
+    def finish(self):
+        args = self.run.args
+        if not self.run.is_main:
+            return
+        if self.run.step < args.max_steps:
+            print(f"train.py: stopped at step {self.run.step} (--stop_at); continue with python train.py --resume "
+                  f"--out_dir {args.out_dir}")
+        else:
+            print(f"train.py: done: {checkpoint_path(args.out_dir)} (step {self.run.step}); next: python eval.py "
+                  f"--ckpt {args.out_dir}")
+
+    def _write(self, **record):
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
+
+def open_log(out_dir, step):
+    """log.jsonl for appending. A fresh run starts a new log; a resumed one keeps only the records up to the
+    checkpoint it resumes from (steps trained after it were lost), and drops a line torn by a crash."""
+    path = Path(out_dir) / "log.jsonl"
+    kept = []
+    if step > 0 and path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+class Stopped(Exception):
+    """The run stopped early at the user's request; the message says how to continue."""
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) or SIGTERM during training asks for a stop at the end of the current step, where a
+    checkpoint continues the run exactly; another one a second or more later stops at once. requested() is
+    collective: every process stops at the same step."""
+
+    def __init__(self, run):
+        self.run, self.first = run, None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:  # the second request, or a Ctrl-C that came as an exception
+            raise Stopped(f"interrupted after step {self.run.step}; stopped without saving: "
+                          f"{self.run.what_survives()}") from None
+
+    def _handle(self, signum, frame):
+        if self.first is not None and time.monotonic() - self.first > 1:  # torchrun repeats the signal at once
+            raise KeyboardInterrupt
+        self.first = self.first or time.monotonic()
+
+    def requested(self):
+        if self.run.world == 1:
+            return self.first is not None
+        flag = torch.tensor(float(self.first is not None), device=self.run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes and the command line
+# ----------------------------------------------------------------------------------------------------------------
 
 def setup_distributed(device_arg):
     """(rank, world size, device). Under torchrun: one process per GPU with NCCL, or CPU processes with gloo.
@@ -479,73 +689,6 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def check_backend(cfg, device, compute_dtype):
-    """A one-line error now rather than a traceback at the first step when --backend triton cannot run."""
-    if cfg.backend != "triton":
-        return
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise TrainError("--backend triton needs a CUDA device; use --backend torch (or auto) on the CPU")
-    P, N = cfg.head_sizes()
-    refusal = triton_refusal(P, N, cfg.chunk_size, compute_dtype, device)
-    if refusal:
-        raise TrainError(f"--backend triton: {refusal}; or use --backend auto")
-
-
-def train(args, rank=0, world=1, device=torch.device("cpu")):
-    """Run training to args.max_steps (or args.stop_at).  Returns the path of the final checkpoint."""
-    run = Run(args, rank, world, device)
-    if run.is_main:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        mode = "resuming" if args.resume else ("post-training " + args.init_from if args.init_from else "training")
-        print(f"{mode} with --init {args.init}: {run.model.num_parameters() / 1e6:.2f}M parameters, "
-              f"{args.mixer}, T={args.seq_len}, {args.batch_size}x{args.grad_accum}x{run.world} sequences/step, "
-              f"{args.max_steps} steps, device {run.device}, out {args.out_dir}", file=sys.stderr)
-    log = open_log(args.out_dir, run.step) if run.is_main else None
-    last_step = min(args.max_steps, args.stop_at or args.max_steps)
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * run.world
-    bar = tqdm(total=last_step, initial=run.step, disable=not run.is_main, desc=args.init, dynamic_ncols=True)
-    started, start_step = time.time(), run.step
-    try:
-        while run.step < last_step:
-            loss, lr = run.train_step()
-            if not math.isfinite(loss):
-                raise TrainError(f"the training loss became {loss} at step {run.step}; stopped without saving, "
-                                 f"so the last good checkpoint in {args.out_dir} survives: lower --lr or "
-                                 f"--grad_clip, or resume from it")
-            rate = tokens_per_step * (run.step - start_step) / (time.time() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
-            if log and (run.step % args.log_interval == 0 or run.step == last_step):
-                _log(log, step=run.step, train_loss=loss, lr=lr, tokens_per_s=rate, time=time.time() - started)
-            if run.step % args.eval_interval == 0 or run.step == last_step:
-                if run.is_main:
-                    inside, beyond = validate(run.model, run.val_sequences, args.seq_len, run.device, run.autocast)
-                    _log(log, step=run.step, val_loss=inside, val_loss_beyond_T=beyond)
-                    bar.write(f"step {run.step}: val loss {inside:.4f} within T, {beyond:.4f} at [T, 8T)")
-                run.checkpoint()
-    finally:
-        bar.close()
-        if log:
-            log.close()
-    return checkpoint_path(args.out_dir)
-
-
-def open_log(out_dir, step):
-    """log.jsonl for appending. A fresh run starts a new log; a resumed one keeps only the records up to the
-    checkpoint it resumes from, so steps trained after that checkpoint (and lost) are not listed twice."""
-    path = Path(out_dir) / "log.jsonl"
-    kept = []
-    if step > 0 and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-    return open(path, "a")
-
-
-def _log(f, **record):
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-
-
 def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -554,42 +697,37 @@ def main(argv=None):
                 if any(x == opt or x.startswith(opt + "=") for opt in a.option_strings for x in argv)}
     world = 1
     try:
+        check_numbers(args, parser)
         rank, world, device = setup_distributed(args.device)
-        if _needs_base_run(args):
-            # the paper's recipe in one command: pre-train the zero-init model first, with the shared flags
+        if needs_base_run(args):  # the paper's recipe in one command: pre-train the zero-init model first
             if rank == 0:
                 print(f"{BASE_RUN} does not exist yet: pre-training it first", file=sys.stderr)
-            shared = [x for k in sorted(explicit & set(PRETRAIN_SHARED)) for x in _flag(k, getattr(args, k))]
-            given = {k for k in explicit if k in PRETRAIN_SHARED}
-            if args.base_steps:
-                shared, given = shared + ["--max_steps", str(args.base_steps)], given | {"max_steps"}
-            base_args = resolve_args(build_parser().parse_args(shared), given)
-            train(base_args, rank, world, device)
+            train(base_run_args(args, explicit), rank, world, device)
         train(resolve_args(args, explicit), rank, world, device)
-    except (TrainError, DataError) as error:
+    except (UsageError, DataError) as error:
         sys.exit(f"train.py: error: {error}")
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        sys.exit(f"train.py: error: {error.strerror or error}{where}")
+    except (Stopped, KeyboardInterrupt) as stop:
+        print(f"train.py: {str(stop) or 'interrupted before training began'}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _needs_base_run(args):
+def needs_base_run(args):
     """True when the one-command recipe must pre-train out/zero first; an unfinished out/zero is an error."""
     if args.init == "zero" or args.init_from or args.from_scratch or args.resume:
         return False
     if not checkpoint_path(BASE_RUN).exists():
         return True
-    base = load_checkpoint(BASE_RUN)
+    base = load_checkpoint(BASE_RUN, require=("step", "args"))
     if base["step"] < base["args"]["max_steps"]:
-        raise TrainError(f"{BASE_RUN} stopped at step {base['step']} of {base['args']['max_steps']}: finish it "
+        raise UsageError(f"{BASE_RUN} stopped at step {base['step']} of {base['args']['max_steps']}: finish it "
                          f"first with python train.py --resume --out_dir {BASE_RUN}")
     return False
-
-
-def _flag(key, value):
-    if isinstance(value, bool):
-        return [f"--{key}"] if value else []
-    return [f"--{key}", str(value)]
 
 
 if __name__ == "__main__":

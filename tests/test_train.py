@@ -1,5 +1,6 @@
 """Tests of train.py: every intervention trains, runs resume exactly, two processes train together, errors are
 one clear line."""
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import train
 from conftest import tiny_run_flags
 from interventions import INITS
+from model import CHECKPOINT_FORMAT, save_checkpoint
 
 ARCHITECTURE_FLAGS = {"--d_model", "--n_layer", "--d_state", "--headdim"}
 
@@ -178,23 +180,78 @@ def test_post_training_needs_the_same_vocabulary(base_run, tmp_path):
     assert "vocabulary of 257 tokens" in error and "has 300" in error
 
 
+def patch_step(monkeypatch, at_step, action):
+    """Make train.py's step run action(run) after its real work when it has reached step at_step."""
+    real_step = train.train_step
+
+    def step(run):
+        loss, lr = real_step(run)
+        return action(run, loss, lr) if run.step == at_step else (loss, lr)
+
+    monkeypatch.setattr(train, "train_step", step)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):
-    real_step = train.Run.train_step
-    calls = []
-
-    def step_that_breaks(self):
-        loss, lr = real_step(self)
-        calls.append(1)
-        return (float("nan"), lr) if len(calls) == 3 else (loss, lr)
-
-    monkeypatch.setattr(train.Run, "train_step", step_that_breaks)
+    patch_step(monkeypatch, 3, lambda run, loss, lr: (float("nan"), lr))
     error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "nan"))
-    assert "loss became nan at step 3" in error and "last good checkpoint" in error
+    assert "loss became nan at step 3" in error and "the last good checkpoint (step 2)" in error
     assert train.load_checkpoint(tmp_path / "nan")["step"] == 2
 
 
+def test_weights_that_are_not_finite_are_never_saved(tiny_corpus, tmp_path, monkeypatch):
+    def break_weights(run, loss, lr):
+        with torch.no_grad():
+            run.model.backbone.norm_f.weight[0] = float("inf")
+        return loss, lr  # the loss was computed before the update: finite
+
+    patch_step(monkeypatch, 4, break_weights)
+    error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "inf"))
+    assert "the weight backbone.norm_f.weight is not finite after step 4" in error
+    assert "the last good checkpoint (step 2) in" in error and "\n" not in error
+    assert train.load_checkpoint(tmp_path / "inf")["step"] == 2
+    # a learning rate that blows the weights up in one step: nothing good to save, and it says so
+    error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "huge", "--lr", "1e6", "--max_steps", "1"))
+    assert "is not finite after step 1" in error and "no checkpoint was written" in error
+    assert not (tmp_path / "huge" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("how,saved_step", [("signal", 3), ("exception", 2)])
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tiny_corpus, tmp_path, monkeypatch, capsys, how,
+                                                              saved_step):
+    """A Ctrl-C (SIGINT) during step 3 lets the step finish, saves it and stops; a KeyboardInterrupt raised in the
+    middle of step 3 (a second Ctrl-C) loses that step and keeps the checkpoint of step 2. Either way --resume
+    reaches the weights of an uninterrupted run."""
+    import signal
+
+    assert run_main(tiny_run_flags(tiny_corpus, tmp_path / "whole")) is None
+
+    def interrupt(run, loss, lr):
+        if how == "exception":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
+        return loss, lr
+
+    with monkeypatch.context() as patch:
+        patch_step(patch, 3, interrupt)
+        assert run_main(tiny_run_flags(tiny_corpus, tmp_path / "split")) == "130"
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    if how == "signal":
+        assert message == f"train.py: stopped at step 3; continue with python train.py --resume --out_dir " \
+                          f"{tmp_path / 'split'}"
+    else:
+        assert "interrupted after step 3; stopped without saving: the last good checkpoint (step 2)" in message
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert train.load_checkpoint(tmp_path / "split")["step"] == saved_step
+    assert run_main(["--resume", "--out_dir", str(tmp_path / "split")]) is None
+    whole, split = train.load_checkpoint(tmp_path / "whole"), train.load_checkpoint(tmp_path / "split")
+    for key, value in whole["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    steps = [r["step"] for r in read_log(tmp_path / "split") if "train_loss" in r]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_checkpoints_are_written_atomically(tmp_path):
-    train.save_checkpoint(tmp_path / "run", {"format": train.CHECKPOINT_FORMAT, "x": torch.ones(3)})
+    save_checkpoint(tmp_path / "run", {"format": CHECKPOINT_FORMAT, "model": {"x": torch.ones(3)}})
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt"]  # no temporary file left
 
 
@@ -234,10 +291,10 @@ def test_resume_refuses_another_device_type_or_process_count(tiny_corpus, base_r
     ckpt = train.load_checkpoint(base_run)
     moved = {**ckpt, "ranks": [{**ckpt["ranks"][0], "intervention": {**ckpt["ranks"][0]["intervention"],
                                                                         "generator_device": "cuda:0"}}]}
-    train.save_checkpoint(tmp_path / "moved", moved)
+    save_checkpoint(tmp_path / "moved", moved)
     assert "resume it on a cuda device" in run_main(["--resume", "--out_dir", str(tmp_path / "moved")])
     doubled = {**ckpt, "ranks": ckpt["ranks"] * 2}
-    train.save_checkpoint(tmp_path / "doubled", doubled)
+    save_checkpoint(tmp_path / "doubled", doubled)
     assert "--nproc_per_node=2" in run_main(["--resume", "--out_dir", str(tmp_path / "doubled")])
 
 
@@ -269,6 +326,20 @@ def test_post_training_keeps_the_base_training_length(tiny_corpus, base_run, tmp
     (["--device", "tpu9"], "unknown --device"),
     (["--d_state", "256", "--backend", "triton"], "--backend triton: the triton backend needs P, N <= 128"),
     (["--p_zero", "0.1"], "--p_zero does not apply to --init zero"),
+    (["--lr", "nan"], "--lr must be a finite number above 0; got nan"),
+    (["--lr", "-1"], "--lr must be a finite number above 0"),
+    (["--lr", "inf"], "--lr must be a finite number above 0"),
+    (["--weight_decay", "-1"], "--weight_decay must be a finite number of at least 0"),
+    (["--init", "random_noise", "--from_scratch", "--noise_std", "-1"], "--noise_std must be a finite number"),
+    (["--d_state", "0"], "--d_state must be at least 1"),
+    (["--headdim", "0"], "--headdim must be at least 1"),
+    (["--n_heads", "0"], "--n_heads must be at least 1"),
+    (["--expand", "0"], "--expand must be at least 1"),
+    (["--dt_min", "-1"], "--dt_min must be a finite number above 0"),
+    (["--dt_min", "0.5", "--dt_max", "0.1"], "dt_min = 0.5 is above dt_max = 0.1"),
+    (["--stop_at", "0"], "--stop_at must be at least 1"),
+    (["--stop_at", "-1"], "--stop_at must be at least 1"),
+    (["--device", "mps"], "--device mps: no such device is usable here"),
 ])
 def test_more_bad_flags_exit_with_one_line(tiny_corpus, tmp_path, extra, message):
     error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "x", *extra))
@@ -302,3 +373,85 @@ def test_one_command_recipe_under_torchrun(tiny_corpus, tmp_path):
     assert train.load_checkpoint(tmp_path / "out" / "zero")["step"] == 4
     post = train.load_checkpoint(tmp_path / "out" / "state_passing")
     assert post["step"] == 2 and len(post["ranks"]) == 2
+
+
+def test_files_in_the_way_are_one_line_errors(tiny_corpus, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "a_file"))
+    assert "--out_dir" in error and "is a file: give a folder" in error
+    for data in ("stdlib", tiny_corpus[1]):  # the default corpus (prepared on first use) and a named one
+        error = run_main(["--data", data, "--data_dir", str(tmp_path / "a_file"), "--out_dir", str(tmp_path / "o")])
+        assert error.startswith("train.py: error: ") and "a_file" in error and "\n" not in error
+
+
+def test_incomplete_checkpoints_are_one_line_errors(tiny_corpus, tmp_path):
+    save_checkpoint(tmp_path / "bare", {"format": CHECKPOINT_FORMAT, "model": {}})
+    error = run_main(["--resume", "--out_dir", str(tmp_path / "bare")])
+    assert "is incomplete (no args)" in error
+    error = run_main(post_flags(tiny_run_flags(tiny_corpus, tmp_path / "p", "--init", "tbptt", "--init_from",
+                                               str(tmp_path / "bare"))))
+    assert "is incomplete (no model_config)" in error
+
+
+def test_resume_refuses_a_corpus_prepared_again(tiny_corpus, tmp_path):
+    import data
+
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x\n" * 2000)
+    data.prepare(tmp_path / "t.txt", name="mine", data_dir=tmp_path / "data")
+    flags = tiny_run_flags((str(tmp_path / "data"), "mine"), tmp_path / "run", "--stop_at", "2")
+    assert run_main(flags) is None
+    data.prepare(tmp_path / "t.txt", name="mine", data_dir=tmp_path / "data")  # the same text, prepared again
+    error = run_main(["--resume", "--out_dir", str(tmp_path / "run")])
+    assert "corpus 'mine' was prepared again after the run" in error and "--init_from" in error
+
+
+def test_resume_drops_a_torn_log_line(tiny_corpus, tmp_path):
+    out = tmp_path / "torn"
+    assert run_main(tiny_run_flags(tiny_corpus, out, "--stop_at", "2")) is None
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "train_lo')  # the process died while writing
+    assert run_main(["--resume", "--out_dir", str(out)]) is None
+    assert [r["step"] for r in read_log(out) if "train_loss" in r] == [1, 2, 3, 4]
+
+
+def test_offline_default_corpus_says_what_train_py_users_can_do(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    error = run_main(["--preset", "paper", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"),
+                      "--device", "cpu"])
+    assert "TIKTOKEN_CACHE_DIR" in error and "--data stdlib" in error and "--tokenizer" not in error
+
+
+def test_start_and_end_lines_say_what_happens(tiny_corpus, tmp_path, capsys):
+    assert run_main(tiny_run_flags(tiny_corpus, tmp_path / "r", "--grad_accum", "2")) is None
+    out, err = capsys.readouterr()
+    assert "8 sequences of 16 tokens per step (4 x 2 micro-batches x 1 processes)" in err
+    assert out.strip().splitlines()[-1] == (f"train.py: done: {tmp_path / 'r' / 'ckpt.pt'} (step 4); next: python "
+                                            f"eval.py --ckpt {tmp_path / 'r'}")
+
+
+def test_memory_estimate_grows_with_the_run_and_refuses_what_cannot_fit(tiny_corpus, tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from model import LM, ModelConfig
+
+    def estimate(d_model=32, batch_size=4, seq_len=64, mixer="mamba2"):
+        model = LM(ModelConfig(vocab_size=257, d_model=d_model, n_layer=2, mixer=mixer, d_state=16, headdim=16,
+                               chunk_size=16))
+        args = Namespace(batch_size=batch_size, seq_len=seq_len)
+        return train.estimate_memory(model, args, torch.device("cpu"), contextlib.nullcontext())
+
+    base = estimate()
+    assert estimate(batch_size=8) > base and estimate(seq_len=128) > base and estimate(d_model=64) > base
+    # activations scale with the tokens of a micro-batch: twice the rows, twice the activation bytes
+    weights_and_optimizer = estimate(batch_size=1) - (estimate(batch_size=2) - estimate(batch_size=1))
+    assert estimate(batch_size=8) - weights_and_optimizer == pytest.approx(8 * (base - weights_and_optimizer) / 4)
+    assert estimate(mixer="gla") > 0
+    monkeypatch.setattr(train, "available_memory", lambda device: 2 ** 10)  # 1 KiB
+    error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "big"))
+    assert "GiB more memory on cpu but 0.0 GiB are available: lower --batch_size" in error
+    assert not (tmp_path / "big" / "ckpt.pt").exists()
