@@ -3,7 +3,9 @@
     python train.py                                   pre-train the demo model from the zero state -> out/zero
     python train.py --init state_passing              post-train out/zero with state passing -> out/state_passing
                                                       (pre-training out/zero first if it does not exist yet)
-    python train.py --init tbptt --init_from PATH     post-train any checkpoint (a file or a run folder)
+    python train.py --init tbptt --init_from PATH     post-train any checkpoint (a file or a run folder), or an
+                                                      official Mamba-2 (state-spaces/mamba2-370m, see pretrained.py)
+    python train.py --task copy                       a synthetic task of tasks.py instead of text -> out/copy/zero
     torchrun --nproc_per_node=4 train.py --preset paper ...      data-parallel on 4 GPUs (or CPU processes)
 
 This is the paper's recipe: train as usual (zero initial state), then continue for a few hundred steps at the same
@@ -12,6 +14,8 @@ see interventions.py): the three marked lines of train_step(). Every flag is lis
 defaults of a whole configuration (PRESETS):
     demo    a small byte-level Mamba-2 on the default corpus (the Python standard library's source), for a laptop CPU
     paper   a 129M-parameter Mamba-2 (the size of the official mamba2-130m) at T = 2048 with GPT-2 tokens, for GPUs
+    mamba2-130m, mamba2-370m, mamba2-780m, mamba2-1.3b
+            post-train that official Mamba-2 model at its T = 2048 on a corpus of its GPT-NeoX tokens (for GPUs)
 
 Outputs in --out_dir (default out/INIT): ckpt.pt (model, optimizer, step, random states, the intervention's state
 and the arguments; written atomically, never with weights that are not finite) and log.jsonl (train and validation
@@ -35,10 +39,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, get_tokenizer, load_corpus
+from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, get_tokenizer, load_corpus, tokenizer_mismatch
 from interventions import INITS, make_intervention
 from model import (LM, ModelConfig, OneLineParser, UsageError, autocast_for, check_backend, checkpoint_path,
                    first_nonfinite, load_checkpoint, pick_device)
+from pretrained import OFFICIAL
+from tasks import TASKS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,10 +75,11 @@ def train_step(run):
     return run.mean_over_processes(total / args.grad_accum), lr
 
 
-def train(args, rank=0, world=1, device=torch.device("cpu")):
-    """Train to args.max_steps (or --stop_at), validating and saving every eval_interval steps. Returns the
-    checkpoint path. Raises UsageError when the run cannot go on, Stopped at a Ctrl-C."""
-    run = Run(args, rank, world, device)
+def train(args, rank=0, world=1, device=torch.device("cpu"), base=None):
+    """Train to args.max_steps (or --stop_at), validating and saving every eval_interval steps; base: the model that
+    --init_from names (resolve_args loads it). Returns the checkpoint path. Raises UsageError when the run cannot go
+    on, Stopped at a Ctrl-C."""
+    run = Run(args, rank, world, device, base)
     last_step = min(args.max_steps, args.stop_at or args.max_steps)
     with Progress(run, last_step) as progress, StopRequests(run) as stop:
         while run.step < last_step:
@@ -132,18 +139,29 @@ PRESETS = {
         post=dict(max_steps=500, lr=3e-4, warmup_steps=50),
     ),
 }
+# Post-training the official Mamba-2 language models (pretrained.py) at their training length T = 2048, on a corpus
+# prepared with their tokenizer (python data.py --input PATH --tokenizer EleutherAI/gpt-neox-20b --name pile-neox).
+# A step is 256 sequences of 2048 tokens (0.5M tokens, the batch of Mamba-2's pre-training) as batch_size x
+# grad_accum on one process (under torchrun, divide --grad_accum by the number of processes); 500 steps read 262M
+# tokens. --from_scratch trains the same architecture from random weights instead.
+for _name, _batch_size in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780m", 4), ("mamba2-1.3b", 2)):
+    PRESETS[_name] = dict(
+        init_from=f"state-spaces/{_name}", model=dict(mixer="mamba2", **OFFICIAL[f"state-spaces/{_name}"]),
+        train=dict(data="pile-neox", seq_len=2048, batch_size=_batch_size, grad_accum=256 // _batch_size,
+                   max_steps=500, lr=3e-4, min_lr=3e-5, warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
+                   eval_interval=100, eval_seqs=16),
+        post={})
 MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if "help" in f.metadata]
 ARCHITECTURE = [f.name for f in MODEL_FLAGS if not f.metadata.get("runtime")]  # what post-training cannot change
 # what may change on --resume (max_steps: a finished run can be extended; the schedule follows the new length)
 RESUMABLE = {"resume", "out_dir", "device", "compile", "backend", "eval_interval", "log_interval", "stop_at",
              "max_steps"}
 # what post-training takes from the checkpoint it starts from, unless given: the paper's recipe keeps T and the data
-INHERITED = ("seq_len", "batch_size", "grad_accum", "data", "data_dir", "chunk_size")
+INHERITED = ("seq_len", "batch_size", "grad_accum", "task", "data", "data_dir", "chunk_size")
 # what the automatic pre-training of out/zero does not take from the command line that asked for it
 POST_ONLY = {"init", "init_from", "base_steps", "from_scratch", "resume", "overwrite", "out_dir", "noise_std",
              "p_zero", "ssm_only", "max_steps", "lr", "min_lr", "warmup_steps", "eval_interval", "stop_at"}
 CAN_BE_ZERO = {"min_lr", "weight_decay", "grad_clip", "noise_std", "p_zero"}  # other numbers must be above zero
-BASE_RUN = os.path.join("out", "zero")
 
 
 def build_parser():
@@ -151,9 +169,12 @@ def build_parser():
                       allow_abbrev=False)
     g = p.add_argument_group("what to train")
     g.add_argument("--init", default="zero", choices=INITS, help="initial-state intervention (default: zero)")
-    g.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults of a whole configuration")
-    g.add_argument("--init_from", help="post-train this checkpoint (file or run folder) with a fresh optimizer; "
-                                       "default for --init other than zero: out/zero (pre-trained first if missing)")
+    g.add_argument("--preset", default="demo", choices=PRESETS, help="defaults of a whole configuration")
+    g.add_argument("--task", default="lm", choices=["lm", *TASKS], help="lm: language modelling on --data "
+                   "(default); or a synthetic task of tasks.py, whose own held-out batches validate")
+    g.add_argument("--init_from", help="post-train this with a fresh optimizer: a checkpoint (file or run folder), "
+                   "an official Mamba-2 (state-spaces/mamba2-370m) or a folder with its config.json and weights "
+                   "(see pretrained.py); default for --init other than zero: out/zero (pre-trained first if missing)")
     g.add_argument("--base_steps", type=int, help="steps of the automatic pre-training of out/zero when it is "
                                                    "missing (default: the preset's pre-training steps)")
     g.add_argument("--from_scratch", action="store_true", help="train from random weights even with --init "
@@ -188,7 +209,7 @@ def build_parser():
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_interval", type=int, help="steps between validations (and checkpoints)")
-    g.add_argument("--eval_seqs", type=int, help="validation sequences of 8 T tokens")
+    g.add_argument("--eval_seqs", type=int, help="validation sequences of 8 T tokens (--task: held-out batches)")
     g.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
     g.add_argument("--stop_at", type=int, help="stop after this step with a checkpoint (continue with --resume)")
     return p
@@ -212,7 +233,8 @@ def check_numbers(args, parser):
 
 def resolve_args(args, explicit):
     """Fill what the command line left open from the preset, the checkpoint being resumed or post-trained, and
-    the mode (pre- or post-training). explicit: the flags the user gave. Raises UsageError on conflicts."""
+    the mode (pre- or post-training). explicit: the flags the user gave. Returns (args, the model --init_from names,
+    loaded on the CPU, or None). Raises UsageError on conflicts."""
     if args.resume and (args.init_from or args.from_scratch):
         raise UsageError("--resume continues a run as it was started; drop --init_from/--from_scratch")
     if args.init_from and args.from_scratch:
@@ -223,35 +245,58 @@ def resolve_args(args, explicit):
             raise UsageError(f"--{name} only applies to --init {' or '.join(takers)}")
     if args.p_zero and args.init == "zero":
         raise UsageError("--p_zero does not apply to --init zero, whose rows all start from zero")
-    args.out_dir = args.out_dir or os.path.join("out", args.init)
+    if args.task != "lm" and explicit & {"data", "seq_len"}:
+        raise UsageError(f"--task {args.task} makes its own examples; drop --data and --seq_len")
+    args.out_dir = args.out_dir or default_out_dir(args.task, args.init)
     if Path(args.out_dir).is_file():
         raise UsageError(f"--out_dir {args.out_dir} is a file: give a folder (it will hold ckpt.pt and log.jsonl)")
     if args.resume:
-        return resume_args(args, explicit)
+        return resume_args(args, explicit), None
     if checkpoint_path(args.out_dir).exists() and not args.overwrite:
         raise UsageError(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to start over, "
                          f"or choose another --out_dir")
+    preset, base = PRESETS[args.preset], None
+    if not args.from_scratch:
+        args.init_from = args.init_from or preset.get("init_from")
     if args.init != "zero" and not args.init_from and not args.from_scratch:
-        args.init_from = BASE_RUN  # the paper's recipe: post-train the zero-init model
-    preset = PRESETS[args.preset]
+        args.init_from = default_out_dir(args.task, "zero")  # the paper's recipe: post-train the zero-init model
     defaults = {**preset["model"], **preset["train"], **(preset["post"] if args.init_from else {})}
     if args.init_from:
         if checkpoint_path(args.init_from).resolve() == checkpoint_path(args.out_dir).resolve():
             raise UsageError(f"post-training {args.init_from} into itself would overwrite it: give another --out_dir")
-        base = load_checkpoint(args.init_from)
+        base, trained_with = load_base(args.init_from)
         differ = [f"--{k} {getattr(args, k)}" for k in ARCHITECTURE
-                  if k in explicit and getattr(args, k) != base["model_config"][k]]
+                  if k in explicit and getattr(args, k) != getattr(base.cfg, k)]
         if differ:
-            raise UsageError(f"{checkpoint_path(args.init_from)} holds a {base['model_config']['mixer']} model that "
-                             f"{', '.join(differ)} would change: drop the flags or post-train another checkpoint")
-        inherited = {k: v for k, v in base.get("args", {}).items() if k in INHERITED and k not in explicit}
-        vars(args).update({k: base["model_config"][k] for k in ARCHITECTURE}, **inherited)
+            raise UsageError(f"{args.init_from} holds a {base.cfg.mixer} model that {', '.join(differ)} would "
+                             f"change: drop the flags or post-train another checkpoint")
+        inherited = {k: v for k, v in trained_with.items() if k in INHERITED and k not in explicit and v is not None}
+        vars(args).update({k: getattr(base.cfg, k) for k in ARCHITECTURE}, **inherited)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.task != "lm":
+        args.seq_len = TASKS[args.task]().train_tokens  # T: the longest training example
     args.noise_std = 0.1 if args.noise_std is None else args.noise_std
     args.p_zero = 0.0 if args.p_zero is None else args.p_zero
-    return args
+    return args, base
+
+
+def load_base(init_from):
+    """(model in train mode on the CPU, the arguments it was trained with) for --init_from: a checkpoint of this
+    project (any local path but a folder with a config.json), or else what LM.from_pretrained loads (a Hugging Face
+    hub name, or a folder with config.json), whose training length T is all that is known of its training."""
+    path = Path(init_from)
+    if not (path / "config.json").is_file() and (path.exists() or path.parent.is_dir()):
+        ckpt = load_checkpoint(path)
+        return LM.from_checkpoint(ckpt).train(), ckpt.get("args") or {}
+    model = LM.from_pretrained(init_from)
+    return model.train(), {"seq_len": model.trained_on.get("seq_len")}
+
+
+def default_out_dir(task, init):
+    """out/INIT, or out/TASK/INIT for a synthetic task."""
+    return os.path.join("out", *([] if task == "lm" else [task]), init)
 
 
 def resume_args(args, explicit):
@@ -273,7 +318,7 @@ def base_run_args(args, explicit):
     shared = explicit - POST_ONLY
     base = build_parser().parse_args([])
     vars(base).update({k: getattr(args, k) for k in shared}, max_steps=args.base_steps)
-    return resolve_args(base, shared)
+    return resolve_args(base, shared)[0]
 
 
 def model_config(args, vocab_size):
@@ -281,7 +326,7 @@ def model_config(args, vocab_size):
     try:
         return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in MODEL_FLAGS
                                                      if getattr(args, f.name) is not None})
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise UsageError(f"{error}: change the model flags")
 
 
@@ -292,15 +337,16 @@ def model_config(args, vocab_size):
 class Run:
     """Everything one training process holds: data, model, optimizer, intervention, and its place in the run."""
 
-    def __init__(self, args, rank, world, device):
+    def __init__(self, args, rank, world, device, base=None):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.is_main = rank == 0
         self.autocast, compute_dtype = autocast_for(device, args.dtype)
         seed = (args.seed * 1000 + rank) * 2  # the data and the intervention must not draw the same numbers
-        self.batches = CorpusBatches(open_corpus(args, rank, world), args, rank, world, seed,
-                                     streams=INITS[args.init].uses_streams)
-        self.step, self.saved_step = 0, None
-        self.model, ckpt = self._build_model()
+        self.batches = (TaskBatches(TASKS[args.task](), args, seed) if args.task != "lm" else
+                        CorpusBatches(open_corpus(args, rank, world), args, rank, world, seed,
+                                      streams=INITS[args.init].uses_streams))
+        self.step, self.saved_step, self.tokens = 0, None, 0  # tokens: read by this process in this invocation
+        self.model, ckpt = self._build_model(base)
         vars(args).update({f.name: getattr(self.model.cfg, f.name) for f in MODEL_FLAGS})  # recorded as built
         check_backend(self.model.cfg, device, compute_dtype)
         check_memory(self.model, args, device, self.autocast)
@@ -317,19 +363,20 @@ class Run:
             Path(args.out_dir).mkdir(parents=True, exist_ok=True)
             print(self.describe(), file=sys.stderr)
 
-    def _build_model(self):
-        """(model, checkpoint to continue or None): resumed, post-trained from a checkpoint, or fresh."""
+    def _build_model(self, base):
+        """(model, checkpoint to continue or None): resumed, post-trained from base, or fresh."""
         args = self.args
         if args.resume:
             ckpt = load_checkpoint(args.out_dir, require=("model_config", "model", "optimizer", "step", "ranks"))
             return LM.from_checkpoint(ckpt, self.device, backend=args.backend).train(), ckpt
         if args.init_from:
-            model = LM.from_checkpoint(args.init_from, self.device, backend=args.backend, chunk_size=args.chunk_size)
-            if model.cfg.vocab_size != self.batches.vocab_size:
-                raise UsageError(f"{args.init_from} was trained with a vocabulary of {model.cfg.vocab_size} tokens "
-                                 f"but --data {args.data} has {self.batches.vocab_size}: post-train on a corpus "
-                                 f"with the same tokenizer")
-            return model.train(), None
+            refusal = self.batches.refusal(base)
+            if refusal:
+                raise UsageError(f"cannot post-train {args.init_from} on {self.batches.describe()['name']}: "
+                                 f"{refusal}")
+            base.cfg.chunk_size = args.chunk_size or base.cfg.chunk_size  # how the scan runs, not what it computes
+            base.cfg.backend = args.backend or base.cfg.backend
+            return base.to(self.device), None
         torch.manual_seed(args.seed)  # every process builds the same initial weights
         return LM(model_config(args, self.batches.vocab_size)).to(self.device), None
 
@@ -337,7 +384,7 @@ class Run:
         """Continue a run: optimizer, step, and each process's random states, data position and intervention."""
         out_dir = self.args.out_dir
         saved, current = (ckpt.get("corpus") or {}).get("fingerprint"), self.batches.describe()["fingerprint"]
-        if saved and current and saved != current:
+        if saved and saved != current:
             raise UsageError(f"corpus '{self.args.data}' was prepared again after the run in {out_dir} started, so "
                              f"resuming would continue on other data: put the original corpus back, or post-train "
                              f"the checkpoint into a new run with --init_from {out_dir} --out_dir NEW")
@@ -368,6 +415,7 @@ class Run:
     def next_batch(self):
         """(inputs, targets, restarted): (B, T) int64 on the device; restarted (B,) bool or None."""
         inputs, targets, restarted = self.batches.next()
+        self.tokens += inputs.numel()
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), restarted
 
     def gradient_sync(self, last_micro_batch):
@@ -467,20 +515,69 @@ class CorpusBatches:
         per_position = losses.mean(0)
         return {"val_loss": per_position[:T].mean().item(), "val_loss_beyond_T": per_position[T:].mean().item()}
 
+    def refusal(self, model):
+        """Why model cannot be trained on this corpus's tokens, or None."""
+        mismatch = tokenizer_mismatch(self.corpus.meta, getattr(model, "trained_on", None))
+        if mismatch:
+            return (f"{mismatch}: prepare the corpus with its tokenizer (python data.py --input PATH --tokenizer "
+                    f"{model.trained_on['tokenizer']})")
+        if model.cfg.vocab_size < self.vocab_size:
+            return (f"it was trained with a vocabulary of {model.cfg.vocab_size} tokens but the corpus has "
+                    f"{self.vocab_size}: use a corpus prepared with its tokenizer")
+        return None
+
     def describe(self):
         """What the checkpoint records of the data: the corpus and, to notice a re-preparation, its fingerprint."""
         meta = self.corpus.meta
         return {"name": self.corpus.name, "tokenizer": meta["tokenizer"], "vocab_size": self.vocab_size,
-                "tokenizer_sha256": meta.get("tokenizer_sha256"),
-                "fingerprint": getattr(self.corpus, "fingerprint", None)}
+                "tokenizer_sha256": meta.get("tokenizer_sha256"), "fingerprint": self.corpus.fingerprint}
 
     def state_dict(self):
-        return {"data_rng": self.rng.get_state(), "streams": None if self.streams is None else self.streams.state_dict()}
+        return {"data_rng": self.rng.get_state(), "streams": self.streams and self.streams.state_dict()}
 
     def load_state_dict(self, state):
         self.rng.set_state(state["data_rng"])
         if self.streams is not None:
             self.streams.load_state_dict(state["streams"])
+
+
+class TaskBatches:
+    """Training batches of a synthetic task (tasks.py), and fixed held-out batches whose masked loss (targets -1
+    do not count) is the validation loss. next() -> (inputs, targets, restarted = None): no example continues
+    another, so tbptt hands states on between examples as state_passing does."""
+
+    def __init__(self, task, args, seed):
+        self.task, self.batch_size, self.vocab_size = task, args.batch_size, task.vocab_size
+        self.rng = torch.Generator().manual_seed(seed)
+        held_out = torch.Generator().manual_seed(2 ** 40 + args.seed)  # the same on every process, unlike rng
+        self.val_batches = [task.batch(args.batch_size, held_out) for _ in range(args.eval_seqs)]
+
+    def next(self):
+        return (*self.task.batch(self.batch_size, self.rng), None)
+
+    @torch.no_grad()
+    def validate(self, model, device, autocast):
+        total, count = 0.0, 0
+        for inputs, targets in self.val_batches:
+            with autocast:
+                _, loss, _ = model(inputs.to(device), targets.to(device))
+            total, count = total + loss.item() * (targets >= 0).sum().item(), count + (targets >= 0).sum().item()
+        return {"val_loss": total / count}
+
+    def refusal(self, model):
+        if model.cfg.vocab_size < self.vocab_size:
+            return f"its vocabulary of {model.cfg.vocab_size} tokens is smaller than the task's {self.vocab_size}"
+        return None
+
+    def describe(self):
+        return {"name": f"task {self.task.name}", "task": self.task.name, "vocab_size": self.vocab_size,
+                "tokenizer": None, "fingerprint": None}
+
+    def state_dict(self):
+        return {"data_rng": self.rng.get_state(), "streams": None}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state["data_rng"])
 
 
 def open_corpus(args, rank, world):
@@ -570,8 +667,7 @@ class Progress:
 
     def __init__(self, run, last_step):
         args = run.args
-        self.run, self.last_step, self.first_step = run, last_step, run.step
-        self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * run.world
+        self.run, self.last_step = run, last_step
         self.started, self.train_seconds = time.time(), 0.0
         self.log = open_log(args.out_dir, run.step) if run.is_main else None
         self.bar = tqdm(total=last_step, initial=run.step, disable=not run.is_main, desc=args.init,
@@ -587,7 +683,7 @@ class Progress:
 
     def step(self, loss, lr, seconds):
         step, self.train_seconds = self.run.step, self.train_seconds + seconds
-        rate = self.tokens_per_step * (step - self.first_step) / self.train_seconds
+        rate = self.run.tokens * self.run.world / self.train_seconds
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
         if step == self.last_step:
@@ -701,9 +797,11 @@ def main(argv=None):
         rank, world, device = setup_distributed(args.device)
         if needs_base_run(args):  # the paper's recipe in one command: pre-train the zero-init model first
             if rank == 0:
-                print(f"{BASE_RUN} does not exist yet: pre-training it first", file=sys.stderr)
+                print(f"{default_out_dir(args.task, 'zero')} does not exist yet: pre-training it first",
+                      file=sys.stderr)
             train(base_run_args(args, explicit), rank, world, device)
-        train(resolve_args(args, explicit), rank, world, device)
+        args, base = resolve_args(args, explicit)
+        train(args, rank, world, device, base)
     except (UsageError, DataError) as error:
         sys.exit(f"train.py: error: {error}")
     except OSError as error:
@@ -719,14 +817,16 @@ def main(argv=None):
 
 def needs_base_run(args):
     """True when the one-command recipe must pre-train out/zero first; an unfinished out/zero is an error."""
-    if args.init == "zero" or args.init_from or args.from_scratch or args.resume:
+    base_run = default_out_dir(args.task, "zero")
+    if args.init == "zero" or args.init_from or PRESETS[args.preset].get("init_from") or args.from_scratch \
+            or args.resume:
         return False
-    if not checkpoint_path(BASE_RUN).exists():
+    if not checkpoint_path(base_run).exists():
         return True
-    base = load_checkpoint(BASE_RUN, require=("step", "args"))
+    base = load_checkpoint(base_run, require=("step", "args"))
     if base["step"] < base["args"]["max_steps"]:
-        raise UsageError(f"{BASE_RUN} stopped at step {base['step']} of {base['args']['max_steps']}: finish it "
-                         f"first with python train.py --resume --out_dir {BASE_RUN}")
+        raise UsageError(f"{base_run} stopped at step {base['step']} of {base['args']['max_steps']}: finish it "
+                         f"first with python train.py --resume --out_dir {base_run}")
     return False
 
 

@@ -455,3 +455,103 @@ def test_memory_estimate_grows_with_the_run_and_refuses_what_cannot_fit(tiny_cor
     error = run_main(tiny_run_flags(tiny_corpus, tmp_path / "big"))
     assert "GiB more memory on cpu but 0.0 GiB are available: lower --batch_size" in error
     assert not (tmp_path / "big" / "ckpt.pt").exists()
+
+
+def task_flags(out_dir, *extra):
+    return ["--task", "copy", "--out_dir", str(out_dir), "--d_model", "32", "--n_layer", "1", "--d_state", "16",
+            "--headdim", "16", "--batch_size", "4", "--eval_seqs", "2", "--eval_interval", "2", "--log_interval", "1",
+            "--max_steps", "4", "--chunk_size", "16", "--device", "cpu", *extra]
+
+
+def test_a_synthetic_task_trains_through_the_same_loop(tmp_path):
+    """--task copy: pre-training from zero, post-training with state passing, validation on held-out examples."""
+    assert run_main(task_flags(tmp_path / "zero")) is None
+    base = train.load_checkpoint(tmp_path / "zero")
+    assert base["step"] == 4 and base["args"]["seq_len"] == 67 and base["corpus"]["task"] == "copy"
+    assert base["model_config"]["vocab_size"] == 29  # 26 letters and start, copy, end
+    val = [r["val_loss"] for r in read_log(tmp_path / "zero") if "val_loss" in r]
+    assert len(val) == 2 and all(0 < v < 5 for v in val)  # a masked cross-entropy over 29 tokens: log 29 = 3.4
+    flags = post_flags(task_flags(tmp_path / "sp", "--init", "state_passing", "--init_from", str(tmp_path / "zero"),
+                                  "--max_steps", "2"))
+    assert run_main(flags) is None
+    post = train.load_checkpoint(tmp_path / "sp")
+    assert post["step"] == 2 and post["args"]["task"] == "copy"
+    assert post["ranks"][0]["intervention"]["previous"]["ssm"][0].abs().sum() > 0  # it passed real states
+    assert any(not torch.equal(v, base["model"][k]) for k, v in post["model"].items())
+    error = run_main(task_flags(tmp_path / "x", "--seq_len", "32"))
+    assert "--task copy makes its own examples; drop --data and --seq_len" in error
+
+
+def test_a_synthetic_task_resumes_exactly(tmp_path):
+    flags = lambda out: task_flags(out, "--init", "state_passing", "--from_scratch")  # noqa: E731
+    assert run_main(flags(tmp_path / "whole")) is None
+    assert run_main(flags(tmp_path / "split") + ["--stop_at", "3"]) is None
+    assert run_main(["--resume", "--out_dir", str(tmp_path / "split")]) is None
+    whole, split = train.load_checkpoint(tmp_path / "whole"), train.load_checkpoint(tmp_path / "split")
+    for key, value in whole["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+
+
+def official_layout_folder(folder, vocab_size):
+    """A small Mamba-2 written as mamba_ssm writes its official checkpoints (config.json and pytorch_model.bin)."""
+    from model import LM, ModelConfig
+    from test_pretrained import MAMBA_SSM_CONFIG, write_mamba_ssm
+
+    config = {**MAMBA_SSM_CONFIG, "vocab_size": vocab_size}
+    ssm = config["ssm_cfg"]
+    model = LM(ModelConfig(vocab_size=vocab_size, d_model=config["d_model"], n_layer=config["n_layer"],
+                           mixer="mamba2", d_state=ssm["d_state"], headdim=ssm["headdim"], ngroups=ssm["ngroups"],
+                           pad_vocab_multiple=16, mlp=False))
+    return write_mamba_ssm(folder, model.state_dict(), config), model
+
+
+def test_post_training_a_model_in_the_official_layout(tiny_corpus, tmp_path, monkeypatch):
+    """--init_from a folder that pretrained.py reads: the architecture is the folder's, T the one it was trained
+    at (here as if its files said 24), the optimizer fresh."""
+    from model import LM
+
+    folder, original = official_layout_folder(tmp_path / "official", vocab_size=300)
+    real = LM.from_pretrained
+
+    def trained_at_24(name, *args, **kwargs):
+        model = real(name, *args, **kwargs)
+        model.trained_on["seq_len"] = 24
+        return model
+
+    monkeypatch.setattr(LM, "from_pretrained", trained_at_24)
+    flags = post_flags(tiny_run_flags(tiny_corpus, tmp_path / "post", "--init", "state_passing", "--init_from",
+                                      str(folder), "--max_steps", "2"))
+    i = flags.index("--seq_len")
+    del flags[i:i + 2]
+    assert run_main(flags) is None
+    ckpt = train.load_checkpoint(tmp_path / "post")
+    assert ckpt["step"] == 2 and ckpt["args"]["seq_len"] == 24 and ckpt["args"]["init_from"] == str(folder)
+    cfg = ckpt["model_config"]
+    assert (cfg["d_model"], cfg["n_layer"], cfg["ngroups"], cfg["vocab_size"], cfg["pad_vocab_multiple"]) == \
+        (32, 2, 2, 300, 16)
+    assert any(not torch.equal(v, original.state_dict()[k]) for k, v in ckpt["model"].items())
+    # a model trained on other tokens, or on fewer, cannot read the corpus
+    def trained_on_other_tokens(name, *args, **kwargs):
+        model = real(name, *args, **kwargs)
+        model.trained_on["tokenizer"] = "EleutherAI/gpt-neox-20b"
+        return model
+
+    monkeypatch.setattr(LM, "from_pretrained", trained_on_other_tokens)
+    error = run_main([str(tmp_path / "p1") if x == str(tmp_path / "post") else x for x in flags])
+    assert "the corpus was tokenised by bytes, the model by EleutherAI/gpt-neox-20b" in error
+    assert "python data.py --input PATH --tokenizer EleutherAI/gpt-neox-20b" in error
+    monkeypatch.setattr(LM, "from_pretrained", real)
+    small, _ = official_layout_folder(tmp_path / "small", vocab_size=100)
+    error = run_main(post_flags(tiny_run_flags(tiny_corpus, tmp_path / "p2", "--init", "tbptt", "--init_from",
+                                               str(small))))
+    assert "vocabulary of 100 tokens but the corpus has 257" in error and "\n" not in error
+
+
+def test_presets_of_the_official_models_post_train_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b"):
+        preset = train.PRESETS[name]
+        assert preset["init_from"] == f"state-spaces/{name}" and preset["train"]["seq_len"] == 2048
+        assert preset["train"]["batch_size"] * preset["train"]["grad_accum"] == 256  # 0.5M tokens per step
+        args = train.build_parser().parse_args(["--preset", name, "--init", "state_passing"])
+        assert not train.needs_base_run(args)  # no automatic pre-training of out/zero: the model is the base
