@@ -21,24 +21,30 @@ import torch
 class CopyTask:
     """Copy a random string over an alphabet of alphabet_size characters (token ids 0 .. A - 1); the special
     tokens start, copy and end follow (ids A, A + 1, A + 2). Training strings have a length drawn uniformly from
-    [1, n_train].
+    [1, n_train]. Nothing is padded, in either of two batch layouts:
 
-    Batch layout: one string length per batch, one example per row, nothing padded. The row then ends exactly at
-    the example's end token, so the State a model returns after a batch is the state right after a whole example:
-    state passing hands the next batch what a model reading examples back to back would carry, and every row of a
-    zero-init batch reads its example from the true zero state (padding before an example would move its start
-    state; packing several examples in a row would give zero-init training states after earlier examples, i.e. a
-    mild state passing of its own). The price is that a batch's examples all share one length; over many batches
-    the lengths are uniform in [1, n_train], as in the original task.
+    context=None  one example per row, one string length per batch. The row ends exactly at the example's end
+                  token, so the State a model returns after a batch is the state right after a whole example:
+                  state passing hands the next batch what a model reading examples back to back would carry, and
+                  every row of a zero-init batch reads its example from the true zero state. (Padding before an
+                  example would move its start state.) The price: a batch's examples share one length; over many
+                  batches the lengths are uniform in [1, n_train].
+    context=C     the original task's layout: rows of exactly C tokens packed with examples back to back, lengths
+                  drawn per example; the example cut by the row's end has no targets. Only a row's first example
+                  starts from the zero state, so even zero-init training meets states left by earlier examples, and
+                  state passing hands over a state in the middle of an example.
     """
 
     name = "copy"
 
-    def __init__(self, alphabet_size=26, n_train=32):
+    def __init__(self, alphabet_size=26, n_train=32, context=None):
         if alphabet_size < 2 or n_train < 1:
             raise ValueError(f"the copy task needs alphabet_size >= 2 and n_train >= 1; got {alphabet_size}, "
                              f"{n_train}")
-        self.alphabet_size, self.n_train = alphabet_size, n_train
+        if context is not None and context < 2 * n_train + 3:
+            raise ValueError(f"a context of {context} tokens cannot hold the longest example ({2 * n_train + 3} "
+                             f"tokens): raise context or lower n_train")
+        self.alphabet_size, self.n_train, self.context = alphabet_size, n_train, context
         self.start, self.copy, self.end = alphabet_size, alphabet_size + 1, alphabet_size + 2
 
     @property
@@ -47,8 +53,8 @@ class CopyTask:
 
     @property
     def train_tokens(self):
-        """Tokens of the longest training example: the training length T in model positions."""
-        return 2 * self.n_train + 3
+        """The training length T in model positions: the longest training example, or the packed row."""
+        return self.context or 2 * self.n_train + 3
 
     def strings(self, length, count, generator):
         """count random strings of the given length.  Returns (count, length) int64."""
@@ -80,10 +86,27 @@ class CopyTask:
         return inputs, targets
 
     def batch(self, batch_size, generator):
-        """A training batch of batch_size examples of one random length n in [1, n_train].
-        Returns (inputs, targets), each (B, 2n + 3) int64 on the CPU."""
-        n = int(torch.randint(1, self.n_train + 1, (1,), generator=generator))
-        return self.inputs_and_targets(self.strings(n, batch_size, generator))
+        """A training batch in the task's layout: batch_size examples of one random length n, or batch_size packed
+        rows. Returns (inputs, targets), each (B, 2n + 3) or (B, context) int64 on the CPU."""
+        if self.context is None:
+            return self.inputs_and_targets(self.strings(self.random_length(generator), batch_size, generator))
+        rows = [self.packed_row(generator) for _ in range(batch_size)]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    def random_length(self, generator):
+        """A training string length, uniform in [1, n_train]."""
+        return int(torch.randint(1, self.n_train + 1, (1,), generator=generator))
+
+    def packed_row(self, generator):
+        """(inputs, targets), each (context,): examples back to back; the one the row cuts has its targets at -1."""
+        inputs, targets, filled = [], [], 0
+        while filled < self.context:
+            example, example_targets = self.inputs_and_targets(self.strings(self.random_length(generator), 1,
+                                                                            generator))
+            filled += example.shape[1]
+            inputs.append(example[0])
+            targets.append(example_targets[0] if filled <= self.context else torch.full_like(example[0], -1))
+        return torch.cat(inputs)[:self.context], torch.cat(targets)[:self.context]
 
     def answer(self, generated):
         """The copy a model wrote: generated tokens (a list of ids) up to, not including, the first end token."""

@@ -79,6 +79,27 @@ def test_batches_are_seeded_and_their_lengths_cover_the_training_range():
     assert lengths == {1, 2, 3, 4, 5} and all(inputs.shape[0] == 8 for inputs, _ in first)
 
 
+def test_packed_rows_hold_whole_examples_back_to_back_and_mask_the_cut_one():
+    task = CopyTask(alphabet_size=3, n_train=4, context=23)
+    inputs, targets = task.batch(6, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (6, 23) and task.train_tokens == 23
+    for row, row_targets in zip(inputs.tolist(), targets.tolist()):
+        at, whole = 0, 0
+        while at < 23:
+            assert row[at] == task.start
+            n = row.index(task.copy, at) - at - 1 if task.copy in row[at:] else 23  # the cut may hide the copy
+            end = at + 2 * n + 3
+            example_targets = row_targets[at:end]
+            if end <= 23:  # a whole example: the copy, then the end token, and its copied half is counted
+                whole += 1
+                assert row[at + n + 2:end - 1] == row[at + 1:at + n + 1] and row[end - 1] == task.end
+                assert example_targets == [-1] * (n + 1) + row[at + n + 2:end] + [-1]
+            else:  # the example the row's end cuts teaches nothing
+                assert set(example_targets) == {-1}
+            at = end
+        assert whole >= 2  # 23 tokens hold at least two examples of at most 11
+
+
 def test_evaluation_strings_are_fixed_by_the_seed():
     task = CopyTask(alphabet_size=26, n_train=4)
     assert torch.equal(task.eval_strings(10, 5, seed=3), task.eval_strings(10, 5, seed=3))
@@ -137,3 +158,5 @@ def test_bad_sizes_are_refused():
         CopyTask(alphabet_size=1)
     with pytest.raises(ValueError, match="n_train"):
         CopyTask(n_train=0)
+    with pytest.raises(ValueError, match="cannot hold the longest example"):
+        CopyTask(n_train=10, context=22)
