@@ -7,9 +7,11 @@ row and head, with a state S of shape (P, N):
     y_t = S_t q_t                                         (read the memory with query q_t)
     S_{-1} = initial_state  (zeros when None)             final_state = S_{L-1}
 
-Mamba-2 maps onto it with q = C, k = B, v = x * dt, log_decay = A * dt; linear attention with its own q, k, v and a
-log forget gate (0 for no gate). The paper this project reproduces is about S_{-1}: models trained only from the zero
-state fail on the states that long sequences reach, so the scan must start from any state and hand its final state on.
+Mamba-2 maps onto it with q and k the projections it reads and writes its state with, v its input times the step
+size and log_decay the step size times a negative per-head rate (model.py spells this out in Mamba-2's own letters);
+linear attention with its own q, k, v and a log forget gate (0 for no gate). The paper this project reproduces is
+about S_{-1}: models trained only from the zero state fail on the states that long sequences reach, so the scan must
+start from any state and hand its final state on.
 
 Shape letters used throughout:
     B batch rows      L sequence length     H heads             P value width (Mamba-2's headdim)
@@ -60,36 +62,6 @@ except ImportError:  # the kernels below are then defined against this stand-in 
             return fn
 
     triton = tl = _TritonStandIn()
-
-
-def _widen_bfloat16_in_interpreted_dot():
-    """Make tl.dot correct for bfloat16 under TRITON_INTERPRET=1 (how CI runs the kernels on CPU).
-
-    triton's CPU interpreter stores bfloat16 as its raw 16 bits and multiplies those bits in tl.dot. Widening them
-    to float32 first (a bfloat16 is the top half of a float32) gives the products the GPU computes. The kernels
-    themselves are untouched; only the interpreter's dot is wrapped, and only when it has the expected shape.
-    """
-    from triton.runtime import interpreter
-    import numpy as np
-
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    if builder is None or not hasattr(builder, "create_dot") or getattr(builder, "_bf16_widened", False):
-        return
-    original_dot = builder.create_dot
-
-    def widen(x):
-        if x.dtype == tl.bfloat16 and x.data.dtype == np.uint16:
-            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return x
-
-    def create_dot(self, a, b, *args, **kwargs):
-        return original_dot(self, widen(a), widen(b), *args, **kwargs)
-
-    builder.create_dot, builder._bf16_widened = create_dot, True
-
-
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    _widen_bfloat16_in_interpreted_dot()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,9 +162,8 @@ def _scan_torch(q, k, v, log_decay, initial_state, chunk_size):
 
     Pieces 1, 2 and 4 are batched matrix products inside each chunk, and piece 3 is the hand-over from one
     iteration to the next. Walking the chunks (rather than materialising every chunk at once, as the Triton path
-    does in parallel) keeps each intermediate a few hundred kilobytes: on a CPU they stay in cache, which measured
-    about 3x faster than the all-chunks-at-once form (bench.py). Heads are split as H = (G, R) so that q and k,
-    which have G groups, broadcast over the R heads of their group without being copied.
+    does in parallel) keeps each intermediate small enough to stay in a CPU's cache. Heads are split as H = (G, R)
+    so that q and k, which have G groups, broadcast over the R heads of their group without being copied.
     """
     with torch.autocast(q.device.type, enabled=False):  # float32 products even inside an autocast region
         return _scan_torch_chunks(q, k, v, log_decay, initial_state, chunk_size)
@@ -236,10 +207,12 @@ def _scan_torch_chunks(q, k, v, log_decay, initial_state, chunk_size):
 # The chunked algorithm in Triton
 #
 # Layouts: q, k (B, L, G, N), v and dy (B, L, H, P) contiguous; cum (B, H, nc*C) float32 holds A restarted per
-# chunk (zero-padded, so the padding repeats A_last); states (B, nc, H, P, N) float32. The axis-0 program id, which
-# carries the large count (chunks x rows x heads; its limit is 2^31 - 1, while axes 1 and 2 stop at 65535), is
-# widened to int64 before any offset arithmetic, so tensors beyond 2^31 elements are addressed correctly; axis 1
-# only counts a few column tiles and stays int32. P and N are each one tile of at most 128 columns.
+# chunk (zero-padded, so the padding repeats A_last); states (B, nc, H, P, N) float32. Every program first moves
+# each base pointer to its own batch row, chunk and head, so the tile loads below it only add offsets inside one
+# chunk. Those shifts are int64: the axis-0 program id, which carries the large count (chunks x rows x heads; its
+# limit is 2^31 - 1, while axes 1 and 2 stop at 65535), is widened to int64 before any offset arithmetic, so
+# tensors beyond 2^31 elements are addressed correctly; axis 1 only counts a few column tiles and stays int32.
+# P and N are each one tile of at most 128 columns.
 #
 # Forward:   _chunk_state_kernel (piece 2) -> _state_pass_kernel (piece 3) -> _chunk_output_kernel (pieces 1 + 4)
 # Backward:  the same three pieces run backwards. The gradient of the state at the end of chunk c obeys
@@ -254,12 +227,33 @@ def _scan_torch_chunks(q, k, v, log_decay, initial_state, chunk_size):
 
 @triton.jit
 def _chunk_and_head(num_chunks, H, G):
-    """Which (chunk, b * H + h, b, h, g) this program works on, for grids whose axis 0 runs over nc * B * H.
-    The program id is widened to int64 first, so the offsets derived from it cannot overflow."""
+    """Which (chunk, b, h, g) this program works on, for grids whose axis 0 runs over nc * B * H.  The program id is
+    widened to int64 first, so the pointer shifts derived from it cannot overflow."""
     pid = tl.program_id(0).to(tl.int64)
     chunk, bh = pid % num_chunks, pid // num_chunks
-    h = bh % H
-    return chunk, bh, bh // H, h, h // (H // G)
+    b, h = bh // H, bh % H
+    return chunk, b, h, h // (H // G)
+
+
+@triton.jit
+def _load_chunk_qk(q_ptr, k_ptr, cum_ptr, b, h, g, start, n, L, H, G, N, num_chunks, CHUNK: tl.constexpr):
+    """What the output and v-gradient programs read first: q and k (C, BLOCK_N) of group g at columns n, zero past
+    the sequence's end and past N, then A (C,) and A_last of head h.  start: the chunk's first position."""
+    q_ptr += ((b * L + start) * G + g) * N
+    k_ptr += ((b * L + start) * G + g) * N
+    cum_ptr += (b * H + h) * num_chunks * CHUNK + start
+    i = tl.arange(0, CHUNK)
+    qk_mask = (start + i < L)[:, None] & (n[None, :] < N)
+    q = tl.load(q_ptr + i[:, None] * G * N + n[None, :], mask=qk_mask, other=0.0)  # (C, BLOCK_N)
+    k = tl.load(k_ptr + i[:, None] * G * N + n[None, :], mask=qk_mask, other=0.0)  # (C, BLOCK_N)
+    return q, k, tl.load(cum_ptr + i), tl.load(cum_ptr + CHUNK - 1)  # (C, BLOCK_N) x 2, (C,), ()
+
+
+@triton.jit
+def _causal_decay(cum):
+    """exp(A_i - A_j) where i >= j, else 0; the exponent is masked before exp.  (C,) -> (C, C)"""
+    i = tl.arange(0, cum.shape[0])
+    return tl.exp(tl.where(i[:, None] >= i[None, :], cum[:, None] - cum[None, :], float("-inf")))
 
 
 @triton.jit
@@ -271,27 +265,28 @@ def _chunk_state_kernel(rows_ptr, cols_ptr, cum_ptr, out_ptr, L, H, G, P, N, num
     Forward (piece 2): rows = v, cols = k, w_i = exp(A_last - A_i).  Backward: rows = dy, cols = q, w_i = exp(A_i).
     Grid: (nc * B * H, P-blocks * N-blocks).
     """
-    chunk, bh, b, h, g = _chunk_and_head(num_chunks, H, G)
+    chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
+    start = chunk * CHUNK
+    rows_ptr += ((b * L + start) * H + h) * P
+    cols_ptr += ((b * L + start) * G + g) * N
+    cum_ptr += (b * H + h) * num_chunks * CHUNK + start
+    out_ptr += ((b * num_chunks + chunk) * H + h) * P * N
     num_n_blocks = tl.cdiv(N, BLOCK_N)
+    i = tl.arange(0, CHUNK)
     p = (tl.program_id(1) // num_n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = (tl.program_id(1) % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    t = chunk * CHUNK + tl.arange(0, CHUNK)
-    in_seq = t < L
+    in_seq = start + i < L
+    rows_mask = in_seq[:, None] & (p[None, :] < P)
+    cols_mask = in_seq[:, None] & (n[None, :] < N)
+    out_mask = (p[:, None] < P) & (n[None, :] < N)
 
-    cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
-    if WEIGHT_TO_END:
-        cum_last = tl.load(cum_ptr + bh * num_chunks * CHUNK + chunk * CHUNK + CHUNK - 1)
-        weight = tl.exp(cum_last - cum)
-    else:
-        weight = tl.exp(cum)
-    rows = tl.load(rows_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :],
-                   mask=in_seq[:, None] & (p[None, :] < P), other=0.0)
-    cols = tl.load(cols_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :],
-                   mask=in_seq[:, None] & (n[None, :] < N), other=0.0)
+    cum = tl.load(cum_ptr + i)  # (C,)
+    weight = tl.exp(tl.load(cum_ptr + CHUNK - 1) - cum) if WEIGHT_TO_END else tl.exp(cum)  # (C,)
+    rows = tl.load(rows_ptr + i[:, None] * H * P + p[None, :], mask=rows_mask, other=0.0)  # (C, BLOCK_P)
+    cols = tl.load(cols_ptr + i[:, None] * G * N + n[None, :], mask=cols_mask, other=0.0)  # (C, BLOCK_N)
     weighted_rows = (rows * weight[:, None]).to(cols.dtype)
-    tile = tl.dot(tl.trans(weighted_rows), cols, input_precision=DOT_PRECISION)  # (BLOCK_P, BLOCK_N)
-    out = out_ptr + ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :]
-    tl.store(out, tile, mask=(p[:, None] < P) & (n[None, :] < N))
+    tile = tl.dot(tl.trans(weighted_rows), cols, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + p[:, None] * N + n[None, :], tile, mask=out_mask)  # (BLOCK_P, BLOCK_N)
 
 
 @triton.jit
@@ -305,19 +300,22 @@ def _state_pass_kernel(states_ptr, cum_ptr, initial_ptr, final_ptr, H, state_siz
     """
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
+    states_ptr += (b * num_chunks * H + h) * state_size  # chunk 0; each next chunk is H * state_size further
+    cum_ptr += bh * num_chunks * CHUNK + CHUNK - 1  # A_last of chunk 0; each next chunk's is CHUNK further
+    final_ptr += bh * state_size
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < state_size
-    if HAS_INITIAL:
-        state = tl.load(initial_ptr + bh * state_size + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_INITIAL:  # initial_ptr is None otherwise
+        state = tl.load(initial_ptr + bh * state_size + offs, mask=valid, other=0.0).to(tl.float32)  # (BLOCK,)
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(num_chunks):
-        ptr = states_ptr + ((b * num_chunks + c) * H + h) * state_size + offs
-        written = tl.load(ptr, mask=valid, other=0.0)
-        tl.store(ptr, state, mask=valid)
-        chunk_decay = tl.exp(tl.load(cum_ptr + bh * num_chunks * CHUNK + c * CHUNK + CHUNK - 1))
-        state = chunk_decay * state + written
-    tl.store(final_ptr + bh * state_size + offs, state, mask=valid)
+    for _ in range(num_chunks):
+        written = tl.load(states_ptr + offs, mask=valid, other=0.0)  # (BLOCK,)
+        tl.store(states_ptr + offs, state, mask=valid)  # (BLOCK,)
+        state = tl.exp(tl.load(cum_ptr)) * state + written
+        states_ptr += H * state_size
+        cum_ptr += CHUNK
+    tl.store(final_ptr + offs, state, mask=valid)  # (BLOCK,)
 
 
 @triton.jit
@@ -332,30 +330,29 @@ def _state_pass_backward_kernel(dstates_ptr, states_ptr, final_ptr, dfinal_ptr, 
     """
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
-    block = tl.program_id(1)
-    offs = block * BLOCK + tl.arange(0, BLOCK)
+    last = ((b * num_chunks + num_chunks - 1) * H + h) * state_size  # the last chunk; each earlier one H * state_size
+    dstates_ptr += last
+    states_ptr += last
+    cum_ptr += (bh * num_chunks + num_chunks - 1) * CHUNK + CHUNK - 1  # A_last of the last chunk
+    end_dot_ptr += (bh * tl.num_programs(1) + tl.program_id(1)) * num_chunks
+    final_ptr += bh * state_size
+    dfinal_ptr += bh * state_size
+    dinitial_ptr += bh * state_size
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < state_size
-    dstate = tl.load(dfinal_ptr + bh * state_size + offs, mask=valid, other=0.0)
-    state_end = tl.load(final_ptr + bh * state_size + offs, mask=valid, other=0.0)
+    dstate = tl.load(dfinal_ptr + offs, mask=valid, other=0.0)  # (BLOCK,)
+    state_end = tl.load(final_ptr + offs, mask=valid, other=0.0)  # (BLOCK,)
     for step in range(num_chunks):
-        c = num_chunks - 1 - step
-        ptr = dstates_ptr + ((b * num_chunks + c) * H + h) * state_size + offs
-        from_outputs = tl.load(ptr, mask=valid, other=0.0)
-        tl.store(ptr, dstate, mask=valid)
-        tl.store(end_dot_ptr + (bh * tl.num_programs(1) + block) * num_chunks + c, tl.sum(dstate * state_end))
+        from_outputs = tl.load(dstates_ptr + offs, mask=valid, other=0.0)  # (BLOCK,)
+        tl.store(dstates_ptr + offs, dstate, mask=valid)  # (BLOCK,)
+        tl.store(end_dot_ptr + num_chunks - 1 - step, tl.sum(dstate * state_end))  # ()
         # the state leaving chunk c - 1 is the state entering chunk c
-        state_end = tl.load(states_ptr + ((b * num_chunks + c) * H + h) * state_size + offs, mask=valid, other=0.0)
-        chunk_decay = tl.exp(tl.load(cum_ptr + bh * num_chunks * CHUNK + c * CHUNK + CHUNK - 1))
-        dstate = chunk_decay * dstate + from_outputs
-    tl.store(dinitial_ptr + bh * state_size + offs, dstate, mask=valid)
-
-
-@triton.jit
-def _causal_decay(cum, cum_col):
-    """exp(A_i - A_j) where i >= j, else 0; the exponent is masked before exp.  (C,), (C,) -> (C, C)"""
-    i = tl.arange(0, cum.shape[0])
-    diff = cum[:, None] - cum_col[None, :]
-    return tl.exp(tl.where(i[:, None] >= i[None, :], diff, float("-inf")))
+        state_end = tl.load(states_ptr + offs, mask=valid, other=0.0)  # (BLOCK,)
+        dstate = tl.exp(tl.load(cum_ptr)) * dstate + from_outputs
+        dstates_ptr -= H * state_size
+        states_ptr -= H * state_size
+        cum_ptr -= CHUNK
+    tl.store(dinitial_ptr + offs, dstate, mask=valid)  # (BLOCK,)
 
 
 @triton.jit
@@ -364,27 +361,26 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, y_ptr, L, H, 
                          DOT_PRECISION: tl.constexpr):
     """Pieces 1 + 4: y_i = sum_{j<=i} exp(A_i - A_j)(q_i.k_j) v_j + exp(A_i) S_prev q_i for one chunk, one head and
     BLOCK_P value columns.  Grid: (nc * B * H, P-blocks)."""
-    chunk, bh, b, h, g = _chunk_and_head(num_chunks, H, G)
+    chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
+    start = chunk * CHUNK
+    v_ptr += ((b * L + start) * H + h) * P
+    y_ptr += ((b * L + start) * H + h) * P
+    states_ptr += ((b * num_chunks + chunk) * H + h) * P * N
+    i = tl.arange(0, CHUNK)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    t = chunk * CHUNK + tl.arange(0, CHUNK)
-    in_seq = t < L
+    v_mask = (start + i < L)[:, None] & (p[None, :] < P)
+    state_mask = (p[:, None] < P) & (n[None, :] < N)
 
-    cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
-    qk_mask = in_seq[:, None] & (n[None, :] < N)
-    q = tl.load(q_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
-    k = tl.load(k_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
-    v = tl.load(v_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :],
-                mask=in_seq[:, None] & (p[None, :] < P), other=0.0)
-    entering = tl.load(states_ptr + ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :],
-                       mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+    q, k, cum, _ = _load_chunk_qk(q_ptr, k_ptr, cum_ptr, b, h, g, start, n, L, H, G, N, num_chunks, CHUNK)
+    v = tl.load(v_ptr + i[:, None] * H * P + p[None, :], mask=v_mask, other=0.0)  # (C, BLOCK_P)
+    entering = tl.load(states_ptr + p[:, None] * N + n[None, :], mask=state_mask, other=0.0)  # (BLOCK_P, BLOCK_N)
 
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * _causal_decay(cum, cum)  # (C, C)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * _causal_decay(cum)  # (C, C)
     y = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PRECISION)
     from_state = tl.dot(q, tl.trans(entering.to(q.dtype)), input_precision=DOT_PRECISION)  # (C, BLOCK_P)
     y += tl.exp(cum)[:, None] * from_state
-    tl.store(y_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=in_seq[:, None] & (p[None, :] < P))
+    tl.store(y_ptr + i[:, None] * H * P + p[None, :], y.to(y_ptr.dtype.element_ty), mask=v_mask)  # (C, BLOCK_P)
 
 
 @triton.jit
@@ -404,44 +400,52 @@ def _grad_qk_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, cum_ptr, states_ptr, dstates_pt
     pid = tl.program_id(0).to(tl.int64)
     chunk, bg = pid % num_chunks, pid // num_chunks
     b, g = bg // G, bg % G
-    heads_per_group = H // G
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = chunk * CHUNK
+    # the group's q, k, dq, dk; v, dy, cum, states and dcum at head 0, each head's offset added in the loop below
+    q_ptr += ((b * L + start) * G + g) * N
+    k_ptr += ((b * L + start) * G + g) * N
+    dq_ptr += ((b * L + start) * G + g) * N
+    dk_ptr += ((b * L + start) * G + g) * N
+    v_ptr += (b * L + start) * H * P
+    dy_ptr += (b * L + start) * H * P
+    cum_ptr += b * H * num_chunks * CHUNK + start
+    states_ptr += (b * num_chunks + chunk) * H * P * N
+    dstates_ptr += (b * num_chunks + chunk) * H * P * N
+    dcum_ptr += (tl.program_id(1) * batch + b) * H * num_chunks * CHUNK + start
+    i = tl.arange(0, CHUNK)
     p = tl.arange(0, BLOCK_P)
-    t = chunk * CHUNK + tl.arange(0, CHUNK)
-    in_seq = t < L
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_seq = start + i < L
+    qk_offs, qk_mask = i[:, None] * G * N + n[None, :], in_seq[:, None] & (n[None, :] < N)
+    v_offs, v_mask = i[:, None] * H * P + p[None, :], in_seq[:, None] & (p[None, :] < P)
+    state_offs, state_mask = p[:, None] * N + n[None, :], (p[:, None] < P) & (n[None, :] < N)
 
-    qk_mask = in_seq[:, None] & (n[None, :] < N)
-    qk_offs = ((b * L + t[:, None]) * G + g) * N + n[None, :]
-    q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0)
-    k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0)
+    q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0)  # (C, BLOCK_N)
+    k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0)  # (C, BLOCK_N)
     dq = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
     dk = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+    heads_per_group = H // G
     for r in range(heads_per_group):
-        h = g * heads_per_group + r
-        bh = b * H + h
-        cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
-        cum_last = tl.load(cum_ptr + bh * num_chunks * CHUNK + chunk * CHUNK + CHUNK - 1)
-        pv_mask = in_seq[:, None] & (p[None, :] < P)
-        pv_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]
-        v = tl.load(v_ptr + pv_offs, mask=pv_mask, other=0.0)
-        dy = tl.load(dy_ptr + pv_offs, mask=pv_mask, other=0.0).to(v.dtype)
-        state_offs = ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :]
-        state_mask = (p[:, None] < P) & (n[None, :] < N)
-        entering = tl.load(states_ptr + state_offs, mask=state_mask, other=0.0)
-        dstate_end = tl.load(dstates_ptr + state_offs, mask=state_mask, other=0.0)
+        h = g * heads_per_group + r  # int64, as g is
+        cum = tl.load(cum_ptr + h * num_chunks * CHUNK + i)  # (C,)
+        cum_last = tl.load(cum_ptr + h * num_chunks * CHUNK + CHUNK - 1)
+        v = tl.load(v_ptr + h * P + v_offs, mask=v_mask, other=0.0)  # (C, BLOCK_P)
+        dy = tl.load(dy_ptr + h * P + v_offs, mask=v_mask, other=0.0).to(v.dtype)  # (C, BLOCK_P)
+        entering = tl.load(states_ptr + h * P * N + state_offs, mask=state_mask, other=0.0)  # (BLOCK_P, BLOCK_N)
+        dstate_end = tl.load(dstates_ptr + h * P * N + state_offs, mask=state_mask, other=0.0)  # (BLOCK_P, BLOCK_N)
 
-        ds = tl.dot(dy, tl.trans(v), input_precision=DOT_PRECISION) * _causal_decay(cum, cum)  # (C, C)
+        ds = tl.dot(dy, tl.trans(v), input_precision=DOT_PRECISION) * _causal_decay(cum)  # (C, C)
         dq_head = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         dq_head += tl.exp(cum)[:, None] * tl.dot(dy, entering.to(dy.dtype), input_precision=DOT_PRECISION)
         dk_head = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
         dk_head += tl.exp(cum_last - cum)[:, None] * tl.dot(v, dstate_end.to(v.dtype),
                                                              input_precision=DOT_PRECISION)
         dcum = tl.sum(q.to(tl.float32) * dq_head, axis=1) - tl.sum(k.to(tl.float32) * dk_head, axis=1)
-        tl.store(dcum_ptr + ((tl.program_id(1) * batch + b) * H + h) * num_chunks * CHUNK + t, dcum)
+        tl.store(dcum_ptr + h * num_chunks * CHUNK + i, dcum)  # (C,)
         dq += dq_head
         dk += dk_head
-    tl.store(dq_ptr + qk_offs, dq.to(dq_ptr.dtype.element_ty), mask=qk_mask)
-    tl.store(dk_ptr + qk_offs, dk.to(dk_ptr.dtype.element_ty), mask=qk_mask)
+    tl.store(dq_ptr + qk_offs, dq.to(dq_ptr.dtype.element_ty), mask=qk_mask)  # (C, BLOCK_N)
+    tl.store(dk_ptr + qk_offs, dk.to(dk_ptr.dtype.element_ty), mask=qk_mask)  # (C, BLOCK_N)
 
 
 @triton.jit
@@ -454,30 +458,27 @@ def _grad_v_kernel(q_ptr, k_ptr, dy_ptr, cum_ptr, dstates_ptr, dv_ptr, L, H, G, 
 
     Grid: (nc * B * H, P-blocks).
     """
-    chunk, bh, b, h, g = _chunk_and_head(num_chunks, H, G)
+    chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
+    start = chunk * CHUNK
+    dy_ptr += ((b * L + start) * H + h) * P
+    dv_ptr += ((b * L + start) * H + h) * P
+    dstates_ptr += ((b * num_chunks + chunk) * H + h) * P * N
+    i = tl.arange(0, CHUNK)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    t = chunk * CHUNK + tl.arange(0, CHUNK)
-    in_seq = t < L
+    dy_mask = (start + i < L)[:, None] & (p[None, :] < P)
+    state_mask = (p[:, None] < P) & (n[None, :] < N)
 
-    cum = tl.load(cum_ptr + bh * num_chunks * CHUNK + t)
-    cum_last = tl.load(cum_ptr + bh * num_chunks * CHUNK + chunk * CHUNK + CHUNK - 1)
-    qk_mask = in_seq[:, None] & (n[None, :] < N)
-    q = tl.load(q_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
-    k = tl.load(k_ptr + ((b * L + t[:, None]) * G + g) * N + n[None, :], mask=qk_mask, other=0.0)
-    pv_mask = in_seq[:, None] & (p[None, :] < P)
-    dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], mask=pv_mask, other=0.0).to(k.dtype)
-    dstate_end = tl.load(dstates_ptr + ((b * num_chunks + chunk) * H + h) * P * N + p[:, None] * N + n[None, :],
-                         mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+    q, k, cum, cum_last = _load_chunk_qk(q_ptr, k_ptr, cum_ptr, b, h, g, start, n, L, H, G, N, num_chunks, CHUNK)
+    dy = tl.load(dy_ptr + i[:, None] * H * P + p[None, :], mask=dy_mask, other=0.0).to(k.dtype)  # (C, BLOCK_P)
+    dstate_end = tl.load(dstates_ptr + p[:, None] * N + n[None, :], mask=state_mask, other=0.0)  # (BLOCK_P, BLOCK_N)
 
     # transposed scores: row j, column i, kept where i >= j
-    decay_t = tl.trans(_causal_decay(cum, cum))
-    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * decay_t  # (C, C)
+    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * tl.trans(_causal_decay(cum))  # (C, C)
     dv = tl.dot(scores_t.to(dy.dtype), dy, input_precision=DOT_PRECISION)
     dv += tl.exp(cum_last - cum)[:, None] * tl.dot(k, tl.trans(dstate_end.to(k.dtype)),
                                                    input_precision=DOT_PRECISION)
-    tl.store(dv_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=pv_mask)
+    tl.store(dv_ptr + i[:, None] * H * P + p[None, :], dv.to(dv_ptr.dtype.element_ty), mask=dy_mask)  # (C, BLOCK_P)
 
 
 def _block(size, cap):
@@ -497,9 +498,8 @@ def _tiles(kernel, P, N):
 
 
 def _launch_options(kernel, chunk_size):
-    """num_warps (and num_stages) of a tile kernel.  With 4 warps the (C, C) and (C, 128) tiles of C = 64 need more
-    than the 255 registers a thread may hold and spill to local memory (measured on sm_90 with cuobjdump); 8 warps
-    share them out."""
+    """num_warps (and num_stages) of a tile kernel.  From chunks of 64 on, 8 warps share the (C, C) and (C, BLOCK)
+    tiles out over twice the threads, so fewer of their values spill out of the 255 registers a thread may hold."""
     options = {"num_warps": 8 if chunk_size >= 64 else 4}
     if kernel == "grad_qk":
         options["num_stages"] = 1  # its loop over heads would otherwise be software-pipelined beyond shared memory
@@ -723,3 +723,37 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
     if backend == "triton":
         return _scan_triton(q, k, v, log_decay, initial_state, chunk_size)
     return _scan_torch(q, k, v, log_decay, initial_state, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the kernels on a CPU
+# ----------------------------------------------------------------------------------------------------------------
+
+def _widen_bfloat16_in_interpreted_dot():
+    """Make tl.dot correct for bfloat16 under TRITON_INTERPRET=1 (how CI runs the kernels on CPU).
+
+    triton's CPU interpreter stores bfloat16 as its raw 16 bits and multiplies those bits in tl.dot. Widening them
+    to float32 first (a bfloat16 is the top half of a float32) gives the products the GPU computes. The kernels
+    themselves are untouched; only the interpreter's dot is wrapped, and only when it has the expected shape.
+    """
+    from triton.runtime import interpreter
+    import numpy as np
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot") or getattr(builder, "_bf16_widened", False):
+        return
+    original_dot = builder.create_dot
+
+    def widen(x):
+        if x.dtype == tl.bfloat16 and x.data.dtype == np.uint16:
+            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return x
+
+    def create_dot(self, a, b, *args, **kwargs):
+        return original_dot(self, widen(a), widen(b), *args, **kwargs)
+
+    builder.create_dot, builder._bf16_widened = create_dot, True
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    _widen_bfloat16_in_interpreted_dot()
