@@ -10,7 +10,7 @@ every run sees the same evaluation examples.
            A recurrent model must hold the whole string in its fixed-size state; trained on n <= n_train, the
            paper asks it to copy strings several times longer and scores the fraction of characters right.
 
-    task = CopyTask(alphabet_size=26, n_train=32)
+    task = CopyTask(alphabet_size=26, n_train=32)              (context=C: rows of C tokens packed with examples)
     inputs, targets = task.batch(batch_size, generator)                              (B, 2n + 3) each
     copy_accuracy(model, task, lengths, strings_per_length) -> {n: (greedy mean, its standard error,
                                                                     teacher-forced mean)}
@@ -150,8 +150,10 @@ def teacher_forced_accuracy(model, task, strings):
 def copy_accuracy(model, task, lengths, strings_per_length=32, seed=0, device="cpu"):
     """Character accuracy of copying the fixed evaluation strings (task.eval_strings) of every length.
 
-    Returns {n: (greedy mean, greedy standard error over strings, teacher-forced mean)}. The model is put in eval
-    mode and restored after."""
+    Returns {n: (greedy mean, greedy standard error over strings, teacher-forced mean)}. Greedy is what a user of
+    the model sees: one wrong or missing character can derail the rest. Teacher-forced (the argmax at each copy
+    position given the true prefix) is how the original task's code scores; it only asks whether the string is still
+    in the state. The model is put in eval mode and restored after."""
     was_training = model.training
     model.eval()
     results = {}
