@@ -9,7 +9,8 @@ in uneven pieces that hand the State on, or token by token gives the same output
 
 Both mixers reduce their sequence mixing to kernels.chunked_scan, S_t = exp(log_decay_t) S_{t-1} + v_t k_t^T,
 y_t = S_t q_t:
-    mamba2  the official Mamba-2 block: q = C, k = B, v = x * dt, log_decay = A * dt, with a short causal
+    mamba2  the official Mamba-2 block: q and k are the block's input-dependent projections that the Mamba-2
+            paper calls C and B, v = x * dt, log_decay = A * dt, with a short causal
             convolution before the scan whose last inputs are part of the state. Parameter names, initialisation
             and the order of operations follow the official Mamba2 module (in_proj, conv1d, dt_bias, A_log, D,
             norm, out_proj). Differences: the convolution state holds the last W - 1 inputs (the official one
@@ -384,11 +385,11 @@ class Mamba2(nn.Module):
         G, N, P = cfg.ngroups, cfg.d_state, cfg.headdim
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC, conv_state = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
-        x, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
+        x, k, q = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)  # the paper's x, B and C
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H), float32: it sets the decay
         A = -torch.exp(self.A_log.float())  # (H,)
         x = x.unflatten(-1, (self.nheads, P))  # (B, L, H, P)
-        y, ssm_state = _scan(cfg, C.unflatten(-1, (G, N)), B.unflatten(-1, (G, N)),
+        y, ssm_state = _scan(cfg, q.unflatten(-1, (G, N)), k.unflatten(-1, (G, N)),
                              (x * dt[..., None]).to(x.dtype), A * dt, ssm_state, one_step)
         y = y + x * self.D[:, None].to(x.dtype)
         y = self.norm(y.flatten(-2), z)
