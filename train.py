@@ -253,6 +253,9 @@ def resolve_args(args, explicit):
     if checkpoint_path(args.out_dir).exists() and not args.overwrite:
         raise UsageError(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to start over, "
                          f"or choose another --out_dir")
+    if "preset" not in explicit:  # --init_from state-spaces/mamba2-370m alone means that model's preset
+        args.preset = next((name for name, p in PRESETS.items() if p.get("init_from") == args.init_from),
+                           args.preset)
     preset, base = PRESETS[args.preset], None
     if not args.from_scratch:
         args.init_from = args.init_from or preset.get("init_from")

@@ -555,3 +555,20 @@ def test_presets_of_the_official_models_post_train_them(tmp_path, monkeypatch):
         assert preset["train"]["batch_size"] * preset["train"]["grad_accum"] == 256  # 0.5M tokens per step
         args = train.build_parser().parse_args(["--preset", name, "--init", "state_passing"])
         assert not train.needs_base_run(args)  # no automatic pre-training of out/zero: the model is the base
+
+
+def test_an_official_model_named_by_init_from_brings_its_preset(tmp_path, monkeypatch):
+    """--init_from state-spaces/mamba2-370m without --preset post-trains with that model's preset (0.5M tokens per
+    step, its learning rate), not with the demo's; an explicit --preset still wins."""
+    monkeypatch.chdir(tmp_path)
+    folder, _ = official_layout_folder(tmp_path / "official", vocab_size=300)
+    from model import LM
+
+    real = LM.from_pretrained
+    monkeypatch.setattr(train, "load_base", lambda name: (real(folder).train(), {"seq_len": 2048}))
+    parser = train.build_parser()
+    argv = ["--init", "state_passing", "--init_from", "state-spaces/mamba2-370m"]
+    args, _ = train.resolve_args(parser.parse_args(argv), {"init", "init_from"})
+    assert args.preset == "mamba2-370m" and args.batch_size * args.grad_accum == 256 and args.lr == 3e-4
+    args, _ = train.resolve_args(parser.parse_args(argv + ["--preset", "demo"]), {"init", "init_from", "preset"})
+    assert args.preset == "demo" and args.batch_size * args.grad_accum == 16
