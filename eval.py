@@ -5,17 +5,20 @@
     python eval.py --len 16384 --passkey              passkey retrieval (for models trained on natural language)
 
 Loss against position (always). --num_seqs sequences of --len tokens from the validation split, the same ones for
-every checkpoint (a fixed, document-aligned choice recorded in the output), read from the zero state --chunk tokens
-at a time with the state handed on, so memory does not grow with --len. The per-position loss is averaged over
-sequences and smoothed in log-spaced bins, with a standard-error band across sequences. Each model also gets a
-control: the same model and text with the state reset to zero every T tokens, so it never sees a position beyond T.
-Text gets easier or harder along a sequence; the control moves with the text, the model's own curve also with its
-length generalisation: a model that length-generalises stays at or below its control, a failing one rises above it.
+every checkpoint (a fixed, document-aligned choice recorded in the output), read from the zero state with the state
+handed on. Every forward pass reads at most --chunk tokens (rows x length) whatever --len, --num_seqs or the
+vocabulary, so memory stays constant as --len grows. The per-position loss is averaged over sequences and smoothed
+in bins (the first 8 positions together, then log-spaced), with a standard-error band across sequences.
+Each model also gets a control: the same model and text with the state reset to zero every T tokens, so it never
+sees a position beyond T. Text gets easier or harder along a sequence; the control moves with the text, the model's
+own curve also with its length generalisation: a model that length-generalises stays at or below its control, a
+failing one rises above it. Byte corpora are plotted in nats per byte, others as perplexity (--ppl / --no-ppl).
 
-Diagnostics of the paper:
+Diagnostics of the paper, each a row of DIAGNOSTICS (its flag, what it measures, how it is drawn):
     --effrem       Effective Remembrance EffRem_T(t) = TV(p(. | x[0:T]), p(. | x[t:T])), TV = 1/2 sum |p - q|:
                    how much the prediction after T tokens still depends on the first t of them. A model that has
                    learnt to forget stays near 0 until t approaches T; one overly tied to the distant past does not.
+                   One T for every model (--effrem_T, default 4 x the first model's training length).
     --state_stats  norm and standard deviation of each layer's SSM state against position: states beyond T that
                    training never produced show up as norms that keep growing past the dashed line.
     --passkey      a 5-digit key hidden at relative depth d of filler text, asked for at the end, answered by greedy
@@ -24,14 +27,17 @@ Diagnostics of the paper:
 
 Outputs in --out (default eval/): loss_vs_position.png, loss_vs_position.json (per checkpoint: the binned curve,
 its control and the summary means) and .csv, plus effrem.png/.json, state_stats.png/.json and passkey.png/.json
-when asked. A summary table of mean loss in [T/2, T), [2T, 8T) and [8T, len) is printed.
+when asked. A summary table of mean loss in [T/2, T), [2T, 8T) and [8T, len) is printed. Models are named by their
+run folder (out/zero -> zero) or by --label, one per --ckpt, in the order given.
 """
 import argparse
 import csv
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -39,14 +45,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DATA_DIR, DataError, load_corpus
-from train import (OneLineParser, TrainError, autocast_for, check_backend, checkpoint_path, load_checkpoint,
-                   model_from_checkpoint, pick_device)
+from model import (LM, CheckpointError, OneLineParser, UsageError, autocast_for, check_backend, checkpoint_path,
+                   load_checkpoint, pick_device)
 
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
 LOGITS_BUDGET = 2 ** 26  # logits held at once (256 MB in float32): bounds memory whatever the vocabulary
+MIN_BIN = 8  # positions in the first bin: the first tokens of a document (headers, licences) are noisy one by one
+FLOOR = 1e-6  # EffRem values below this are drawn at it: a log axis cannot show 0
 
 
-class EvalError(Exception):
+class EvalError(UsageError):
     """A problem with the user's options, told in one line that says what to do."""
 
 
@@ -54,18 +62,22 @@ def build_parser():
     p = OneLineParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                       allow_abbrev=False)
     p.add_argument("--ckpt", action="append", help="checkpoint file or run folder; repeat for several "
-                                                   "(default: every out/*/ckpt.pt)")
+                                                   "(default: every out/*/ckpt.pt, out/zero first)")
+    p.add_argument("--label", action="append", help="the name of each --ckpt in legends and tables, in the same "
+                                                    "order (default: its run folder's name)")
     p.add_argument("--len", type=int, default=131072, help="tokens per evaluation sequence (default 131072)")
     p.add_argument("--num_seqs", type=int, default=8, help="evaluation sequences (default 8)")
-    p.add_argument("--chunk", type=int, default=8192, help="tokens read at a time; the state is handed on "
-                                                          "(lowered for large vocabularies: logits stay under 256 MB)")
+    p.add_argument("--chunk", type=int, default=8192, help="tokens read by one forward pass, all rows together; "
+                                                          "the state is handed on (lowered for large vocabularies: "
+                                                          "logits stay under 256 MB)")
     p.add_argument("--out", default="eval", help="output folder (default eval/)")
     p.add_argument("--data", help="corpus to read (default: the one the first checkpoint was trained on)")
     p.add_argument("--data_dir", default=str(DATA_DIR))
-    p.add_argument("--ppl", action="store_true", help="plot perplexity instead of loss")
+    p.add_argument("--ppl", action=argparse.BooleanOptionalAction, help="plot perplexity on a log axis instead of "
+                   "loss (default: perplexity unless the corpus is byte tokens)")
     p.add_argument("--bins", type=int, default=48, help="log-spaced bins of the curves")
     p.add_argument("--effrem", action="store_true", help="Effective Remembrance")
-    p.add_argument("--effrem_T", type=int, help="the T of EffRem_T (default: 4 x each model's training length)")
+    p.add_argument("--effrem_T", type=int, help="the T of EffRem_T (default: 4 x the first model's training length)")
     p.add_argument("--effrem_points", type=int, default=33, help="values of t on the EffRem grid")
     p.add_argument("--state_stats", action="store_true", help="SSM state norm and std against position")
     p.add_argument("--passkey", action="store_true", help="passkey retrieval heatmap")
@@ -83,40 +95,83 @@ def build_parser():
 # ----------------------------------------------------------------------------------------------------------------
 
 class Checkpoint:
-    """A trained model with what the evaluation needs to know about it."""
+    """A trained model with what the evaluation needs to know about it: its name, training length T, recipe."""
 
-    def __init__(self, path, device, backend=None):
+    def __init__(self, path, device, backend=None, label=None):
         self.path = str(checkpoint_path(path))
         ckpt = load_checkpoint(path)
-        self.model = model_from_checkpoint(ckpt, device, backend=backend).eval()
-        args = ckpt["args"]
-        self.T, self.init, self.step = args["seq_len"], args["init"], ckpt["step"]
-        self.corpus = ckpt.get("corpus", {})
-        extra = f", p_zero={args['p_zero']}" if args.get("p_zero") else ""
-        self.label = f"{self.init}{extra} (T={self.T})"
+        self.model = LM.from_checkpoint(ckpt, device, backend=backend)
+        args = ckpt.get("args") or {}
+        self.T, self.init, self.step = self.model.trained_on["seq_len"], args.get("init"), ckpt.get("step")
+        if not self.T:
+            raise CheckpointError(f"{self.path} does not record its training length (args.seq_len): give a "
+                                  f"checkpoint written by train.py")
+        self.label = label or Path(self.path).resolve().parent.name
 
 
 def find_checkpoints(paths):
-    """The --ckpt paths, or every run under out/ that has a checkpoint."""
+    """The --ckpt paths, or every run under out/ that has a checkpoint: out/zero (the baseline) first, then by name."""
     if paths:
         return paths
-    found = sorted(str(p.parent) for p in Path("out").glob("*/ckpt.pt"))
+    found = sorted((str(p.parent) for p in Path("out").glob("*/ckpt.pt")), key=lambda p: (Path(p).name != "zero", p))
     if not found:
         raise EvalError("no checkpoints under out/: train one first (python train.py) or give --ckpt PATH")
     return found
 
 
-def load_all(paths, device, backend):
-    checkpoints = [Checkpoint(p, device, backend) for p in paths]
-    tokenizers = {(c.corpus.get("tokenizer"), c.model.cfg.vocab_size) for c in checkpoints}
+def load_all(paths, labels, device, backend):
+    if labels and len(labels) != len(paths):
+        raise EvalError(f"{len(labels)} --label for {len(paths)} --ckpt: give one --label per --ckpt, or none")
+    checkpoints = [Checkpoint(p, device, backend, label) for p, label in zip(paths, labels or [None] * len(paths))]
+    tokenizers = {(c.model.trained_on["tokenizer"], c.model.cfg.vocab_size) for c in checkpoints}
     if len(tokenizers) > 1:
         raise EvalError(f"these checkpoints read different tokens {sorted(map(str, tokenizers))}, so they cannot "
                         f"be compared on the same text: evaluate them separately")
-    labels = [c.label for c in checkpoints]
-    for c in checkpoints:
-        if labels.count(c.label) > 1:
-            c.label = f"{c.label} {Path(c.path).parent.name}"
+    names = [c.label for c in checkpoints]
+    for c in checkpoints:  # two runs called zero in different folders: out/a/zero, out/b/zero -> a/zero, b/zero
+        if names.count(c.label) > 1:
+            c.label = "/".join(Path(c.path).resolve().parent.parts[-2:])
     return checkpoints
+
+
+@dataclass
+class Reading:
+    """What every diagnostic reads with: the options, the device, the evaluation text and how to describe it."""
+    args: argparse.Namespace
+    device: torch.device
+    autocast: object
+    corpus: object  # data.Corpus
+    sequences: torch.Tensor  # (num_seqs, len + 1) int64, on the CPU
+    checkpoints: list
+
+    @property
+    def per(self):
+        """The unit a loss is per: bytes for byte corpora, tokens otherwise."""
+        return "byte" if self.corpus.meta["tokenizer"] == "bytes" else "token"
+
+    def description(self):
+        """'Mamba-2 0.51M, T = 64, stdlib bytes': the models, their training length and the text, for titles."""
+        models = dict.fromkeys(_model_name(c.model) for c in self.checkpoints)
+        lengths = dict.fromkeys(str(c.T) for c in self.checkpoints)
+        return f"{' / '.join(models)}, T = {' / '.join(lengths)}, {self.corpus.name} {self.corpus.meta['tokenizer']}"
+
+
+def _model_name(model):
+    cfg = model.cfg
+    kind = {"mamba2": "Mamba-2"}.get(cfg.mixer) or ("GLA" if cfg.gate == "data" else "linear attention")
+    n = model.num_parameters() / 1e6
+    return f"{kind} {n:.2f}M" if n < 10 else f"{kind} {n:.0f}M"
+
+
+def progress(total, desc):
+    """A bar counting tokens read, left on screen when done."""
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)
+
+
+def piece_length(chunk, rows, vocab_size):
+    """Tokens per row in one forward pass, so that rows x length stays within chunk tokens and LOGITS_BUDGET logits:
+    the memory of a pass is then bounded whatever the number of rows, the vocabulary or the sequence length."""
+    return max(1, min(chunk, LOGITS_BUDGET // vocab_size) // rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,47 +179,48 @@ def load_all(paths, device, backend):
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def position_losses(model, sequences, chunk, device, autocast, desc=None):
-    """Per-position loss (n, L) of sequences (n, L + 1) from the zero state, read chunk tokens at a time."""
-    rows = []
-    for seq in tqdm(sequences, desc=desc, leave=False, disable=desc is None):
-        with autocast:
-            rows.append(model.loss_per_position(seq[None].to(device), chunk)[0].cpu())
-    return torch.stack(rows)
-
-
-def tokens_per_read(chunk, logits_per_token):
-    """--chunk, lowered when its logits (logits_per_token = rows read together x vocabulary) would exceed
-    LOGITS_BUDGET: memory stays bounded whatever the vocabulary."""
-    return max(1, min(chunk, LOGITS_BUDGET // logits_per_token))
+def position_losses(model, sequences, chunk, device, autocast, bar=None):
+    """Per-position loss (n, L) of sequences (n, L + 1) from the zero state, all rows read together in pieces of
+    at most chunk tokens."""
+    tokens = sequences.to(device)
+    # filled in place: small pieces kept alive between the large temporaries of each pass would fragment the heap,
+    # and the process would keep growing with L although the tensors alive do not
+    losses = torch.empty(tokens.shape[0], tokens.shape[1] - 1)
+    with autocast:
+        for start, end, logits, _ in model.read(tokens[:, :-1], piece_length(chunk, len(tokens), model.cfg.vocab_size)):
+            losses[:, start:end] = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, start + 1:end + 1],
+                                                   reduction="none")
+            if bar is not None:
+                bar.update(logits.shape[0] * logits.shape[1])
+    return losses
 
 
 @torch.no_grad()
-def control_losses(model, sequences, T, device, autocast):
-    """The control: per-position loss (n, L) with the state reset to zero every T tokens, so every position is
-    read with at most T tokens of context, exactly as in training. Each sequence is cut into independent windows,
-    read in batches of at most LOGITS_BUDGET logits (one sequence at a time, so memory does not grow with L)."""
-    batch = max(1, LOGITS_BUDGET // (T * model.cfg.vocab_size))
-    rows = []
-    for seq in sequences:
-        L = seq.shape[0] - 1
-        padded = F.pad(seq, (0, (-L) % T), value=0)  # whole windows; the padding's losses are dropped below
-        windows = padded.unfold(0, T + 1, T) if padded.shape[0] > T else padded[None]
-        losses = []
-        for part in windows.split(batch):
-            with autocast:
-                logits, _, _ = model(part[:, :-1].to(device))
-            losses.append(F.cross_entropy(logits.float().transpose(1, 2), part[:, 1:].to(device),
-                                          reduction="none").flatten().cpu())
-        rows.append(torch.cat(losses)[:L])
-    return torch.stack(rows)
+def control_losses(model, sequences, T, device, autocast, chunk=8192, bar=None):
+    """The control: per-position loss (n, L) of sequences (n, L + 1) with the state reset to zero every T tokens,
+    so every position is read with at most T tokens of context, exactly as in training. The sequences are cut into
+    independent windows of T tokens (plus the next one as target), read as rows: chunk // T of them per pass, or
+    one window in several pieces when T > chunk."""
+    n, L = sequences.shape[0], sequences.shape[1] - 1
+    padded = F.pad(sequences, (0, (-L) % T), value=0)  # whole windows; the padding's losses are dropped below
+    windows = padded.unfold(1, T + 1, T).flatten(0, 1)  # (n * L / T, T + 1), rows in sequence order
+    rows = max(1, piece_length(chunk, 1, model.cfg.vocab_size) // T)
+    losses = torch.empty(windows.shape[0], T)
+    for first in range(0, len(windows), rows):
+        losses[first:first + rows] = position_losses(model, windows[first:first + rows], chunk, device, autocast, bar)
+    return losses.reshape(n, -1)[:, :L]
 
 
-def log_bins(length, bins):
-    """Edges of log-spaced position bins covering [0, length): [(start, end), ...]."""
-    edges = np.unique(np.round(np.logspace(0, math.log10(length), bins + 1)).astype(int))
-    edges = np.concatenate([[0], edges[edges < length], [length]])
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+def log_bins(length, bins, first=MIN_BIN):
+    """Position bins covering [0, length): [0, first), then up to bins - 1 log-spaced bins, none narrower than
+    first positions.  [(start, end), ...]"""
+    first = min(first, length)
+    edges = [0]
+    for edge in np.round(np.geomspace(first, length, bins)).astype(int).tolist():
+        if edge - edges[-1] >= first:
+            edges.append(edge)
+    edges[-1] = length  # a last edge closer than first to length widens the last bin
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def binned(losses, bins):
@@ -187,14 +243,16 @@ def summary(losses, T):
     return result
 
 
-def evaluate_positions(checkpoints, sequences, args, device, autocast):
-    """Per checkpoint: binned curve, control, summaries.  Returns the list of JSON-ready records."""
-    bins = log_bins(sequences.shape[1] - 1, args.bins)
+def measure_positions(checkpoints, reading):
+    """Per checkpoint: the binned curve, its control and the summaries, as JSON-ready records."""
+    sequences, args = reading.sequences, reading.args
+    n, L = sequences.shape[0], sequences.shape[1] - 1
+    bins = log_bins(L, args.bins)
     records = []
     for c in checkpoints:
-        chunk = tokens_per_read(args.chunk, c.model.cfg.vocab_size)
-        losses = position_losses(c.model, sequences, chunk, device, autocast, desc=f"reading ({c.label})")
-        control = control_losses(c.model, sequences, c.T, device, autocast)
+        with progress(n * L + n * -(-L // c.T) * c.T, f"{c.label}: loss and control") as bar:
+            losses = position_losses(c.model, sequences, args.chunk, reading.device, reading.autocast, bar)
+            control = control_losses(c.model, sequences, c.T, reading.device, reading.autocast, args.chunk, bar)
         mean, stderr = binned(losses, bins)
         control_mean, _ = binned(control, bins)
         records.append({"path": c.path, "label": c.label, "init": c.init, "T": c.T, "step": c.step,
@@ -204,63 +262,86 @@ def evaluate_positions(checkpoints, sequences, args, device, autocast):
     return records
 
 
-def plot_positions(records, path, ppl):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+def plot_positions(records, path, reading):
+    """Loss (or perplexity) against position: per model a line and its control (dotted); the training length
+    dashed. Every model reads the same sequences, so their standard errors across sequences are alike (mostly how
+    hard each text is): one band, the first model's, shows it without hiding the controls."""
+    plt = _pyplot()
+    ppl = reading.args.ppl
     transform = np.exp if ppl else (lambda x: x)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, r in enumerate(records):
-        color = f"C{i}"
-        b = r["bins"]
-        x = np.sqrt(np.maximum(b["start"], 1) * np.array(b["end"]))  # geometric bin centres
-        loss, err = np.array(b["loss"]), np.array(b["stderr"])
-        ax.plot(x, transform(loss), color=color, label=r["label"])
-        ax.fill_between(x, transform(loss - err), transform(loss + err), color=color, alpha=0.2, linewidth=0)
-        ax.plot(x, transform(np.array(b["control"])), color=color, linestyle=":", linewidth=1)
-        ax.axvline(r["T"], color=color, linestyle="--", linewidth=0.8)
-    ax.plot([], [], color="gray", linestyle=":", label="control: state reset every T")
-    ax.plot([], [], color="gray", linestyle="--", label="training length T")
+        x, b = _bin_centres(r["bins"]), r["bins"]
+        ax.plot(x, transform(np.array(b["loss"])), color=f"C{i}", linewidth=1.6, label=r["label"])
+        ax.plot(x, transform(np.array(b["control"])), color=f"C{i}", linestyle=":", linewidth=1.2)
+    for T in dict.fromkeys(r["T"] for r in records):
+        ax.axvline(T, color="gray", linestyle="--", linewidth=1)
+    ax.plot([], [], color="gray", linestyle=":", linewidth=1.2, label="control: state reset every T")
+    ax.plot([], [], color="gray", linestyle="--", linewidth=1, label="training length T")
+    first = records[0]["bins"]
+    loss, err = np.array(first["loss"]), np.array(first["stderr"])
+    ax.fill_between(_bin_centres(first), transform(loss - err), transform(loss + err), color="C0", alpha=0.12,
+                    linewidth=0, zorder=0, label=f"standard error over the {reading.args.num_seqs} sequences "
+                                                 f"({records[0]['label']})")
     ax.set_xscale("log")
+    if ppl:
+        ax.set_yscale("log")
+        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_format("{x:g}")  # 4, 6, 10 rather than 4 x 10^0
     ax.set_xlabel("token position")
-    ax.set_ylabel("perplexity" if ppl else "loss (nats / token)")
-    ax.set_title("next-token loss against position, on the same validation sequences")
+    ax.set_ylabel(f"perplexity (per {reading.per})" if ppl else f"loss (nats per {reading.per})")
+    ax.set_title(f"Next-token {'perplexity' if ppl else 'loss'} against position, far beyond T\n"
+                 f"{reading.description()}")
     _finish(fig, ax, path)
 
 
-def _finish(fig, ax, path):
-    import matplotlib.pyplot as plt
-
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+def _bin_centres(bins):
+    return np.sqrt(np.maximum(bins["start"], 1) * np.array(bins["end"]))  # geometric: the middle on a log axis
 
 
-def write_csv(records, path):
-    with open(path, "w", newline="") as f:
+def tabulate_positions(records, out, reading):
+    """The binned curves as CSV, and a table of the summary means printed.  Returns the files written."""
+    with open(out / "loss_vs_position.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["checkpoint", "label", "bin_start", "bin_end", "loss", "stderr", "control"])
         for r in records:
             b = r["bins"]
             for row in zip(b["start"], b["end"], b["loss"], b["stderr"], b["control"]):
                 writer.writerow([r["path"], r["label"], *row])
+    print(f"\nmean loss in nats per {reading.per} (control: state reset every T)")
+    print(summary_table(records, reading.args.len))
+    return ["loss_vs_position.csv"]
 
 
-def print_summary(records):
+def summary_table(records, length):
+    """The summary means as aligned text: a row per model in the order given, a column per band."""
     names = [name for name, _, _ in SUMMARY_BANDS]
-    width = max(len(r["label"]) for r in records) + 2
-    print("\nmean loss (control: state reset every T)".ljust(width) + "".join(n.rjust(20) for n in names))
-    for r in records:
-        cells = [_cell(r["summary"][n], r["control_summary"][n]) for n in names]
-        print(r["label"].ljust(width) + "".join(c.rjust(20) for c in cells))
+    header = ["model"] + [name.replace("len", str(length)) for name in names]
+    rows = [[r["label"]] + [_cell(r["summary"][n], r["control_summary"][n]) for n in names] for r in records]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+                     for row in [header] + rows)
 
 
 def _cell(value, control):
     return "-" if value is None else f"{value:.3f} ({control:.3f})"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, ax, path):
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    _pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,55 +349,61 @@ def _cell(value, control):
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def next_token_distribution(model, tokens, device, autocast, chunk=8192):
-    """p(. | tokens) for tokens (n, L): the softmax after the last token, read from the zero state chunk tokens
-    at a time.  (n, V)"""
-    state = None
-    for start in range(0, tokens.shape[1], chunk):
-        with autocast:
-            logits, _, state = model(tokens[:, start:start + chunk].to(device), state=state)
-        last = logits[:, -1].float()  # only the last position is needed; the rest is freed with this chunk
-        del logits
+def next_token_distribution(model, tokens, device, autocast, chunk=8192, bar=None):
+    """p(. | tokens) for tokens (n, L): the softmax after the last token, read from the zero state in pieces of at
+    most chunk tokens.  (n, V)"""
+    with autocast:
+        for _, _, logits, _ in model.read(tokens.to(device), piece_length(chunk, len(tokens), model.cfg.vocab_size)):
+            last = logits[:, -1].float()  # only the last position is needed; the rest is freed with its piece
+            if bar is not None:
+                bar.update(logits.shape[0] * logits.shape[1])
     return torch.softmax(last, dim=-1)
 
 
-def effective_remembrance(model, sequences, T, ts, device, autocast, chunk=8192):
+def effective_remembrance(model, sequences, T, ts, device, autocast, chunk=8192, bar=None):
     """EffRem_T(t) for each t in ts, averaged over sequences (n, >= T): the total-variation distance between the
     next-token distributions after x[0:T] and after x[t:T] (the first t tokens removed).  Returns a list."""
-    full = next_token_distribution(model, sequences[:, :T], device, autocast, chunk)
+    full = next_token_distribution(model, sequences[:, :T], device, autocast, chunk, bar)
     values = []
     for t in ts:
-        partial = full if t == 0 else next_token_distribution(model, sequences[:, t:T], device, autocast, chunk)
+        partial = full if t == 0 else next_token_distribution(model, sequences[:, t:T], device, autocast, chunk, bar)
         values.append((0.5 * (full - partial).abs().sum(-1)).mean().item())
     return values
 
 
-def evaluate_effrem(checkpoints, sequences, args, device, autocast):
+def effrem_T(args, checkpoints):
+    """The one T every model's EffRem is measured at: --effrem_T, or 4 x the first model's training length."""
+    return args.effrem_T or 4 * checkpoints[0].T
+
+
+def measure_effrem(checkpoints, reading):
+    T, args, n = effrem_T(reading.args, checkpoints), reading.args, len(reading.sequences)
+    ts = sorted(set(np.linspace(0, T - 1, args.effrem_points).round().astype(int).tolist()))
     records = []
-    for c in tqdm(checkpoints, desc="EffRem", leave=False):
-        T = args.effrem_T or 4 * c.T
-        ts = sorted(set(np.linspace(0, T - 1, args.effrem_points).round().astype(int).tolist()))
-        chunk = tokens_per_read(args.chunk, len(sequences) * c.model.cfg.vocab_size)
-        records.append({"path": c.path, "label": c.label, "train_T": c.T, "T": T, "t": ts,
-                        "effrem": effective_remembrance(c.model, sequences, T, ts, device, autocast, chunk)})
+    for c in checkpoints:
+        with progress(n * (T + sum(T - t for t in ts if t)), f"{c.label}: EffRem") as bar:
+            values = effective_remembrance(c.model, reading.sequences, T, ts, reading.device, reading.autocast,
+                                           args.chunk, bar)
+        records.append({"path": c.path, "label": c.label, "train_T": c.T, "T": T, "t": ts, "effrem": values})
     return records
 
 
-def plot_effrem(records, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_effrem(records, path, reading):
+    plt = _pyplot()
+    T = records[0]["T"]
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(records):
-        t, e = np.array(r["t"]), np.maximum(np.array(r["effrem"]), 1e-6)  # EffRem(0) = 0 cannot sit on a log axis
-        ax.plot(t[1:], e[1:], color=f"C{i}", marker=".", label=f"{r['label']}, EffRem_{r['T']}")
-        ax.axvline(r["T"] - r["train_T"], color=f"C{i}", linestyle="--", linewidth=0.8)
+        t, e = np.array(r["t"][1:]), np.maximum(np.array(r["effrem"][1:]), FLOOR)  # EffRem_T(0) = 0 by definition
+        ax.plot(t, e, color=f"C{i}", marker=".", label=r["label"])
+    for train_T in dict.fromkeys(r["train_T"] for r in records):
+        ax.axvline(T - train_T, color="gray", linestyle="--", linewidth=1)
+    ax.plot([], [], color="gray", linestyle="--", linewidth=1, label="t = T - training length: what is left fits "
+                                                                     "in the training length")
+    ax.axhline(FLOOR, color="black", linestyle="-.", linewidth=0.8, label=f"floor: values below are shown at {FLOOR:g}")
     ax.set_yscale("log")
     ax.set_xlabel("t: tokens removed from the start of the context")
-    ax.set_ylabel("EffRem_T(t) = TV(p(.|x[0:T]), p(.|x[t:T]))")
-    ax.set_title("Effective Remembrance (dashed: t = T - training length)")
+    ax.set_ylabel(f"EffRem_T(t) = TV(p(. | x[0:T]), p(. | x[t:T])), T = {T}")
+    ax.set_title(f"How much the prediction after T = {T} tokens depends on the first t\n{reading.description()}")
     _finish(fig, ax, path)
 
 
@@ -325,66 +412,67 @@ def plot_effrem(records, path):
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def state_statistics(model, sequences, positions, chunk, device, autocast):
+def state_statistics(model, sequences, positions, chunk, device, autocast, bar=None):
     """Per layer, the Frobenius norm and the standard deviation of the SSM state after each of the given positions
-    (sorted, in tokens read), averaged over sequences (n, >= max position).  Returns {"norm": [[per position] per
-    layer], "std": ...}."""
-    boundaries = sorted(set(positions) | set(range(chunk, max(positions), chunk)))
+    (in tokens read), averaged over sequences (n, >= max position), all rows read together in pieces of at most
+    chunk tokens.  Returns {"norm": [[per position] per layer], "std": ...}."""
+    positions = sorted(set(positions))
+    tokens = sequences[:, :positions[-1]].to(device)
     norms = [[] for _ in model.backbone.layers]
     stds = [[] for _ in model.backbone.layers]
-    state, start = None, 0
-    for end in boundaries:
-        with autocast:
-            _, _, state = model(sequences[:, start:end].to(device), state=state)
-        start = end
-        if end in positions:
-            for i, s in enumerate(state.ssm):
-                flat = s.float().flatten(1)  # (n, H * P * N)
-                norms[i].append(flat.norm(dim=1).mean().item())
-                stds[i].append(flat.std(dim=1).mean().item())
+    with autocast:
+        for _, end, logits, state in model.read(tokens, piece_length(chunk, len(tokens), model.cfg.vocab_size),
+                                                stops=positions):
+            if bar is not None:
+                bar.update(logits.shape[0] * logits.shape[1])
+            if end in positions:
+                for i, s in enumerate(state.ssm):
+                    flat = s.float().flatten(1)  # (n, H * P * N)
+                    norms[i].append(flat.norm(dim=1).mean().item())
+                    stds[i].append(flat.std(dim=1).mean().item())
     return {"norm": norms, "std": stds}
 
 
-def evaluate_state_stats(checkpoints, sequences, args, device, autocast):
-    L = sequences.shape[1] - 1
-    positions = sorted(set(np.unique(np.round(np.logspace(0, math.log10(L), 40)).astype(int)).tolist()))
+def measure_state_stats(checkpoints, reading):
+    n, L = reading.sequences.shape[0], reading.sequences.shape[1] - 1
+    positions = np.unique(np.round(np.geomspace(1, L, 40)).astype(int)).tolist()
     records = []
-    for c in tqdm(checkpoints, desc="state statistics", leave=False):
-        chunk = tokens_per_read(args.chunk, len(sequences) * c.model.cfg.vocab_size)  # all rows are read at once
-        records.append({"path": c.path, "label": c.label, "T": c.T, "positions": positions,
-                        **state_statistics(c.model, sequences, positions, chunk, device, autocast)})
+    for c in checkpoints:
+        with progress(n * L, f"{c.label}: state statistics") as bar:
+            stats = state_statistics(c.model, reading.sequences, positions, reading.args.chunk, reading.device,
+                                     reading.autocast, bar)
+        records.append({"path": c.path, "label": c.label, "T": c.T, "positions": positions, **stats})
     return records
 
 
-def plot_state_stats(records, path, columns=4):
-    """One panel per checkpoint and statistic (norm above std), at most `columns` checkpoints per row, with a
-    shared y-range per statistic so that models can be compared at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = min(columns, len(records))
-    groups = math.ceil(len(records) / ncols)
-    fig, axes = plt.subplots(2 * groups, ncols, figsize=(4.2 * ncols, 3.4 * 2 * groups), squeeze=False)
+def plot_state_stats(records, path, reading, columns=6):
+    """One panel per layer (at most `columns` per row), the models overlaid: the state's norm in one row of panels,
+    its standard deviation in the row below."""
+    plt = _pyplot()
+    layers = max(len(r["norm"]) for r in records)
+    ncols = min(columns, layers)
+    groups = math.ceil(layers / ncols)
+    fig, axes = plt.subplots(2 * groups, ncols, figsize=(3.3 * ncols, 2.9 * 2 * groups), squeeze=False, sharex=True)
     for ax in axes.flat:
         ax.set_visible(False)
-    for i, r in enumerate(records):
+    for layer in range(layers):
         for offset, key in enumerate(("norm", "std")):
-            ax = axes[2 * (i // ncols) + offset, i % ncols]
+            ax = axes[2 * (layer // ncols) + offset, layer % ncols]
             ax.set_visible(True)
-            for layer, values in enumerate(r[key]):
-                ax.plot(r["positions"], values, label=f"layer {layer}")
-            ax.axvline(r["T"], color="gray", linestyle="--", linewidth=0.8)
+            for i, r in enumerate(records):
+                if layer < len(r[key]):
+                    ax.plot(r["positions"], r[key][layer], color=f"C{i}", label=r["label"])
+            for T in dict.fromkeys(r["T"] for r in records):
+                ax.axvline(T, color="gray", linestyle="--", linewidth=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            values = [v for rec in records for layer in rec[key] for v in layer if v > 0]
-            ax.set_ylim(min(values) / 1.2, max(values) * 1.2)
-            ax.set_xlabel("token position")
-            ax.set_title(f"{r['label']}: state {key}", fontsize=9)
+            ax.set_title(f"layer {layer}: state {key}", fontsize=9)
             ax.grid(alpha=0.3)
-            if i == 0:
-                ax.legend(fontsize=7)
+            if offset == 1:
+                ax.set_xlabel("token position")
+    axes[0, 0].plot([], [], color="gray", linestyle="--", linewidth=0.8, label="training length T")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"The recurrent state against position, per layer\n{reading.description()}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -419,11 +507,11 @@ def score_answer(text, key):
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast, chunk, seed=0):
+def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast, chunk, seed=0, bar=None):
     """Accuracy[length][depth] over `trials` random keys, greedy decoding through LM.step."""
     rng = np.random.default_rng(seed)
     accuracy = []
-    for length in tqdm(lengths, desc="passkey", leave=False):
+    for length in lengths:
         row = []
         for depth in depths:
             keys = rng.integers(10000, 100000, size=trials).tolist()
@@ -434,46 +522,49 @@ def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast
                 group = [(p, k) for p, k in zip(prompts, keys) if len(p) == size]
                 answers = greedy_answers(model, [p for p, _ in group], 8, device, autocast, chunk)
                 correct += [score_answer(tokenizer.decode(a), k) for a, (_, k) in zip(answers, group)]
+                if bar is not None:
+                    bar.update(size * len(group))
             row.append(float(np.mean(correct)))
         accuracy.append(row)
     return accuracy
 
 
 def greedy_answers(model, prompts, new_tokens, device, autocast, chunk):
-    """Greedy continuations of equally long prompts (lists of ids), read in chunks then stepped token by token."""
+    """Greedy continuations of equally long prompts (lists of ids): read in pieces of at most chunk tokens, then
+    stepped token by token.  Returns a list of lists of new_tokens ids."""
     tokens = torch.tensor(prompts, device=device)
-    state = None
-    for start in range(0, tokens.shape[1], chunk):
-        with autocast:
-            logits, _, state = model(tokens[:, start:start + chunk], state=state)
-    logits, answers = logits[:, -1], []
-    for _ in range(new_tokens):
-        next_token = logits.argmax(-1)
-        answers.append(next_token)
-        with autocast:
+    with autocast:
+        for _, _, logits, state in model.read(tokens, piece_length(chunk, len(tokens), model.cfg.vocab_size)):
+            logits = logits[:, -1]
+        answers = []
+        for _ in range(new_tokens):
+            next_token = logits.argmax(-1)
+            answers.append(next_token)
             logits, state = model.step(next_token, state)
     return torch.stack(answers, dim=1).tolist()
 
 
-def evaluate_passkey(checkpoints, tokenizer, args, device, autocast):
+def passkey_lengths(reading, checkpoint):
+    return reading.args.passkey_lengths or [2 ** k for k in range(int(math.log2(checkpoint.T)),
+                                                                  int(math.log2(reading.args.len)) + 1)]
+
+
+def measure_passkey(checkpoints, reading):
+    args, tokenizer = reading.args, reading.corpus.tokenizer()
     records = []
     for c in checkpoints:
-        lengths = args.passkey_lengths or [2 ** k for k in range(int(math.log2(c.T)), int(math.log2(args.len)) + 1)]
-        chunk = tokens_per_read(args.chunk, args.passkey_trials * c.model.cfg.vocab_size)
-        acc = passkey_accuracy(c.model, tokenizer, lengths, args.passkey_depths, args.passkey_trials, device,
-                               autocast, chunk)
+        lengths = passkey_lengths(reading, c)
+        with progress(sum(lengths) * len(args.passkey_depths) * args.passkey_trials, f"{c.label}: passkey") as bar:
+            accuracy = passkey_accuracy(c.model, tokenizer, lengths, args.passkey_depths, args.passkey_trials,
+                                        reading.device, reading.autocast, args.chunk, bar=bar)
         records.append({"path": c.path, "label": c.label, "T": c.T, "lengths": lengths,
-                        "depths": args.passkey_depths, "accuracy": acc})
+                        "depths": args.passkey_depths, "accuracy": accuracy})
     return records
 
 
-def plot_passkey(records, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(records), figsize=(4.5 * len(records), 4), squeeze=False)
+def plot_passkey(records, path, reading):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(records), figsize=(4.5 * len(records), 4.3), squeeze=False)
     for ax, r in zip(axes[0], records):
         image = ax.imshow(np.array(r["accuracy"]).T, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(r["lengths"])), [str(n) for n in r["lengths"]], rotation=60, fontsize=7)
@@ -482,7 +573,8 @@ def plot_passkey(records, path):
         ax.set_ylabel("depth of the key")
         ax.set_title(r["label"], fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=120)
+    fig.suptitle(f"Passkey retrieval: is the 5-digit key found?\n{reading.description()}", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -490,51 +582,72 @@ def plot_passkey(records, path):
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 
-def run(args):
+@dataclass
+class Diagnostic:
+    """One thing eval.py measures: the flag that asks for it, how it is measured and drawn, and an optional table.
+    Writes NAME.json (the records) and NAME.png."""
+    name: str
+    flag: Optional[str]  # None: always on
+    measure: Callable  # (checkpoints, reading) -> a JSON-ready record per checkpoint
+    plot: Callable  # (records, path, reading)
+    tabulate: Optional[Callable] = None  # (records, out folder, reading) -> names of the extra files written
+
+
+DIAGNOSTICS = [
+    Diagnostic("loss_vs_position", None, measure_positions, plot_positions, tabulate_positions),
+    Diagnostic("effrem", "effrem", measure_effrem, plot_effrem),
+    Diagnostic("state_stats", "state_stats", measure_state_stats, plot_state_stats),
+    Diagnostic("passkey", "passkey", measure_passkey, plot_passkey),
+]
+
+
+def check_options(args):
+    """One-line errors for impossible options, before anything is loaded or read."""
     for name in ("len", "num_seqs", "chunk", "bins", "passkey_trials", "effrem_points"):
         if getattr(args, name) < 1:
             raise EvalError(f"--{name} must be at least 1")
+    if args.effrem_T is not None and args.effrem_T < 2:
+        raise EvalError("--effrem_T must be at least 2 (the context whose first t tokens are removed)")
+    if args.passkey_lengths and min(args.passkey_lengths) < 1:
+        raise EvalError("--passkey_lengths must all be positive (prompt lengths in tokens)")
+    if not all(0 <= d <= 1 for d in args.passkey_depths):
+        raise EvalError("--passkey_depths must lie in [0, 1] (0: the key right after the intro, 1: right before "
+                        "the question)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file: give a folder for the outputs")
+
+
+def run(args):
+    check_options(args)
     device = pick_device(args.device)
     autocast, compute_dtype = autocast_for(device)
-    checkpoints = load_all(find_checkpoints(args.ckpt), device, args.backend)
+    checkpoints = load_all(find_checkpoints(args.ckpt), args.label, device, args.backend)
     for checkpoint in checkpoints:
         check_backend(checkpoint.model.cfg, device, compute_dtype)
-    if args.effrem:
-        longest = max(args.effrem_T or 4 * c.T for c in checkpoints)
-        if longest > args.len:
-            raise EvalError(f"EffRem with T={longest} needs sequences of at least {longest} tokens: raise --len or "
-                            f"lower --effrem_T")
-    corpus = load_corpus(args.data or checkpoints[0].corpus.get("name", "stdlib"), args.data_dir)
+    if args.effrem and effrem_T(args, checkpoints) > args.len:
+        T = effrem_T(args, checkpoints)
+        raise EvalError(f"EffRem with T={T} needs sequences of at least {T} tokens: raise --len or lower --effrem_T")
+    corpus = load_corpus(args.data or checkpoints[0].model.trained_on["corpus"] or "stdlib", args.data_dir)
     if corpus.vocab_size != checkpoints[0].model.cfg.vocab_size:
         raise EvalError(f"corpus '{corpus.name}' has {corpus.vocab_size} tokens but the checkpoints' vocabulary has "
                         f"{checkpoints[0].model.cfg.vocab_size}: give --data with the tokenizer they were trained on")
+    if args.ppl is None:
+        args.ppl = corpus.meta["tokenizer"] != "bytes"
     sequences, starts = corpus.eval_sequences(args.len, args.num_seqs)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # now: an unwritable folder fails before hours of reading
+    reading = Reading(args, device, autocast, corpus, sequences, checkpoints)
     record = {"corpus": corpus.name, "split": "val", "len": args.len, "num_seqs": args.num_seqs, "chunk": args.chunk,
               "sequence_starts": starts}
-
-    positions = evaluate_positions(checkpoints, sequences, args, device, autocast)
-    _write_json(out / "loss_vs_position.json", {**record, "checkpoints": positions})
-    write_csv(positions, out / "loss_vs_position.csv")
-    plot_positions(positions, out / "loss_vs_position.png", args.ppl)
-    print_summary(positions)
-    written = ["loss_vs_position.png", "loss_vs_position.json", "loss_vs_position.csv"]
-    if args.effrem:
-        effrem = evaluate_effrem(checkpoints, sequences, args, device, autocast)
-        _write_json(out / "effrem.json", {**record, "checkpoints": effrem})
-        plot_effrem(effrem, out / "effrem.png")
-        written += ["effrem.png", "effrem.json"]
-    if args.state_stats:
-        stats = evaluate_state_stats(checkpoints, sequences, args, device, autocast)
-        _write_json(out / "state_stats.json", {**record, "checkpoints": stats})
-        plot_state_stats(stats, out / "state_stats.png")
-        written += ["state_stats.png", "state_stats.json"]
-    if args.passkey:
-        passkey = evaluate_passkey(checkpoints, corpus.tokenizer(), args, device, autocast)
-        _write_json(out / "passkey.json", {"checkpoints": passkey})
-        plot_passkey(passkey, out / "passkey.png")
-        written += ["passkey.png", "passkey.json"]
+    written = []
+    for d in DIAGNOSTICS:
+        if d.flag and not getattr(args, d.flag):
+            continue
+        records = d.measure(checkpoints, reading)
+        _write_json(out / f"{d.name}.json", {**record, "checkpoints": records})  # the numbers first: never lost
+        d.plot(records, out / f"{d.name}.png", reading)
+        written += [f"{d.name}.png", f"{d.name}.json"] + (d.tabulate(records, out, reading) if d.tabulate else [])
     print("\nwrote " + ", ".join(str(out / name) for name in written))
     return out
 
@@ -549,8 +662,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (EvalError, TrainError, DataError) as error:
+    except (UsageError, DataError) as error:
         sys.exit(f"eval.py: error: {error}")
+    except OSError as error:  # a full disk, a folder without write permission, ...
+        where = f" ({error.filename})" if error.filename else ""
+        sys.exit(f"eval.py: error: {error.strerror or error}{where}: check the path, its permissions and free space")
 
 
 if __name__ == "__main__":

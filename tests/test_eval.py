@@ -1,15 +1,15 @@
 """Tests of eval.py: chunked reading is exact, the control and EffRem are what they claim, outputs are written,
 passkey prompts are built and scored right, and errors are one clear line."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import eval as evaluation
-import train
-from conftest import tiny_run_flags
-from model import LM, ModelConfig
+from model import CHECKPOINT_FORMAT, LM, ModelConfig, load_checkpoint
 
 VOCAB = 40
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -23,16 +23,15 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_corpus, tmp_path_factory):
-    """Two tiny trained checkpoints (zero init, then state passing post-training)."""
+def runs(tmp_path_factory):
+    """Two small checkpoints as train.py writes them (a zero-init baseline and a state-passing run, T = 16), on
+    the byte tokens of the tiny corpus. Random weights: the evaluation's mechanics do not depend on training."""
     root = tmp_path_factory.mktemp("evalruns")
-    assert train.main(tiny_run_flags(tiny_corpus, root / "zero")) is None
-    flags = tiny_run_flags(tiny_corpus, root / "sp", "--init", "state_passing", "--init_from", str(root / "zero"),
-                           "--max_steps", "2")
-    for flag in ("--d_model", "--n_layer", "--d_state", "--headdim"):
-        i = flags.index(flag)
-        del flags[i:i + 2]
-    assert train.main(flags) is None
+    for seed, (name, init) in enumerate([("zero", "zero"), ("state_passing", "state_passing")]):
+        torch.manual_seed(seed)
+        LM(ModelConfig(vocab_size=257, d_model=32, n_layer=2, mixer="mamba2", d_state=16, headdim=16,
+                       chunk_size=16)).save(root / name, args={"seq_len": 16, "init": init}, step=4,
+                                            corpus={"name": "tiny", "tokenizer": "bytes"})
     return root
 
 
@@ -49,9 +48,10 @@ def test_chunked_losses_equal_one_full_pass(model, chunk):
     assert torch.allclose(chunked, full_pass_losses(model, tokens), atol=1e-4)
 
 
-def test_control_resets_the_state_every_T(model):
+@pytest.mark.parametrize("chunk", [8192, 40, 5])  # every window in one pass, two windows a pass, windows in pieces
+def test_control_resets_the_state_every_T(model, chunk):
     tokens = torch.randint(0, VOCAB, (2, 45))
-    control = evaluation.control_losses(model, tokens, 16, "cpu", NO_AUTOCAST)
+    control = evaluation.control_losses(model, tokens, 16, "cpu", NO_AUTOCAST, chunk)
     for start in (0, 16, 32):
         window = tokens[:, start:min(start + 17, 45)]
         assert torch.allclose(control[:, start:start + window.shape[1] - 1], full_pass_losses(model, window),
@@ -81,8 +81,12 @@ def test_state_statistics_match_the_state_after_each_position(model):
 
 def test_log_bins_cover_every_position_once():
     bins = evaluation.log_bins(1000, 20)
-    assert bins[0][0] == 0 and bins[-1][1] == 1000
-    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(bins, bins[1:]))
+    assert bins[0] == (0, evaluation.MIN_BIN) and bins[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(bins, bins[1:]))
+    assert all(end - start >= evaluation.MIN_BIN for start, end in bins)  # no single noisy position alone
+    widths = [end - start for start, end in bins]
+    assert widths[-1] > 10 * widths[1]  # log-spaced beyond the first bins
+    assert evaluation.log_bins(5, 20) == [(0, 5)]
 
 
 def test_summary_bands():
@@ -111,7 +115,7 @@ def test_passkey_prompt_and_scoring():
 def test_evaluation_writes_figures_and_tables(runs, tiny_corpus, tmp_path, capsys):
     data_dir, _ = tiny_corpus
     out = tmp_path / "eval"
-    evaluation.main(["--ckpt", str(runs / "zero"), "--ckpt", str(runs / "sp" / "ckpt.pt"), "--len", "96",
+    evaluation.main(["--ckpt", str(runs / "zero"), "--ckpt", str(runs / "state_passing" / "ckpt.pt"), "--len", "96",
                      "--num_seqs", "2", "--chunk", "32", "--out", str(out), "--data_dir", data_dir, "--effrem",
                      "--state_stats", "--passkey", "--passkey_lengths", "64", "--passkey_trials", "1",
                      "--bins", "8"])
@@ -120,11 +124,14 @@ def test_evaluation_writes_figures_and_tables(runs, tiny_corpus, tmp_path, capsy
     record = json.loads((out / "loss_vs_position.json").read_text())
     assert record["len"] == 96 and len(record["sequence_starts"]) == 2
     assert [c["init"] for c in record["checkpoints"]] == ["zero", "state_passing"]
+    assert [c["label"] for c in record["checkpoints"]] == ["zero", "state_passing"]  # run folders, order given
     for c in record["checkpoints"]:
         assert c["T"] == 16 and set(c["summary"]) == {"[T/2,T)", "[2T,8T)", "[8T,len)"}
         assert len(c["bins"]["loss"]) == len(c["bins"]["control"]) == len(c["bins"]["stderr"])
-    effrem = json.loads((out / "effrem.json").read_text())["checkpoints"][0]
-    assert effrem["T"] == 64 and effrem["effrem"][0] == 0.0
+    effrem = json.loads((out / "effrem.json").read_text())["checkpoints"]
+    assert [e["T"] for e in effrem] == [64, 64] and effrem[0]["effrem"][0] == 0.0
+    stats = json.loads((out / "state_stats.json").read_text())["checkpoints"]
+    assert len(stats) == 2 and len(stats[0]["norm"]) == 2 and stats[0]["positions"][-1] == 96
     printed = capsys.readouterr().out
     assert "[2T,8T)" in printed and "state_passing" in printed and str(out / "loss_vs_position.png") in printed
 
@@ -132,7 +139,7 @@ def test_evaluation_writes_figures_and_tables(runs, tiny_corpus, tmp_path, capsy
 def test_every_checkpoint_reads_the_same_sequences(runs, tiny_corpus, tmp_path):
     data_dir, _ = tiny_corpus
     starts = []
-    for ckpt in ("zero", "sp"):
+    for ckpt in ("zero", "state_passing"):
         evaluation.main(["--ckpt", str(runs / ckpt), "--len", "64", "--num_seqs", "2", "--out",
                          str(tmp_path / ckpt), "--data_dir", data_dir])
         starts.append(json.loads((tmp_path / ckpt / "loss_vs_position.json").read_text())["sequence_starts"])
@@ -160,7 +167,8 @@ def test_errors_are_one_line(runs, tiny_corpus, tmp_path, monkeypatch):
 
 def test_device_and_effrem_errors_come_before_any_work(runs, tiny_corpus, monkeypatch):
     if not torch.cuda.is_available():
-        assert "no CUDA GPU is visible" in one_line_error(["--ckpt", str(runs / "zero"), "--device", "cuda"])
+        message = one_line_error(["--ckpt", str(runs / "zero"), "--device", "cuda"])
+        assert "no such device is usable here" in message
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # as outside the tests: triton needs a GPU
         message = one_line_error(["--ckpt", str(runs / "zero"), "--device", "cpu", "--backend", "triton"])
         assert "--backend triton needs a CUDA device" in message
@@ -171,9 +179,11 @@ def test_device_and_effrem_errors_come_before_any_work(runs, tiny_corpus, monkey
     assert "EffRem with T=64 needs sequences of at least 64 tokens" in message
 
 
-def test_reads_are_capped_for_large_vocabularies():
-    assert evaluation.tokens_per_read(8192, 257) == 8192
-    assert evaluation.tokens_per_read(8192, 50257) * 50257 <= evaluation.LOGITS_BUDGET
+def test_reads_are_capped_for_large_vocabularies_and_many_rows():
+    assert evaluation.piece_length(8192, 1, 257) == 8192
+    assert evaluation.piece_length(8192, 8, 257) == 1024  # rows x length, not length alone, is bounded
+    assert evaluation.piece_length(8192, 1, 50257) * 50257 <= evaluation.LOGITS_BUDGET
+    assert evaluation.piece_length(4, 8, 257) == 1  # never zero
 
 
 def test_passkey_with_keys_of_different_token_counts():
@@ -192,10 +202,103 @@ def test_passkey_with_keys_of_different_token_counts():
 
 
 def test_checkpoints_with_different_vocabularies_are_refused(runs, tiny_corpus, tmp_path):
-    ckpt = train.load_checkpoint(runs / "zero")
-    ckpt["model_config"] = {**ckpt["model_config"], "vocab_size": 300}
-    ckpt["model"] = train.LM(ModelConfig(**ckpt["model_config"])).state_dict()
-    train.save_checkpoint(tmp_path / "other", ckpt)
+    ckpt = load_checkpoint(runs / "zero")
+    config = {**ckpt["model_config"], "vocab_size": 300}
+    LM(ModelConfig(**config)).save(tmp_path / "other", args=ckpt["args"], corpus=ckpt["corpus"])
     message = one_line_error(["--ckpt", str(runs / "zero"), "--ckpt", str(tmp_path / "other"),
                               "--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1"])
     assert "cannot be compared on the same text" in message
+
+
+def test_every_forward_pass_reads_at_most_chunk_tokens(runs, tiny_corpus, tmp_path, monkeypatch):
+    """Memory does not grow with --len or --num_seqs: no pass of the model, the control, EffRem, the state
+    statistics or passkey reads more than --chunk tokens (rows x length)."""
+    sizes = []
+    forward = LM.forward
+
+    def recording_forward(self, idx, *args, **kwargs):
+        sizes.append(idx.numel())
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(LM, "forward", recording_forward)
+    evaluation.main(["--ckpt", str(runs / "zero"), "--len", "200", "--num_seqs", "3", "--chunk", "40",
+                     "--out", str(tmp_path), "--data_dir", tiny_corpus[0], "--effrem", "--effrem_T", "100",
+                     "--state_stats", "--passkey", "--passkey_lengths", "150", "--passkey_trials", "2"])
+    assert max(sizes) <= 40 and max(sizes) >= 32  # bounded, yet the passes are not needlessly small
+    assert sum(sizes) >= 2 * 3 * 200  # the model and the control both read everything
+
+
+def test_summary_table_is_aligned_in_the_order_given(runs, tiny_corpus, tmp_path, capsys):
+    evaluation.main(["--ckpt", str(runs / "state_passing"), "--ckpt", str(runs / "zero"), "--label", "SP",
+                     "--label", "baseline", "--len", "160", "--num_seqs", "2", "--out", str(tmp_path),
+                     "--data_dir", tiny_corpus[0]])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    table = lines[header:header + 3]
+    assert "nats per byte" in lines[header - 1] and "[8T,160)" in table[0]
+    assert [line.split()[0] for line in table[1:]] == ["SP", "baseline"]
+    # every column ends at the same character in the header and in the rows
+    ends = [[m.end() for m in re.finditer(r"\S+(?: \(\S+\))?", line)] for line in table]
+    assert ends[0][1:] == ends[1][1:] == ends[2][1:]
+
+
+def test_default_checkpoints_baseline_first_and_labels(tmp_path, monkeypatch):
+    for name in ("a_run", "zero", "tbptt"):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / "ckpt.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert evaluation.find_checkpoints(None) == [str(Path("out") / n) for n in ("zero", "a_run", "tbptt")]
+
+
+def test_runs_of_the_same_name_are_told_apart(runs, tmp_path, monkeypatch):
+    model = LM.from_checkpoint(runs / "zero")
+    for group in ("a", "b"):
+        model.save(tmp_path / group / "zero", args={"seq_len": 16, "init": "zero"})
+    checkpoints = evaluation.load_all([str(tmp_path / "a" / "zero"), str(tmp_path / "b" / "zero")], None, "cpu",
+                                      None)
+    assert [c.label for c in checkpoints] == ["a/zero", "b/zero"]
+    monkeypatch.chdir(tmp_path / "a" / "zero")
+    assert evaluation.Checkpoint("ckpt.pt", "cpu").label == "zero"  # the folder's name, also from inside it
+
+
+def test_perplexity_figure(runs, tiny_corpus, tmp_path):
+    evaluation.main(["--ckpt", str(runs / "zero"), "--len", "64", "--num_seqs", "2", "--out", str(tmp_path),
+                     "--data_dir", tiny_corpus[0], "--ppl"])
+    assert (tmp_path / "loss_vs_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_options_and_files_are_one_line(runs, tiny_corpus, tmp_path, monkeypatch):
+    base = ["--ckpt", str(runs / "zero"), "--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1"]
+    (tmp_path / "a_file").write_text("keep me")
+    assert "is a file" in one_line_error(base + ["--out", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    message = one_line_error(base + ["--out", str(tmp_path / "a_file" / "eval")])  # mkdir's OSError
+    assert "a_file" in message and "check the path" in message
+    for bad in ("-5", "0"):
+        assert "--effrem_T must be at least 2" in one_line_error(base + ["--effrem", "--effrem_T", bad])
+    assert "--passkey_lengths must all be positive" in one_line_error(base + ["--passkey_lengths", "0", "-3"])
+    assert "--passkey_depths must lie in [0, 1]" in one_line_error(base + ["--passkey_depths", "1.5"])
+    assert "one --label per --ckpt" in one_line_error(base + ["--label", "a", "--label", "b"])
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        assert "no such device is usable here" in one_line_error(base + ["--device", "mps"])
+
+    def disk_full(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluation, "_write_json", disk_full)
+    message = one_line_error(base + ["--out", str(tmp_path / "eval")])
+    assert "No space left on device" in message and "loss_vs_position.json" in message
+
+
+def test_broken_checkpoints_are_one_line(runs, tiny_corpus, tmp_path):
+    ckpt = load_checkpoint(runs / "zero")
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+    (tmp_path / "nan").mkdir()
+    torch.save(ckpt, tmp_path / "nan" / "ckpt.pt")  # as a crash of an older version might have left it
+    (tmp_path / "bare").mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT}, tmp_path / "bare" / "ckpt.pt")
+    base = ["--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1", "--out", str(tmp_path / "eval")]
+    assert "is not finite" in one_line_error(base + ["--ckpt", str(tmp_path / "nan")])
+    assert "incomplete" in one_line_error(base + ["--ckpt", str(tmp_path / "bare")])
+    assert not (tmp_path / "eval" / "loss_vs_position.json").exists()
