@@ -44,7 +44,7 @@ from interventions import INITS, make_intervention
 from model import (LM, ModelConfig, OneLineParser, UsageError, autocast_for, check_backend, checkpoint_path,
                    first_nonfinite, load_checkpoint, pick_device)
 from pretrained import OFFICIAL
-from tasks import TASKS
+from tasks import TASKS, make_task
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,17 +151,25 @@ for _name, _batch_size in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780
                    max_steps=500, lr=3e-4, min_lr=3e-5, warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
                    eval_interval=100, eval_seqs=16),
         post={})
+# --task copy: the CPU-sized setting where the zero-init model copies strings up to n_train = 16 almost perfectly and
+# fails on longer ones (tasks.CopyTask's defaults; README, "Synthetic copying"); post-training adds 20% more steps.
+PRESETS["copy"] = dict(
+    model=dict(mixer="mamba2", d_model=128, n_layer=2, d_state=32, headdim=32),
+    train=dict(batch_size=16, grad_accum=1, max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=100,
+               weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_seqs=16),
+    post=dict(max_steps=200, lr=1e-3, min_lr=1e-4, warmup_steps=10))
+TASK_OPTIONS = {name: help for task in TASKS.values() for name, help in task.options.items()}
 MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if "help" in f.metadata]
 ARCHITECTURE = [f.name for f in MODEL_FLAGS if not f.metadata.get("runtime")]  # what post-training cannot change
 # what may change on --resume (max_steps: a finished run can be extended; the schedule follows the new length)
 RESUMABLE = {"resume", "out_dir", "device", "compile", "backend", "eval_interval", "log_interval", "stop_at",
              "max_steps"}
 # what post-training takes from the checkpoint it starts from, unless given: the paper's recipe keeps T and the data
-INHERITED = ("seq_len", "batch_size", "grad_accum", "task", "data", "data_dir", "chunk_size")
+INHERITED = ("seq_len", "batch_size", "grad_accum", "task", "data", "data_dir", "chunk_size", *TASK_OPTIONS)
 # what the automatic pre-training of out/zero does not take from the command line that asked for it
 POST_ONLY = {"init", "init_from", "base_steps", "from_scratch", "resume", "overwrite", "out_dir", "noise_std",
              "p_zero", "ssm_only", "max_steps", "lr", "min_lr", "warmup_steps", "eval_interval", "stop_at"}
-CAN_BE_ZERO = {"min_lr", "weight_decay", "grad_clip", "noise_std", "p_zero"}  # other numbers must be above zero
+CAN_BE_ZERO = {"min_lr", "weight_decay", "grad_clip", "noise_std", "p_zero", "context"}  # others must be above 0
 
 
 def build_parser():
@@ -190,6 +198,9 @@ def build_parser():
     g = p.add_argument_group("model (from the preset unless given; see ModelConfig in model.py)")
     for f in MODEL_FLAGS:
         g.add_argument(f"--{f.name}", type=f.type, choices=f.metadata.get("choices"), help=f.metadata["help"])
+    g = p.add_argument_group("synthetic tasks (with --task; see tasks.py)")
+    for name, help in TASK_OPTIONS.items():
+        g.add_argument(f"--{name}", type=int, help=help)
     g = p.add_argument_group("data and optimisation (from the preset unless given)")
     g.add_argument("--data", help="a prepared corpus name under --data_dir, or its folder (see data.py)")
     g.add_argument("--data_dir", default=str(DATA_DIR), help="where corpora live")
@@ -222,8 +233,8 @@ def check_numbers(args, parser):
         value, name = getattr(args, action.dest, None), action.dest
         if value is None or name == "seed":
             continue
-        if action.type is int and value < 1:
-            raise UsageError(f"--{name} must be at least 1")
+        if action.type is int and value < (0 if name in CAN_BE_ZERO else 1):
+            raise UsageError(f"--{name} must be at least {0 if name in CAN_BE_ZERO else 1}")
         if action.type is float and not (math.isfinite(value) and (value > 0 or value == 0 and name in CAN_BE_ZERO)):
             raise UsageError(f"--{name} must be a finite number {'of at least' if name in CAN_BE_ZERO else 'above'} "
                              f"0; got {value}")
@@ -253,9 +264,9 @@ def resolve_args(args, explicit):
     if checkpoint_path(args.out_dir).exists() and not args.overwrite:
         raise UsageError(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to start over, "
                          f"or choose another --out_dir")
-    if "preset" not in explicit:  # --init_from state-spaces/mamba2-370m alone means that model's preset
-        args.preset = next((name for name, p in PRESETS.items() if p.get("init_from") == args.init_from),
-                           args.preset)
+    if "preset" not in explicit:  # --init_from state-spaces/mamba2-370m alone means that model's preset,
+        implied = [name for name, p in PRESETS.items() if args.init_from and p.get("init_from") == args.init_from]
+        args.preset = (implied + [args.task if args.task in PRESETS else args.preset])[0]  # --task copy: "copy"
     preset, base = PRESETS[args.preset], None
     if not args.from_scratch:
         args.init_from = args.init_from or preset.get("init_from")
@@ -279,7 +290,10 @@ def resolve_args(args, explicit):
     if args.task != "lm":
         if explicit & {"data", "seq_len"}:
             raise UsageError(f"--task {args.task} makes its own examples; drop --data and --seq_len")
-        args.seq_len = TASKS[args.task]().train_tokens  # T: the longest training example
+        try:
+            args.seq_len = make_task(args.task, vars(args)).train_tokens  # T: the longest training example
+        except ValueError as error:
+            raise UsageError(f"--task {args.task}: {error}") from None
     args.noise_std = 0.1 if args.noise_std is None else args.noise_std
     args.p_zero = 0.0 if args.p_zero is None else args.p_zero
     return args, base
@@ -345,7 +359,7 @@ class Run:
         self.is_main = rank == 0
         self.autocast, compute_dtype = autocast_for(device, args.dtype)
         seed = (args.seed * 1000 + rank) * 2  # the data and the intervention must not draw the same numbers
-        self.batches = (TaskBatches(TASKS[args.task](), args, seed) if args.task != "lm" else
+        self.batches = (TaskBatches(make_task(args.task, vars(args)), args, seed) if args.task != "lm" else
                         CorpusBatches(open_corpus(args, rank, world), args, rank, world, seed,
                                       streams=INITS[args.init].uses_streams))
         self.step, self.saved_step, self.tokens = 0, None, 0  # tokens: read by this process in this invocation

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from model import LM, ModelConfig
-from tasks import TASKS, CopyTask, char_accuracy, copy_accuracy, greedy_copies
+from tasks import make_task, TASKS, CopyTask, char_accuracy, copy_accuracy, greedy_copies
 
 
 class CopyingStub(nn.Module):
@@ -43,7 +43,7 @@ class CopyingStub(nn.Module):
 
 
 def test_examples_have_the_format_of_the_copy_task():
-    task = CopyTask(alphabet_size=5, n_train=7)
+    task = CopyTask(alphabet_size=5, n_train=7, context=None)
     strings = task.strings(6, 3, torch.Generator().manual_seed(0))
     seqs = task.sequences(strings)
     assert seqs.shape == (3, 15) and seqs.dtype == torch.int64
@@ -54,7 +54,7 @@ def test_examples_have_the_format_of_the_copy_task():
 
 
 def test_the_loss_counts_exactly_the_copied_half_and_the_end_token():
-    task = CopyTask(alphabet_size=3, n_train=9)
+    task = CopyTask(alphabet_size=3, n_train=9, context=None)
     for n in (1, 4, 9):
         strings = task.strings(n, 2, torch.Generator().manual_seed(n))
         inputs, targets = task.inputs_and_targets(strings)
@@ -66,7 +66,7 @@ def test_the_loss_counts_exactly_the_copied_half_and_the_end_token():
 
 
 def test_batches_are_seeded_and_their_lengths_cover_the_training_range():
-    task = TASKS["copy"](alphabet_size=4, n_train=5)
+    task = TASKS["copy"](alphabet_size=4, n_train=5, context=None)
 
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
@@ -101,7 +101,7 @@ def test_packed_rows_hold_whole_examples_back_to_back_and_mask_the_cut_one():
 
 
 def test_evaluation_strings_are_fixed_by_the_seed():
-    task = CopyTask(alphabet_size=26, n_train=4)
+    task = CopyTask(alphabet_size=26, n_train=4, context=None)
     assert torch.equal(task.eval_strings(10, 5, seed=3), task.eval_strings(10, 5, seed=3))
     assert not torch.equal(task.eval_strings(10, 5, seed=3), task.eval_strings(10, 5, seed=4))
     assert not torch.equal(task.eval_strings(10, 5)[:, :9], task.eval_strings(9, 5))  # lengths do not share
@@ -124,7 +124,7 @@ def test_answers_stop_at_the_end_token():
 
 
 def test_a_perfect_copier_scores_one_and_a_constant_one_scores_chance():
-    task = CopyTask(alphabet_size=4, n_train=3)
+    task = CopyTask(alphabet_size=4, n_train=3, context=None)
     lengths = [1, 2, 5, 13]
     perfect = copy_accuracy(CopyingStub(task), task, lengths, strings_per_length=6, seed=7)
     assert sorted(perfect) == lengths
@@ -142,7 +142,7 @@ def test_a_perfect_copier_scores_one_and_a_constant_one_scores_chance():
 
 def test_greedy_copies_through_step_match_the_models_own_generation():
     torch.manual_seed(0)
-    task = CopyTask(alphabet_size=6, n_train=4)
+    task = CopyTask(alphabet_size=6, n_train=4, context=None)
     model = LM(ModelConfig(vocab_size=task.vocab_size, d_model=32, n_layer=2, mixer="mamba2", d_state=16,
                            headdim=16, chunk_size=16)).eval()
     strings = task.eval_strings(7, 3)
@@ -160,3 +160,9 @@ def test_bad_sizes_are_refused():
         CopyTask(n_train=0)
     with pytest.raises(ValueError, match="cannot hold the longest example"):
         CopyTask(n_train=10, context=22)
+
+
+def test_make_task_takes_only_the_tasks_own_settings():
+    task = make_task("copy", {"alphabet_size": 7, "n_train": None, "context": 0, "lr": 1e-3})
+    assert (task.alphabet_size, task.n_train, task.context) == (7, 16, None)  # 0: one example per row
+    assert make_task("copy", {}).train_tokens == 64 and make_task("copy", {}).vocab_size == 13

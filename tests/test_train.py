@@ -465,7 +465,7 @@ def task_flags(out_dir, *extra):
 
 def test_a_synthetic_task_trains_through_the_same_loop(tmp_path):
     """--task copy: pre-training from zero, post-training with state passing, validation on held-out examples."""
-    assert run_main(task_flags(tmp_path / "zero")) is None
+    assert run_main(task_flags(tmp_path / "zero", "--alphabet_size", "26", "--n_train", "32", "--context", "0")) is None
     base = train.load_checkpoint(tmp_path / "zero")
     assert base["step"] == 4 and base["args"]["seq_len"] == 67 and base["corpus"]["task"] == "copy"
     assert base["model_config"]["vocab_size"] == 29  # 26 letters and start, copy, end
@@ -476,6 +476,7 @@ def test_a_synthetic_task_trains_through_the_same_loop(tmp_path):
     assert run_main(flags) is None
     post = train.load_checkpoint(tmp_path / "sp")
     assert post["step"] == 2 and post["args"]["task"] == "copy"
+    assert (post["args"]["alphabet_size"], post["args"]["n_train"], post["args"]["seq_len"]) == (26, 32, 67)
     assert post["ranks"][0]["intervention"]["previous"]["ssm"][0].abs().sum() > 0  # it passed real states
     assert any(not torch.equal(v, base["model"][k]) for k, v in post["model"].items())
     error = run_main(task_flags(tmp_path / "x", "--seq_len", "32"))
@@ -572,3 +573,15 @@ def test_an_official_model_named_by_init_from_brings_its_preset(tmp_path, monkey
     assert args.preset == "mamba2-370m" and args.batch_size * args.grad_accum == 256 and args.lr == 3e-4
     args, _ = train.resolve_args(parser.parse_args(argv + ["--preset", "demo"]), {"init", "init_from", "preset"})
     assert args.preset == "demo" and args.batch_size * args.grad_accum == 16
+
+
+def test_a_task_alone_brings_its_preset_and_bad_task_settings_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, _ = train.resolve_args(train.build_parser().parse_args(["--task", "copy"]), {"task"})
+    assert (args.preset, args.seq_len, args.d_model, args.n_layer, args.max_steps) == ("copy", 64, 128, 2, 1000)
+    assert args.out_dir == os.path.join("out", "copy", "zero")
+    for extra, message in ((["--alphabet_size", "1"], "--task copy: the copy task needs alphabet_size >= 2"),
+                           (["--n_train", "40"], "cannot hold the longest example"),
+                           (["--context", "-1"], "--context must be at least 0")):
+        error = run_main(task_flags(tmp_path / "bad", *extra))
+        assert message in error and "\n" not in error
