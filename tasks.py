@@ -183,3 +183,104 @@ def make_task(name, settings):
     options and not None; the others keep the task's defaults."""
     cls = TASKS[name]
     return cls(**{k: settings[k] for k in cls.options if settings.get(k) is not None})
+
+
+# ================================================================================================================
+# Passkey retrieval
+# ================================================================================================================
+#
+# A 5-digit key is hidden at relative depth d of filler text and asked for at the end. The paper evaluates at depths
+# 0.1, 0.5 and 0.9 of prompts from 2k to 256k tokens, answered by greedy decoding (eval.py --passkey), and
+# fine-tunes on examples no longer than the training length (PasskeyTask) so that a model that generalises in length
+# finds the key far beyond it. Prompts are in words, so the task needs a tokenizer (data.get_tokenizer) and is only
+# meaningful for models trained on natural language.
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.\n")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
+PASSKEY_LENGTHS = tuple(2 ** k for k in range(11, 19))  # 2k .. 256k tokens
+
+
+def passkey_needle(key):
+    return f"The pass key is {key}. Remember it. {key} is the pass key.\n"
+
+
+def passkey_answer(key):
+    """What follows the question: the key (the first five digits are scored)."""
+    return f" {key}."
+
+
+def passkey_prompt(tokenizer, length, depth, key):
+    """Token ids of about `length` tokens: intro, filler with the key sentence at relative depth `depth`
+    (0 = right after the intro, 1 = right before the question, placed between filler sentences), question."""
+    encode = tokenizer.encode_ordinary
+    intro, question = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION)
+    needle = encode(passkey_needle(key))
+    filler = encode(PASSKEY_FILLER)
+    repeats = max(1, (length - len(intro) - len(needle) - len(question)) // len(filler))
+    at = round(depth * repeats)
+    return intro + filler * at + needle + filler * (repeats - at) + question
+
+
+def score_answer(text, key):
+    """Correct when the first five digits of the answer are the key."""
+    digits = "".join(ch for ch in text if ch.isdigit())
+    return digits[:5] == str(key)
+
+
+class PasskeyTask:
+    """Passkey examples for fine-tuning: prompt and answer in exactly L tokens, L uniform in [min_len, max_len]
+    (one L per batch, so nothing is padded), a random 5-digit key at a depth uniform in [0, 1]. The loss counts only
+    the answer's tokens. The filler's last sentence is cut to make the length exact.
+
+    Not in TASKS (train.py's --task): it needs the tokenizer of the model being fine-tuned,
+    PasskeyTask(data.get_tokenizer(spec), max_len=2048).
+    """
+
+    name = "passkey"
+
+    def __init__(self, tokenizer, max_len=2048):
+        encode = tokenizer.encode_ordinary
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.intro, self.filler, self.question = encode(PASSKEY_INTRO), encode(PASSKEY_FILLER), encode(PASSKEY_QUESTION)
+        # room for any key: a token covers at least one byte, so the key's sentences take at most their byte count
+        longest = len((passkey_needle(99999) + passkey_answer(99999)).encode())
+        self.min_len = len(self.intro) + len(self.question) + longest
+        if max_len < self.min_len:
+            raise ValueError(f"a passkey example needs up to {self.min_len} tokens with this tokenizer; max_len "
+                             f"{max_len} is too short")
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.n_vocab
+
+    @property
+    def train_tokens(self):
+        return self.max_len
+
+    def example(self, length, depth, key):
+        """(inputs, targets), each (length,) int64: the prompt and the answer, targets -1 except where the next
+        token is part of the answer."""
+        encode = self.tokenizer.encode_ordinary
+        needle, answer = encode(passkey_needle(key)), encode(passkey_answer(key))
+        room = length - len(self.intro) - len(needle) - len(self.question) - len(answer)
+        if room < 0:
+            raise ValueError(f"key {key} does not fit in {length} tokens")
+        whole, cut = divmod(room, len(self.filler))
+        at = round(depth * whole)
+        tokens = (self.intro + self.filler * at + needle + self.filler * (whole - at) + self.filler[:cut]
+                  + self.question + answer)
+        inputs = torch.tensor(tokens)
+        targets = torch.full_like(inputs, -1)
+        targets[length - len(answer) - 1:-1] = inputs[length - len(answer):]
+        return inputs, targets
+
+    def batch(self, batch_size, generator):
+        """batch_size examples of one random length.  Returns (inputs, targets), each (B, L) int64 on the CPU."""
+        length = int(torch.randint(self.min_len, self.max_len + 1, (1,), generator=generator))
+        keys = torch.randint(10000, 100000, (batch_size,), generator=generator).tolist()
+        depths = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
+        rows = [self.example(length, depth, key) for depth, key in zip(depths, keys)]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
