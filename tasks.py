@@ -233,7 +233,8 @@ def score_answer(text, key):
 class PasskeyTask:
     """Passkey examples for fine-tuning: prompt and answer in exactly L tokens, L uniform in [min_len, max_len]
     (one L per batch, so nothing is padded), a random 5-digit key at a depth uniform in [0, 1]. The loss counts only
-    the answer's tokens. The filler's last sentence is cut to make the length exact.
+    the answer's tokens. The filler's last sentence is cut to make the length exact; the key sentence goes between
+    filler sentences, at the boundary nearest to its depth.
 
     Not in TASKS (train.py's --task): it needs the tokenizer of the model being fine-tuned,
     PasskeyTask(data.get_tokenizer(spec), max_len=2048).
@@ -268,10 +269,9 @@ class PasskeyTask:
         room = length - len(self.intro) - len(needle) - len(self.question) - len(answer)
         if room < 0:
             raise ValueError(f"key {key} does not fit in {length} tokens")
-        whole, cut = divmod(room, len(self.filler))
-        at = round(depth * whole)
-        tokens = (self.intro + self.filler * at + needle + self.filler * (whole - at) + self.filler[:cut]
-                  + self.question + answer)
+        filler = (self.filler * (room // len(self.filler) + 1))[:room]
+        at = min([*range(0, room, len(self.filler)), room], key=lambda boundary: abs(boundary - depth * room))
+        tokens = self.intro + filler[:at] + needle + filler[at:] + self.question + answer
         inputs = torch.tensor(tokens)
         targets = torch.full_like(inputs, -1)
         targets[length - len(answer) - 1:-1] = inputs[length - len(answer):]
