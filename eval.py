@@ -2,13 +2,15 @@
 
     python eval.py --len 131072                       every checkpoint under out/, loss against token position
     python eval.py --len 131072 --ckpt out/zero --ckpt out/state_passing --effrem --state_stats
-    python eval.py --len 16384 --passkey              passkey retrieval (for models trained on natural language)
+    python eval.py --passkey --ckpt state-spaces/mamba2-370m --data pile-neox --len 16384
+                                                      an official Mamba-2 (see pretrained.py), passkey retrieval
+    python eval.py --task copy                        copy accuracy of every run under out/copy/ (tasks.py)
 
 Loss against position (always). --num_seqs sequences of --len tokens from the validation split, the same ones for
 every checkpoint (a fixed, document-aligned choice recorded in the output), read from the zero state with the state
 handed on. Every forward pass reads at most --chunk tokens (rows x length) whatever --len, --num_seqs or the
 vocabulary, so memory stays constant as --len grows. The per-position loss is averaged over sequences and smoothed
-in bins (the first 8 positions together, then log-spaced), with a standard-error band across sequences.
+in bins (the first 8 positions together, then log-spaced); a band shows the first model's standard error.
 Each model also gets a control: the same model and text with the state reset to zero every T tokens, so it never
 sees a position beyond T. Text gets easier or harder along a sequence; the control moves with the text, the model's
 own curve also with its length generalisation: a model that length-generalises stays at or below its control, a
@@ -22,8 +24,12 @@ Diagnostics of the paper, each a row of DIAGNOSTICS (its flag, what it measures,
     --state_stats  norm and standard deviation of each layer's SSM state against position: states beyond T that
                    training never produced show up as norms that keep growing past the dashed line.
     --passkey      a 5-digit key hidden at relative depth d of filler text, asked for at the end, answered by greedy
-                   decoding through LM.step. Only meaningful for models trained on natural language (with the
-                   default byte-level code corpus it measures nothing a reader should trust).
+                   decoding through LM.step (prompts and scoring: tasks.py). Only meaningful for models trained on
+                   natural language (with the default byte-level code corpus it measures nothing a reader should
+                   trust). The paper's grid by default: depths 0.1, 0.5, 0.9 of prompts of 2k to 256k tokens.
+    --task copy    (models trained by train.py --task copy) the fraction of characters copied right against the
+                   string length, greedy through LM.step and teacher-forced, on fixed strings: copy_accuracy.png,
+                   .json, .csv and a table.
 
 Outputs in --out (default eval/): loss_vs_position.png, loss_vs_position.json (per checkpoint: the binned curve,
 its control and the summary means) and .csv, plus effrem.png/.json, state_stats.png/.json and passkey.png/.json
@@ -44,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATA_DIR, DataError, load_corpus
+from data import DATA_DIR, DataError, load_corpus, tokenizer_mismatch
 from model import (LM, CheckpointError, OneLineParser, UsageError, autocast_for, check_backend, checkpoint_path,
                    load_checkpoint, pick_device)
+from tasks import PASSKEY_DEPTHS, PASSKEY_LENGTHS, TASKS, copy_accuracy, make_task, passkey_prompt, score_answer
 
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
 LOGITS_BUDGET = 2 ** 26  # logits held at once (256 MB in float32): bounds memory whatever the vocabulary
@@ -61,10 +68,14 @@ class EvalError(UsageError):
 def build_parser():
     p = OneLineParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                       allow_abbrev=False)
-    p.add_argument("--ckpt", action="append", help="checkpoint file or run folder; repeat for several "
-                                                   "(default: every out/*/ckpt.pt, out/zero first)")
+    p.add_argument("--ckpt", action="append", help="checkpoint file or run folder, an official Mamba-2 (Hugging "
+                   "Face name such as state-spaces/mamba2-370m, or a folder with config.json); repeat for several "
+                   "(default: every out/*/ckpt.pt, out/zero first; with --task copy, out/copy/*)")
     p.add_argument("--label", action="append", help="the name of each --ckpt in legends and tables, in the same "
                                                     "order (default: its run folder's name)")
+    p.add_argument("--task", choices=("lm", *TASKS), help="lm: text from a corpus; copy: tasks.py's copy task "
+                   "(default: what the checkpoints were trained on)")
+    p.add_argument("--train_len", type=int, help="the training length T of models that do not record it")
     p.add_argument("--len", type=int, default=131072, help="tokens per evaluation sequence (default 131072)")
     p.add_argument("--num_seqs", type=int, default=8, help="evaluation sequences (default 8)")
     p.add_argument("--chunk", type=int, default=8192, help="tokens read by one forward pass, all rows together; "
@@ -81,10 +92,14 @@ def build_parser():
     p.add_argument("--effrem_points", type=int, default=33, help="values of t on the EffRem grid")
     p.add_argument("--state_stats", action="store_true", help="SSM state norm and std against position")
     p.add_argument("--passkey", action="store_true", help="passkey retrieval heatmap")
-    p.add_argument("--passkey_lengths", type=int, nargs="+", help="prompt lengths in tokens (default: powers of "
-                                                                  "two from T to --len)")
-    p.add_argument("--passkey_depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--passkey_lengths", type=int, nargs="+", default=list(PASSKEY_LENGTHS),
+                   help="prompt lengths in tokens (default, the paper's: 2048, 4096, ..., 262144)")
+    p.add_argument("--passkey_depths", type=float, nargs="+", default=list(PASSKEY_DEPTHS),
+                   help="relative depths of the key (default, the paper's: 0.1 0.5 0.9)")
     p.add_argument("--passkey_trials", type=int, default=4, help="random keys per (length, depth) cell")
+    p.add_argument("--copy_lengths", type=int, nargs="+", help="string lengths to copy (default: 16 lengths "
+                   "from 1 to 4 n_train)")
+    p.add_argument("--copy_strings", type=int, default=32, help="strings per length (default 32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), help="scan implementation (default: auto)")
     return p
@@ -95,54 +110,77 @@ def build_parser():
 # ----------------------------------------------------------------------------------------------------------------
 
 class Checkpoint:
-    """A trained model with what the evaluation needs to know about it: its name, training length T, recipe."""
+    """A trained model with what the evaluation needs to know about it: its name, training length T, recipe.
+    spec: a checkpoint of this project, or anything LM.from_pretrained reads (an official Mamba-2)."""
 
-    def __init__(self, path, device, backend=None, label=None):
-        self.path = str(checkpoint_path(path))
-        ckpt = load_checkpoint(path)
-        self.model = LM.from_checkpoint(ckpt, device, backend=backend)
-        args = ckpt.get("args") or {}
-        self.T, self.init, self.step = self.model.trained_on["seq_len"], args.get("init"), ckpt.get("step")
+    def __init__(self, spec, device, backend=None, label=None, train_len=None):
+        self.folder, self.pretrained = Path(spec), is_pretrained(spec)  # the folder (or Hub name) that names it
+        if self.pretrained:
+            self.model = LM.from_pretrained(spec, device, backend=backend)
+            self.path, self.args, self.step = self.model.trained_on["source"], {}, None
+        else:
+            ckpt = load_checkpoint(spec)
+            self.model = LM.from_checkpoint(ckpt, device, backend=backend)
+            self.path, self.args, self.step = str(checkpoint_path(spec)), ckpt.get("args") or {}, ckpt.get("step")
+            self.folder = Path(self.path).resolve().parent
+        self.init, self.task = self.args.get("init"), self.args.get("task", "lm")
+        self.T = self.model.trained_on["seq_len"] or train_len
         if not self.T:
-            raise CheckpointError(f"{self.path} does not record its training length (args.seq_len): give a "
-                                  f"checkpoint written by train.py")
-        self.label = label or Path(self.path).resolve().parent.name
+            raise CheckpointError(f"{spec} does not record its training length: give it as --train_len T")
+        self.label = label or self.folder.name
 
 
-def find_checkpoints(paths):
-    """The --ckpt paths, or every run under out/ that has a checkpoint: out/zero (the baseline) first, then by name."""
+def is_pretrained(spec):
+    """Whether --ckpt names a model for LM.from_pretrained: a folder with config.json, or a Hugging Face name
+    (org/name where neither the path nor its parent folder exists here). Anything else is a project checkpoint,
+    whose errors say what is missing."""
+    path = Path(spec)
+    if checkpoint_path(spec).is_file():
+        return False
+    return (path / "config.json").is_file() or not (path.exists() or path.parent.exists())
+
+
+def find_checkpoints(paths, task=None):
+    """The --ckpt paths, or every run under out/ (out/TASK/ for a task) that has a checkpoint: out/zero (the
+    baseline) first, then by name."""
     if paths:
         return paths
-    found = sorted((str(p.parent) for p in Path("out").glob("*/ckpt.pt")), key=lambda p: (Path(p).name != "zero", p))
+    root = Path("out", *([] if task in (None, "lm") else [task]))
+    found = sorted((str(p.parent) for p in root.glob("*/ckpt.pt")), key=lambda p: (Path(p).name != "zero", p))
     if not found:
-        raise EvalError("no checkpoints under out/: train one first (python train.py) or give --ckpt PATH")
+        raise EvalError(f"no checkpoints under {root}/: train one first (python train.py) or give --ckpt PATH")
     return found
 
 
-def load_all(paths, labels, device, backend):
+def load_all(paths, labels, device, backend, train_len=None):
     if labels and len(labels) != len(paths):
         raise EvalError(f"{len(labels)} --label for {len(paths)} --ckpt: give one --label per --ckpt, or none")
-    checkpoints = [Checkpoint(p, device, backend, label) for p, label in zip(paths, labels or [None] * len(paths))]
-    tokenizers = {(c.model.trained_on["tokenizer"], c.model.cfg.vocab_size) for c in checkpoints}
-    if len(tokenizers) > 1:
-        raise EvalError(f"these checkpoints read different tokens {sorted(map(str, tokenizers))}, so they cannot "
-                        f"be compared on the same text: evaluate them separately")
+    checkpoints = [Checkpoint(p, device, backend, label, train_len)
+                   for p, label in zip(paths, labels or [None] * len(paths))]
+    known = [c for c in checkpoints if c.model.trained_on["tokenizer"]]
+    for c in known[1:]:
+        if tokenizer_mismatch(known[0].model.trained_on, c.model.trained_on):
+            first, other = known[0].model.trained_on["tokenizer"], c.model.trained_on["tokenizer"]
+            raise EvalError(f"{known[0].label} and {c.label} read different tokens ({first}, {other}), so they "
+                            f"cannot be compared on the same text: evaluate them separately")
     names = [c.label for c in checkpoints]
     for c in checkpoints:  # two runs called zero in different folders: out/a/zero, out/b/zero -> a/zero, b/zero
         if names.count(c.label) > 1:
-            c.label = "/".join(Path(c.path).resolve().parent.parts[-2:])
+            c.label = "/".join(c.folder.parts[-2:])
     return checkpoints
 
 
 @dataclass
 class Reading:
-    """What every diagnostic reads with: the options, the device, the evaluation text and how to describe it."""
+    """What every diagnostic reads with: the options, the device, the models, and the evaluation text (a corpus and
+    its sequences) or the synthetic task."""
     args: argparse.Namespace
     device: torch.device
     autocast: object
-    corpus: object  # data.Corpus
-    sequences: torch.Tensor  # (num_seqs, len + 1) int64, on the CPU
     checkpoints: list
+    corpus: object = None  # data.Corpus
+    sequences: torch.Tensor = None  # (num_seqs, len + 1) int64, on the CPU
+    task: object = None  # a task of tasks.py
 
     @property
     def per(self):
@@ -153,7 +191,13 @@ class Reading:
         """'Mamba-2 0.51M, T = 64, stdlib bytes': the models, their training length and the text, for titles."""
         models = dict.fromkeys(_model_name(c.model) for c in self.checkpoints)
         lengths = dict.fromkeys(str(c.T) for c in self.checkpoints)
-        return f"{' / '.join(models)}, T = {' / '.join(lengths)}, {self.corpus.name} {self.corpus.meta['tokenizer']}"
+        if self.task is not None:
+            text = f"copy task, {self.task.alphabet_size} characters, trained on strings of 1 to {self.task.n_train}"
+        else:
+            tokenizer = Path(self.corpus.meta["tokenizer"])  # a hub name or a path: its last part says enough
+            name = tokenizer.parent.name if tokenizer.name == "tokenizer.json" else tokenizer.name
+            text = f"{self.corpus.name} {name}"
+        return f"{' / '.join(models)}, T = {' / '.join(lengths)}, {text}"
 
 
 def _model_name(model):
@@ -482,30 +526,6 @@ def plot_state_stats(records, path, reading, columns=6):
 # Passkey retrieval
 # ----------------------------------------------------------------------------------------------------------------
 
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                 "I will quiz you about the important information there.\n")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
-
-def passkey_prompt(tokenizer, length, depth, key):
-    """Token ids of about `length` tokens: intro, filler with the key sentence at relative depth `depth`
-    (0 = right after the intro, 1 = right before the question, placed between filler sentences), question."""
-    encode = tokenizer.encode_ordinary
-    intro, question = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION)
-    needle = encode(f"The pass key is {key}. Remember it. {key} is the pass key.\n")
-    filler = encode(PASSKEY_FILLER)
-    repeats = max(1, (length - len(intro) - len(needle) - len(question)) // len(filler))
-    at = round(depth * repeats)
-    return intro + filler * at + needle + filler * (repeats - at) + question
-
-
-def score_answer(text, key):
-    """Correct when the first five digits of the answer are the key."""
-    digits = "".join(ch for ch in text if ch.isdigit())
-    return digits[:5] == str(key)
-
-
 @torch.no_grad()
 def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast, chunk, seed=0, bar=None):
     """Accuracy[length][depth] over `trials` random keys, greedy decoding through LM.step."""
@@ -523,7 +543,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast
                 answers = greedy_answers(model, [p for p, _ in group], 8, device, autocast, chunk)
                 correct += [score_answer(tokenizer.decode(a), k) for a, (_, k) in zip(answers, group)]
                 if bar is not None:
-                    bar.update(size * len(group))
+                    bar.update(length * len(group))  # the nominal length: the bar ends at its total
             row.append(float(np.mean(correct)))
         accuracy.append(row)
     return accuracy
@@ -544,38 +564,105 @@ def greedy_answers(model, prompts, new_tokens, device, autocast, chunk):
     return torch.stack(answers, dim=1).tolist()
 
 
-def passkey_lengths(reading, checkpoint):
-    return reading.args.passkey_lengths or [2 ** k for k in range(int(math.log2(checkpoint.T)),
-                                                                  int(math.log2(reading.args.len)) + 1)]
-
-
 def measure_passkey(checkpoints, reading):
     args, tokenizer = reading.args, reading.corpus.tokenizer()
     records = []
     for c in checkpoints:
-        lengths = passkey_lengths(reading, c)
-        with progress(sum(lengths) * len(args.passkey_depths) * args.passkey_trials, f"{c.label}: passkey") as bar:
-            accuracy = passkey_accuracy(c.model, tokenizer, lengths, args.passkey_depths, args.passkey_trials,
-                                        reading.device, reading.autocast, args.chunk, bar=bar)
-        records.append({"path": c.path, "label": c.label, "T": c.T, "lengths": lengths,
+        total = sum(args.passkey_lengths) * len(args.passkey_depths) * args.passkey_trials
+        with progress(total, f"{c.label}: passkey") as bar:
+            accuracy = passkey_accuracy(c.model, tokenizer, args.passkey_lengths, args.passkey_depths,
+                                        args.passkey_trials, reading.device, reading.autocast, args.chunk, bar=bar)
+        records.append({"path": c.path, "label": c.label, "T": c.T, "lengths": args.passkey_lengths,
                         "depths": args.passkey_depths, "accuracy": accuracy})
     return records
 
 
 def plot_passkey(records, path, reading):
+    """A heatmap per model: accuracy per (prompt length, depth of the key), each cell labelled with its value."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(records), figsize=(4.5 * len(records), 4.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records) + 1, 4.2), squeeze=False, sharey=True,
+                             layout="constrained")
     for ax, r in zip(axes[0], records):
-        image = ax.imshow(np.array(r["accuracy"]).T, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        accuracy = np.array(r["accuracy"]).T  # (depths, lengths)
+        image = ax.imshow(accuracy, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        for (row, column), value in np.ndenumerate(accuracy):
+            ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")
         ax.set_xticks(range(len(r["lengths"])), [str(n) for n in r["lengths"]], rotation=60, fontsize=7)
         ax.set_yticks(range(len(r["depths"])), [f"{d:.2f}" for d in r["depths"]], fontsize=7)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("depth of the key")
         ax.set_title(r["label"], fontsize=9)
+    axes[0, 0].set_ylabel("depth of the key")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
     fig.suptitle(f"Passkey retrieval: is the 5-digit key found?\n{reading.description()}", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copying (--task copy)
+# ----------------------------------------------------------------------------------------------------------------
+
+def copy_lengths(args, task):
+    """--copy_lengths, or 16 lengths from 1 to 4 n_train: as far beyond the training strings as within them."""
+    return args.copy_lengths or np.unique(np.linspace(1, 4 * task.n_train, 16).round().astype(int)).tolist()
+
+
+def measure_copy(checkpoints, reading):
+    """Per checkpoint, the character accuracy of copying the task's fixed evaluation strings at every length,
+    greedy (through LM.step) and teacher-forced (tasks.copy_accuracy)."""
+    task, args = reading.task, reading.args
+    lengths = copy_lengths(args, task)
+    records = []
+    for c in checkpoints:
+        greedy, stderr, forced = [], [], []
+        with progress(sum(args.copy_strings * (2 * n + 3) for n in lengths), f"{c.label}: copying") as bar:
+            for n in lengths:  # one length at a time, for the bar
+                with reading.autocast:
+                    (g, e, f), = copy_accuracy(c.model, task, [n], args.copy_strings, device=reading.device).values()
+                greedy, stderr, forced = greedy + [g], stderr + [e], forced + [f]
+                bar.update(args.copy_strings * (2 * n + 3))
+        records.append({"path": c.path, "label": c.label, "init": c.init, "T": c.T, "n_train": task.n_train,
+                        "lengths": lengths, "greedy": greedy, "greedy_stderr": stderr, "teacher_forced": forced})
+    return records
+
+
+def plot_copy(records, path, reading):
+    """Accuracy against string length: per model greedy (solid, its standard error as a band) and teacher-forced
+    (dotted); n_train dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(records):
+        n, greedy, err = np.array(r["lengths"]), np.array(r["greedy"]), np.array(r["greedy_stderr"])
+        ax.plot(n, greedy, color=f"C{i}", marker=".", label=r["label"])
+        ax.fill_between(n, greedy - err, greedy + err, color=f"C{i}", alpha=0.12, linewidth=0)
+        ax.plot(n, r["teacher_forced"], color=f"C{i}", linestyle=":", linewidth=1.2)
+    ax.axvline(records[0]["n_train"], color="gray", linestyle="--", linewidth=1)
+    ax.plot([], [], color="gray", marker=".", label="greedy copy (through step)")
+    ax.plot([], [], color="gray", linestyle=":", linewidth=1.2, label="teacher-forced")
+    ax.plot([], [], color="gray", linestyle="--", linewidth=1, label="longest training string n_train")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("string length n")
+    ax.set_ylabel("characters copied right (fraction)")
+    ax.set_title(f"Copying strings longer than any seen in training\n{reading.description()}")
+    _finish(fig, ax, path)
+
+
+def tabulate_copy(records, out, reading):
+    """The accuracies as CSV, and printed as a table: a row per length, a column per model.  Returns the file."""
+    with open(out / "copy_accuracy.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "label", "length", "greedy", "greedy_stderr", "teacher_forced"])
+        for r in records:
+            for row in zip(r["lengths"], r["greedy"], r["greedy_stderr"], r["teacher_forced"]):
+                writer.writerow([r["path"], r["label"], *row])
+    header = ["n"] + [r["label"] for r in records]
+    rows = [[str(n)] + [f"{r['greedy'][i]:.3f} ({r['teacher_forced'][i]:.3f})" for r in records]
+            for i, n in enumerate(records[0]["lengths"])]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    print(f"\ncopy accuracy, greedy (teacher-forced); trained on n <= {records[0]['n_train']}")
+    print("\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header] + rows))
+    return ["copy_accuracy.csv"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,6 +678,7 @@ class Diagnostic:
     measure: Callable  # (checkpoints, reading) -> a JSON-ready record per checkpoint
     plot: Callable  # (records, path, reading)
     tabulate: Optional[Callable] = None  # (records, out folder, reading) -> names of the extra files written
+    task: str = "lm"  # what the models must have been trained on: lm (text) or a task of tasks.py
 
 
 DIAGNOSTICS = [
@@ -598,51 +686,101 @@ DIAGNOSTICS = [
     Diagnostic("effrem", "effrem", measure_effrem, plot_effrem),
     Diagnostic("state_stats", "state_stats", measure_state_stats, plot_state_stats),
     Diagnostic("passkey", "passkey", measure_passkey, plot_passkey),
+    Diagnostic("copy_accuracy", None, measure_copy, plot_copy, tabulate_copy, task="copy"),
 ]
 
 
 def check_options(args):
     """One-line errors for impossible options, before anything is loaded or read."""
-    for name in ("len", "num_seqs", "chunk", "bins", "passkey_trials", "effrem_points"):
+    for name in ("len", "num_seqs", "chunk", "bins", "passkey_trials", "effrem_points", "copy_strings"):
         if getattr(args, name) < 1:
             raise EvalError(f"--{name} must be at least 1")
     if args.effrem_T is not None and args.effrem_T < 2:
         raise EvalError("--effrem_T must be at least 2 (the context whose first t tokens are removed)")
-    if args.passkey_lengths and min(args.passkey_lengths) < 1:
-        raise EvalError("--passkey_lengths must all be positive (prompt lengths in tokens)")
+    for name in ("passkey_lengths", "copy_lengths"):
+        if min(getattr(args, name) or [1]) < 1:
+            raise EvalError(f"--{name} must all be positive")
     if not all(0 <= d <= 1 for d in args.passkey_depths):
         raise EvalError("--passkey_depths must lie in [0, 1] (0: the key right after the intro, 1: right before "
                         "the question)")
+    if args.train_len is not None and args.train_len < 1:
+        raise EvalError("--train_len must be at least 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file: give a folder for the outputs")
+
+
+def the_task(args, checkpoints):
+    """What the models were trained on ("lm" or a task's name), the same for all and as --task says if given."""
+    trained = dict.fromkeys(c.task for c in checkpoints)
+    if len(trained) > 1:
+        raise EvalError(f"these checkpoints were trained on different things ({', '.join(trained)}): evaluate them "
+                        f"separately")
+    task = next(iter(trained))
+    if args.task not in (None, task):
+        raise EvalError(f"--task {args.task}, but {checkpoints[0].label} was trained on {task}: give --task {task} "
+                        f"or other checkpoints")
+    return task
+
+
+def prepare_text(reading):
+    """The corpus and its evaluation sequences, refused in one line when a model cannot read them.  Returns what
+    the outputs record about them."""
+    args, checkpoints = reading.args, reading.checkpoints
+    if args.effrem and effrem_T(args, checkpoints) > args.len:
+        T = effrem_T(args, checkpoints)
+        raise EvalError(f"EffRem with T={T} needs sequences of at least {T} tokens: raise --len or lower --effrem_T")
+    foreign = next((c for c in checkpoints if c.pretrained), None)
+    if foreign and not args.data:
+        raise EvalError(f"{foreign.label} was not trained here: give --data, a corpus prepared with its tokenizer "
+                        f"(python data.py --input ... --tokenizer {foreign.model.trained_on['tokenizer'] or '...'})")
+    corpus = load_corpus(args.data or checkpoints[0].model.trained_on["corpus"] or "stdlib", args.data_dir)
+    for c in checkpoints:
+        mismatch = tokenizer_mismatch(corpus.meta, c.model.trained_on)
+        if mismatch:
+            raise EvalError(f"{c.label}: {mismatch}: give --data, a corpus prepared with the model's tokenizer")
+        if corpus.vocab_size > c.model.cfg.vocab_size:
+            raise EvalError(f"corpus '{corpus.name}' has {corpus.vocab_size} tokens but {c.label} knows only "
+                            f"{c.model.cfg.vocab_size}: give --data, a corpus prepared with the model's tokenizer")
+    if args.ppl is None:
+        args.ppl = corpus.meta["tokenizer"] != "bytes"
+    reading.corpus = corpus
+    reading.sequences, starts = corpus.eval_sequences(args.len, args.num_seqs)
+    return {"corpus": corpus.name, "split": "val", "len": args.len, "num_seqs": args.num_seqs, "chunk": args.chunk,
+            "sequence_starts": starts}
+
+
+def prepare_task(reading, name):
+    """The task the models were trained on, with their own settings (the same for all).  Returns its record."""
+    try:
+        tasks = [make_task(name, c.args) for c in reading.checkpoints]
+    except ValueError as error:
+        raise EvalError(f"--task {name}: {error}") from None
+    settings = [vars(t) for t in tasks]
+    if any(s != settings[0] for s in settings):
+        raise EvalError(f"these checkpoints were trained on different {name} tasks: evaluate them separately")
+    reading.task = tasks[0]
+    return {"task": name, **{k: v for k, v in settings[0].items() if isinstance(v, (int, float, type(None)))}}
 
 
 def run(args):
     check_options(args)
     device = pick_device(args.device)
     autocast, compute_dtype = autocast_for(device)
-    checkpoints = load_all(find_checkpoints(args.ckpt), args.label, device, args.backend)
+    checkpoints = load_all(find_checkpoints(args.ckpt, args.task), args.label, device, args.backend, args.train_len)
     for checkpoint in checkpoints:
         check_backend(checkpoint.model.cfg, device, compute_dtype)
-    if args.effrem and effrem_T(args, checkpoints) > args.len:
-        T = effrem_T(args, checkpoints)
-        raise EvalError(f"EffRem with T={T} needs sequences of at least {T} tokens: raise --len or lower --effrem_T")
-    corpus = load_corpus(args.data or checkpoints[0].model.trained_on["corpus"] or "stdlib", args.data_dir)
-    if corpus.vocab_size != checkpoints[0].model.cfg.vocab_size:
-        raise EvalError(f"corpus '{corpus.name}' has {corpus.vocab_size} tokens but the checkpoints' vocabulary has "
-                        f"{checkpoints[0].model.cfg.vocab_size}: give --data with the tokenizer they were trained on")
-    if args.ppl is None:
-        args.ppl = corpus.meta["tokenizer"] != "bytes"
-    sequences, starts = corpus.eval_sequences(args.len, args.num_seqs)
+    task = the_task(args, checkpoints)
+    elsewhere = [f"--{d.flag}" for d in DIAGNOSTICS if d.flag and getattr(args, d.flag) and d.task != task]
+    if elsewhere:
+        raise EvalError(f"{', '.join(elsewhere)} measure language models; these checkpoints were trained on {task}")
+    reading = Reading(args, device, autocast, checkpoints)
+    record = prepare_text(reading) if task == "lm" else prepare_task(reading, task)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # now: an unwritable folder fails before hours of reading
-    reading = Reading(args, device, autocast, corpus, sequences, checkpoints)
-    record = {"corpus": corpus.name, "split": "val", "len": args.len, "num_seqs": args.num_seqs, "chunk": args.chunk,
-              "sequence_starts": starts}
     written = []
     for d in DIAGNOSTICS:
-        if d.flag and not getattr(args, d.flag):
+        if d.task != task or (d.flag and not getattr(args, d.flag)):
             continue
         records = d.measure(checkpoints, reading)
         _write_json(out / f"{d.name}.json", {**record, "checkpoints": records})  # the numbers first: never lost

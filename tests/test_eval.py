@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluation
+import tasks
 from model import CHECKPOINT_FORMAT, LM, ModelConfig, load_checkpoint
 
 VOCAB = 40
@@ -103,13 +104,13 @@ def test_passkey_prompt_and_scoring():
 
     enc = bytes_encoding()
     for depth in (0.0, 0.5, 1.0):
-        ids = evaluation.passkey_prompt(enc, 2000, depth, 48213)
+        ids = tasks.passkey_prompt(enc, 2000, depth, 48213)
         text = enc.decode(ids)
-        assert abs(len(ids) - 2000) < len(evaluation.PASSKEY_FILLER) and text.endswith(evaluation.PASSKEY_QUESTION)
+        assert abs(len(ids) - 2000) < len(tasks.PASSKEY_FILLER) and text.endswith(tasks.PASSKEY_QUESTION)
         at = text.index("48213") / len(text)
         assert abs(at - depth) < 0.1
-    assert evaluation.score_answer(" 48213. Remember", 48213)
-    assert not evaluation.score_answer(" 4821", 48213) and not evaluation.score_answer(" 12345", 48213)
+    assert tasks.score_answer(" 48213. Remember", 48213)
+    assert not tasks.score_answer(" 4821", 48213) and not tasks.score_answer(" 12345", 48213)
 
 
 def test_evaluation_writes_figures_and_tables(runs, tiny_corpus, tmp_path, capsys):
@@ -194,20 +195,27 @@ def test_passkey_with_keys_of_different_token_counts():
         enc = data.get_tokenizer("gpt2")
     except data.DataError:
         pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
-    lengths = {len(evaluation.passkey_prompt(enc, 200, 0.5, key)) for key in range(10000, 10400, 7)}
+    lengths = {len(tasks.passkey_prompt(enc, 200, 0.5, key)) for key in range(10000, 10400, 7)}
     assert len(lengths) > 1  # the situation being tested really occurs
     model = LM(ModelConfig(vocab_size=enc.n_vocab, d_model=16, n_layer=1, mixer="gla", n_heads=2)).eval()
     accuracy = evaluation.passkey_accuracy(model, enc, [200], [0.5], 6, "cpu", NO_AUTOCAST, chunk=64)
     assert len(accuracy) == 1 and 0.0 <= accuracy[0][0] <= 1.0
 
 
-def test_checkpoints_with_different_vocabularies_are_refused(runs, tiny_corpus, tmp_path):
+def test_models_that_cannot_read_the_corpus_are_refused(runs, tiny_corpus, tmp_path):
     ckpt = load_checkpoint(runs / "zero")
-    config = {**ckpt["model_config"], "vocab_size": 300}
-    LM(ModelConfig(**config)).save(tmp_path / "other", args=ckpt["args"], corpus=ckpt["corpus"])
-    message = one_line_error(["--ckpt", str(runs / "zero"), "--ckpt", str(tmp_path / "other"),
-                              "--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1"])
+    config = ckpt["model_config"]
+    LM(ModelConfig(**{**config, "vocab_size": 300})).save(tmp_path / "gpt2", args=ckpt["args"],
+                                                           corpus={"name": "tiny", "tokenizer": "gpt2"})
+    LM(ModelConfig(**{**config, "vocab_size": 200})).save(tmp_path / "small", args=ckpt["args"],
+                                                           corpus={"name": "tiny", "tokenizer": "bytes"})
+    base = ["--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1", "--out", str(tmp_path / "eval")]
+    message = one_line_error(base + ["--ckpt", str(runs / "zero"), "--ckpt", str(tmp_path / "gpt2")])
     assert "cannot be compared on the same text" in message
+    message = one_line_error(base + ["--ckpt", str(tmp_path / "gpt2"), "--data", "tiny"])
+    assert "tokenised by bytes, the model by gpt2" in message and "give --data" in message
+    message = one_line_error(base + ["--ckpt", str(tmp_path / "small"), "--data", "tiny"])
+    assert "has 257 tokens but small knows only 200" in message
 
 
 def test_every_forward_pass_reads_at_most_chunk_tokens(runs, tiny_corpus, tmp_path, monkeypatch):
@@ -302,3 +310,160 @@ def test_broken_checkpoints_are_one_line(runs, tiny_corpus, tmp_path):
     assert "is not finite" in one_line_error(base + ["--ckpt", str(tmp_path / "nan")])
     assert "incomplete" in one_line_error(base + ["--ckpt", str(tmp_path / "bare")])
     assert not (tmp_path / "eval" / "loss_vs_position.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official Mamba-2 models (pretrained.py): a folder with config.json, or a Hugging Face name
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_official_layout(model, folder):
+    """A model in mamba_ssm's layout (config.json and pytorch_model.bin with the official tensor names)."""
+    cfg = model.cfg
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": cfg.d_state, "headdim": cfg.headdim, "chunk_size": 16},
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": cfg.pad_vocab_multiple, "tie_embeddings": True}))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_a_model_in_the_official_layout_reads_like_the_same_checkpoint(runs, tiny_corpus, tmp_path, capsys):
+    folder = write_official_layout(LM.from_checkpoint(runs / "zero"), tmp_path / "tiny-mamba2")
+    base = ["--ckpt", str(folder), "--data_dir", tiny_corpus[0], "--len", "160", "--num_seqs", "2"]
+    assert "give it as --train_len" in one_line_error(base + ["--data", "tiny"])
+    assert "was not trained here: give --data" in one_line_error(base + ["--train_len", "16"])
+    evaluation.main(base + ["--ckpt", str(runs / "zero"), "--data", "tiny", "--train_len", "16", "--effrem",
+                            "--out", str(tmp_path / "eval")])
+    official, own = json.loads((tmp_path / "eval" / "loss_vs_position.json").read_text())["checkpoints"]
+    assert official["label"] == "tiny-mamba2" and official["T"] == 16
+    for band, value in own["summary"].items():  # the same weights give the same losses
+        assert official["summary"][band] == pytest.approx(value, rel=1e-5)
+
+
+def test_which_names_go_to_from_pretrained(runs, tmp_path, monkeypatch):
+    (tmp_path / "out" / "zero").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert evaluation.is_pretrained("state-spaces/mamba2-370m")  # nothing here by that name: the Hub
+    assert not evaluation.is_pretrained("out/zero")  # a run folder (without its ckpt.pt: the error will say so)
+    assert not evaluation.is_pretrained("out/missing") and not evaluation.is_pretrained(str(tmp_path / "nothing"))
+    assert not evaluation.is_pretrained(str(runs / "zero"))
+    write_official_layout(LM.from_checkpoint(runs / "zero"), tmp_path / "state-spaces" / "local")
+    assert evaluation.is_pretrained("state-spaces/local")
+    asked = []
+    monkeypatch.setattr(LM, "from_pretrained", classmethod(lambda cls, name, device, **kw: asked.append(name)
+                                                           or LM.from_checkpoint(runs / "zero")))
+    assert evaluation.Checkpoint("someone/model", "cpu").label == "model" and asked == ["someone/model"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Passkey retrieval (tasks.py) and the fine-tuning task
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_passkey_defaults_are_the_papers():
+    args = evaluation.build_parser().parse_args([])
+    assert args.passkey_depths == [0.1, 0.5, 0.9]
+    assert args.passkey_lengths == [2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
+
+
+def test_passkey_training_examples():
+    from data import bytes_encoding
+
+    enc = bytes_encoding()
+    task = tasks.PasskeyTask(enc, max_len=600)
+    assert task.vocab_size == 257 and task.train_tokens == 600
+    generator = torch.Generator().manual_seed(0)
+    lengths, depths = set(), []
+    for _ in range(20):
+        inputs, targets = task.batch(3, generator)
+        assert inputs.shape == targets.shape and inputs.shape[0] == 3
+        lengths.add(inputs.shape[1])
+        assert task.min_len <= inputs.shape[1] <= 600
+        for row, target in zip(inputs, targets):
+            text = enc.decode(row.tolist())
+            key = text[-6:-1]
+            counted = target >= 0
+            assert enc.decode(target[counted].tolist()) == f" {key}."  # the loss is on the answer only
+            assert torch.equal(target[:-1][counted[:-1]], row[1:][counted[:-1]])  # target = the next token
+            assert text.startswith(tasks.PASSKEY_INTRO) and text.endswith(tasks.PASSKEY_QUESTION + f" {key}.")
+            filler = len(text) - len(tasks.PASSKEY_INTRO) - len(tasks.PASSKEY_QUESTION) - 7
+            depths.append((text.index(f"is {key}.") - len(tasks.PASSKEY_INTRO)) / filler)
+    assert len(lengths) > 10  # lengths vary from batch to batch
+    assert min(depths) < 0.15 and max(depths) > 0.7 and 0.3 < sum(depths) / len(depths) < 0.7  # depths spread
+    with pytest.raises(ValueError, match="too short"):
+        tasks.PasskeyTask(enc, max_len=100)
+
+
+def test_passkey_training_loss_counts_the_answer_only():
+    from data import bytes_encoding
+
+    task = tasks.PasskeyTask(bytes_encoding(), max_len=400)
+    inputs, targets = task.batch(2, torch.Generator().manual_seed(1))
+    model = LM(ModelConfig(vocab_size=task.vocab_size, d_model=16, n_layer=1, mixer="gla", n_heads=2)).eval()
+    with torch.no_grad():
+        logits, loss, _ = model(inputs, targets)
+    answer = targets >= 0
+    expected = F.cross_entropy(logits[answer], targets[answer])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_passkey_examples_with_a_bpe_tokenizer():
+    import data
+
+    try:
+        enc = data.get_tokenizer("gpt2")
+    except data.DataError:
+        pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
+    task = tasks.PasskeyTask(enc, max_len=2048)
+    inputs, targets = task.batch(8, torch.Generator().manual_seed(0))
+    answers = [enc.decode(t[t >= 0].tolist()) for t in targets]
+    assert all(tasks.score_answer(a, int(a.strip(" ."))) for a in answers)
+    assert len({int((t >= 0).sum()) for t in targets}) > 1  # keys of different token counts, rows of equal length
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The copy task (tasks.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def copy_runs(tmp_path_factory):
+    """Two checkpoints as train.py --task copy writes them (alphabet of 4, strings up to 4 characters)."""
+    root = tmp_path_factory.mktemp("copyruns")
+    settings = {"task": "copy", "alphabet_size": 4, "n_train": 4, "context": 0, "seq_len": 11}
+    for seed, init in enumerate(("zero", "state_passing")):
+        torch.manual_seed(seed)
+        LM(ModelConfig(vocab_size=7, d_model=16, n_layer=1, mixer="mamba2", d_state=8, headdim=8,
+                       chunk_size=16)).save(root / init, args={**settings, "init": init}, step=4,
+                                            corpus={"name": "task copy", "tokenizer": None})
+    return root
+
+
+def test_copy_accuracy_against_length(copy_runs, tmp_path, capsys):
+    evaluation.main(["--ckpt", str(copy_runs / "zero"), "--ckpt", str(copy_runs / "state_passing"),
+                     "--copy_lengths", "1", "4", "9", "--copy_strings", "5", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "copy_accuracy.json").read_text())
+    assert record["task"] == "copy" and record["n_train"] == 4 and record["alphabet_size"] == 4
+    zero = record["checkpoints"][0]
+    assert zero["label"] == "zero" and zero["lengths"] == [1, 4, 9] and zero["n_train"] == 4
+    direct = tasks.copy_accuracy(LM.from_checkpoint(copy_runs / "zero"), tasks.CopyTask(4, 4, 0), [1, 4, 9], 5)
+    assert zero["greedy"] == [direct[n][0] for n in (1, 4, 9)]
+    assert zero["teacher_forced"] == pytest.approx([direct[n][2] for n in (1, 4, 9)])
+    assert (tmp_path / "copy_accuracy.png").stat().st_size > 0 and (tmp_path / "copy_accuracy.csv").exists()
+    printed = capsys.readouterr().out
+    assert "trained on n <= 4" in printed and "state_passing" in printed
+    assert not (tmp_path / "loss_vs_position.json").exists()  # no text to read
+
+
+def test_copy_defaults_and_errors(copy_runs, runs, tiny_corpus, tmp_path, monkeypatch):
+    args = evaluation.build_parser().parse_args([])
+    lengths = evaluation.copy_lengths(args, tasks.CopyTask(n_train=16))
+    assert len(lengths) == 16 and lengths[0] == 1 and lengths[-1] == 64 and lengths == sorted(set(lengths))
+    assert sum(n <= 16 for n in lengths) == 4  # a quarter within the training lengths, the rest beyond
+    copy = ["--ckpt", str(copy_runs / "zero"), "--out", str(tmp_path)]
+    assert "trained on copy" in one_line_error(copy + ["--effrem"])
+    assert "--task lm, but zero was trained on copy" in one_line_error(copy + ["--task", "lm"])
+    assert "trained on different things" in one_line_error(copy + ["--ckpt", str(runs / "zero")])
+    assert "--copy_lengths must all be positive" in one_line_error(copy + ["--copy_lengths", "0"])
+    monkeypatch.chdir(tmp_path)
+    assert "no checkpoints under out/copy/" in one_line_error(["--task", "copy"])
