@@ -236,11 +236,13 @@ class PasskeyTask:
     the answer's tokens. The filler's last sentence is cut to make the length exact; the key sentence goes between
     filler sentences, at the boundary nearest to its depth.
 
-    Not in TASKS (train.py's --task): it needs the tokenizer of the model being fine-tuned,
+    train.py --task passkey builds it with the tokenizer of the model it fine-tunes (needs_tokenizer),
     PasskeyTask(data.get_tokenizer(spec), max_len=2048).
     """
 
     name = "passkey"
+    options = {}  # no flags: T is max_len, the paper's 2048
+    needs_tokenizer = True
 
     def __init__(self, tokenizer, max_len=2048):
         encode = tokenizer.encode_ordinary
@@ -284,3 +286,6 @@ class PasskeyTask:
         depths = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
         rows = [self.example(length, depth, key) for depth, key in zip(depths, keys)]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+TASKS["passkey"] = PasskeyTask

@@ -6,6 +6,9 @@
     python train.py --init tbptt --init_from PATH     post-train any checkpoint (a file or a run folder), or an
                                                       official Mamba-2 (state-spaces/mamba2-370m, see pretrained.py)
     python train.py --task copy                       a synthetic task of tasks.py instead of text -> out/copy/zero
+    python train.py --task passkey --init fitted_noise --init_from state-spaces/mamba2-370m
+                                                      the paper's passkey fine-tuning (1000 steps at T = 2048) in
+                                                      the model's own tokenizer -> out/passkey/fitted_noise
     torchrun --nproc_per_node=4 train.py --preset paper ...      data-parallel on 4 GPUs (or CPU processes)
 
 This is the paper's recipe: train as usual (zero initial state), then continue for a few hundred steps at the same
@@ -158,6 +161,9 @@ PRESETS["copy"] = dict(
     train=dict(batch_size=16, grad_accum=1, max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=100,
                weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_seqs=16),
     post=dict(max_steps=200, lr=1e-3, min_lr=1e-4, warmup_steps=10))
+# --task passkey fine-tunes the --init_from model with its preset (an official model's, else demo's post-training)
+# for the paper's 1000 steps; T is the task's 2048
+TASK_DEFAULTS = {"passkey": dict(max_steps=1000)}
 TASK_OPTIONS = {name: help for task in TASKS.values() for name, help in task.options.items()}
 MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if "help" in f.metadata]
 ARCHITECTURE = [f.name for f in MODEL_FLAGS if not f.metadata.get("runtime")]  # what post-training cannot change
@@ -179,7 +185,8 @@ def build_parser():
     g.add_argument("--init", default="zero", choices=INITS, help="initial-state intervention (default: zero)")
     g.add_argument("--preset", default="demo", choices=PRESETS, help="defaults of a whole configuration")
     g.add_argument("--task", default="lm", choices=["lm", *TASKS], help="lm: language modelling on --data "
-                   "(default); or a synthetic task of tasks.py, whose own held-out batches validate")
+                   "(default); or a synthetic task of tasks.py, whose own held-out batches validate; passkey "
+                   "fine-tunes --init_from on examples in the tokenizer it was trained with")
     g.add_argument("--init_from", help="post-train this with a fresh optimizer: a checkpoint (file or run folder), "
                    "an official Mamba-2 (state-spaces/mamba2-370m) or a folder with its config.json and weights "
                    "(see pretrained.py); default for --init other than zero: out/zero (pre-trained first if missing)")
@@ -270,9 +277,14 @@ def resolve_args(args, explicit):
     preset, base = PRESETS[args.preset], None
     if not args.from_scratch:
         args.init_from = args.init_from or preset.get("init_from")
+    if reads_text(args.task) and not args.init_from:
+        raise UsageError(f"--task {args.task} fine-tunes a language model on examples in its own tokenizer: give "
+                         f"--init_from (a checkpoint trained on a corpus, or an official Mamba-2 such as "
+                         f"state-spaces/mamba2-370m)")
     if args.init != "zero" and not args.init_from and not args.from_scratch:
         args.init_from = default_out_dir(args.task, "zero")  # the paper's recipe: post-train the zero-init model
-    defaults = {**preset["model"], **preset["train"], **(preset["post"] if args.init_from else {})}
+    defaults = {**preset["model"], **preset["train"], **(preset["post"] if args.init_from else {}),
+                **TASK_DEFAULTS.get(args.task, {})}
     if args.init_from:
         if checkpoint_path(args.init_from).resolve() == checkpoint_path(args.out_dir).resolve():
             raise UsageError(f"post-training {args.init_from} into itself would overwrite it: give another --out_dir")
@@ -284,19 +296,45 @@ def resolve_args(args, explicit):
                              f"change: drop the flags or post-train another checkpoint")
         inherited = {k: v for k, v in trained_with.items() if k in INHERITED and k not in explicit and v is not None}
         vars(args).update({k: getattr(base.cfg, k) for k in ARCHITECTURE}, **inherited)
+        if reads_text(args.task):  # (the task may be inherited: fine-tuning a passkey run further)
+            args.tokenizer = base_tokenizer(base, args)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.task != "lm":
         if explicit & {"data", "seq_len"}:
             raise UsageError(f"--task {args.task} makes its own examples; drop --data and --seq_len")
-        try:
-            args.seq_len = make_task(args.task, vars(args)).train_tokens  # T: the longest training example
-        except ValueError as error:
-            raise UsageError(f"--task {args.task}: {error}") from None
+        args.seq_len = build_task(args).train_tokens  # T: the longest training example
     args.noise_std = 0.1 if args.noise_std is None else args.noise_std
     args.p_zero = 0.0 if args.p_zero is None else args.p_zero
     return args, base
+
+
+def base_tokenizer(base, args):
+    """The tokenizer (a data.get_tokenizer spec) that the text of the model --init_from names was in: an official
+    model's or a folder's (model.trained_on), a checkpoint's corpus's. Bytes are a tokenizer like any other."""
+    spec = base.trained_on["tokenizer"]
+    if spec is None:
+        raise UsageError(f"--task {args.task} writes its examples in the tokens of the model it fine-tunes, but "
+                         f"{args.init_from} does not say which tokenizer it was trained with: fine-tune a model "
+                         f"trained on a prepared corpus, or a folder that has its tokenizer.json beside the weights")
+    return spec
+
+
+def build_task(args):
+    """The synthetic task of args.task with its settings; a task in words (needs_tokenizer) in args.tokenizer, the
+    tokenizer of the model it fine-tunes. Raises UsageError, or DataError when that tokenizer cannot be had."""
+    try:
+        if reads_text(args.task):
+            return TASKS[args.task](get_tokenizer(args.tokenizer))
+        return make_task(args.task, vars(args))
+    except ValueError as error:
+        raise UsageError(f"--task {args.task}: {error}") from None
+
+
+def reads_text(task):
+    """Whether --task is written in words, so that only a language model in its own tokenizer can learn it."""
+    return getattr(TASKS.get(task), "needs_tokenizer", False)
 
 
 def load_base(init_from):
@@ -359,7 +397,7 @@ class Run:
         self.is_main = rank == 0
         self.autocast, compute_dtype = autocast_for(device, args.dtype)
         seed = (args.seed * 1000 + rank) * 2  # the data and the intervention must not draw the same numbers
-        self.batches = (TaskBatches(make_task(args.task, vars(args)), args, seed) if args.task != "lm" else
+        self.batches = (TaskBatches(build_task(args), args, seed) if args.task != "lm" else
                         CorpusBatches(open_corpus(args, rank, world), args, rank, world, seed,
                                       streams=INITS[args.init].uses_streams))
         self.step, self.saved_step, self.tokens = 0, None, 0  # tokens: read by this process in this invocation
@@ -561,10 +599,13 @@ class CorpusBatches:
 class TaskBatches:
     """Training batches of a synthetic task (tasks.py), and fixed held-out batches whose masked loss (targets -1
     do not count) is the validation loss. next() -> (inputs, targets, restarted = None): no example continues
-    another, so tbptt hands states on between examples as state_passing does."""
+    another, so tbptt hands states on between examples as state_passing does. A task in words (passkey) records
+    its tokenizer as a corpus does (data.tokenizer_identity), so that eval.py's checks of tokens apply."""
 
     def __init__(self, task, args, seed):
         self.task, self.batch_size, self.vocab_size = task, args.batch_size, task.vocab_size
+        text = getattr(task, "tokenizer", None)
+        self.tokenizer = {"tokenizer": text and text.name, "tokenizer_sha256": getattr(text, "sha256", None)}
         self.rng = torch.Generator().manual_seed(seed)
         held_out = torch.Generator().manual_seed(2 ** 40 + args.seed)  # the same on every process, unlike rng
         self.val_batches = [task.batch(args.batch_size, held_out) for _ in range(args.eval_seqs)]
@@ -583,13 +624,16 @@ class TaskBatches:
         return {"val_loss": total / count}
 
     def refusal(self, model):
+        mismatch = self.tokenizer["tokenizer"] and tokenizer_mismatch(self.tokenizer, model.trained_on)
+        if mismatch:  # a tokenizer.json replaced since the model was trained
+            return f"{mismatch}: put back the tokenizer the model was trained with"
         if model.cfg.vocab_size < self.vocab_size:
             return f"its vocabulary of {model.cfg.vocab_size} tokens is smaller than the task's {self.vocab_size}"
         return None
 
     def describe(self):
         return {"name": f"task {self.task.name}", "task": self.task.name, "vocab_size": self.vocab_size,
-                "tokenizer": None, "fingerprint": None}
+                **self.tokenizer, "fingerprint": None}
 
     def state_dict(self):
         return {"data_rng": self.rng.get_state(), "streams": None}
@@ -839,7 +883,7 @@ def needs_base_run(args):
     """True when the one-command recipe must pre-train out/zero first; an unfinished out/zero is an error."""
     base_run = default_out_dir(args.task, "zero")
     if args.init == "zero" or args.init_from or PRESETS[args.preset].get("init_from") or args.from_scratch \
-            or args.resume:
+            or args.resume or reads_text(args.task):
         return False
     if not checkpoint_path(base_run).exists():
         return True

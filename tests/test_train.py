@@ -3,6 +3,7 @@ one clear line."""
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -585,3 +586,127 @@ def test_a_task_alone_brings_its_preset_and_bad_task_settings_are_one_line(tmp_p
                            (["--context", "-1"], "--context must be at least 0")):
         error = run_main(task_flags(tmp_path / "bad", *extra))
         assert message in error and "\n" not in error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --task passkey: fine-tuning a language model on passkey examples in its own tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    """A 2-step pre-trained LM on a corpus prepared with a small BPE tokenizer.json: (run folder, tokenizer file)."""
+    import data
+    from test_data import train_bpe
+
+    root = tmp_path_factory.mktemp("bpe_model")
+    tokenizer = train_bpe(root / "bpe")
+    (root / "words.txt").write_text("".join(f"The sky is blue on day {i}. The grass is green.\n" for i in range(400)))
+    data.prepare(root / "words.txt", name="words", tokenizer=str(tokenizer), data_dir=root / "data")
+    out = root / "lm"
+    flags = tiny_run_flags((str(root / "data"), "words"), out, "--max_steps", "2")
+    assert run_main(flags) is None
+    return out, tokenizer
+
+
+def passkey_flags(out_dir, *extra):
+    return ["--task", "passkey", "--out_dir", str(out_dir), "--batch_size", "2", "--eval_seqs", "2",
+            "--eval_interval", "2", "--log_interval", "1", "--max_steps", "2", "--device", "cpu", *extra]
+
+
+def test_passkey_fine_tunes_a_model_in_its_own_tokenizer(bpe_model, tmp_path):
+    """--task passkey --init fitted_noise --init_from an LM: examples of up to 2048 tokens in the tokenizer of the
+    LM's corpus, the loss on the answer only, the tokenizer recorded as a corpus's would be."""
+    import data
+    from model import LM
+    from tasks import PasskeyTask
+
+    base, tokenizer_file = bpe_model
+    out = tmp_path / "fitted_noise"
+    assert run_main(passkey_flags(out, "--init", "fitted_noise", "--init_from", str(base))) is None
+    ckpt, base_ckpt = train.load_checkpoint(out), train.load_checkpoint(base)
+    assert ckpt["step"] == 2 and ckpt["args"]["task"] == "passkey" and ckpt["args"]["seq_len"] == 2048
+    assert ckpt["corpus"]["tokenizer"] == base_ckpt["corpus"]["tokenizer"] == str(tokenizer_file.resolve())
+    assert ckpt["corpus"]["tokenizer_sha256"] == base_ckpt["corpus"]["tokenizer_sha256"] is not None
+    assert ckpt["model_config"]["vocab_size"] == base_ckpt["model_config"]["vocab_size"] == 400
+    assert any(not torch.equal(v, base_ckpt["model"][k]) for k, v in ckpt["model"].items())
+    assert LM.from_checkpoint(ckpt).trained_on["tokenizer_sha256"] == base_ckpt["corpus"]["tokenizer_sha256"]
+    # the validation loss is the cross-entropy of the answers (" 12345.") alone, recomputed here by hand
+    args = train.argparse.Namespace(**ckpt["args"])
+    batches = train.TaskBatches(train.build_task(args), args, seed=0)
+    model, tokenizer, losses = LM.from_checkpoint(ckpt), data.get_tokenizer(str(tokenizer_file)), []
+    for inputs, targets in batches.val_batches:
+        assert isinstance(batches.task, PasskeyTask) and inputs.shape[1] <= 2048
+        for row, row_targets in zip(inputs, targets):
+            n = int((row_targets >= 0).sum())  # the answer's tokens, the last of the row
+            assert re.fullmatch(r" \d{5}\.", tokenizer.decode(row[-n:].tolist()))
+            assert torch.equal(row_targets[-n - 1:-1], row[-n:]) and (row_targets[:-n - 1] == -1).all()
+            logits = model(row[None])[0][0, -n - 1:-1]
+            losses.append(torch.nn.functional.cross_entropy(logits, row[-n:], reduction="none"))
+    val = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert len(val) == 1 and val[0] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)  # float32 sums
+
+
+def test_passkey_resumes_exactly_and_defaults_to_the_paper_recipe(bpe_model, tmp_path, monkeypatch):
+    base, _ = bpe_model
+    flags = lambda out: passkey_flags(out, "--init", "state_passing", "--init_from", str(base),  # noqa: E731
+                                      "--max_steps", "3", "--eval_interval", "3")
+    assert run_main(flags(tmp_path / "whole")) is None
+    assert run_main(flags(tmp_path / "split") + ["--stop_at", "1"]) is None
+    assert run_main(["--resume", "--out_dir", str(tmp_path / "split")]) is None
+    whole, split = train.load_checkpoint(tmp_path / "whole"), train.load_checkpoint(tmp_path / "split")
+    for key, value in whole["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    assert split["corpus"] == whole["corpus"]
+    monkeypatch.chdir(tmp_path)
+    args, _ = train.resolve_args(train.build_parser().parse_args(["--task", "passkey", "--init_from", str(base)]),
+                                 {"task", "init_from"})
+    assert (args.max_steps, args.seq_len, args.out_dir) == (1000, 2048, os.path.join("out", "passkey", "zero"))
+
+
+def test_passkey_on_an_official_model_takes_its_preset_and_byte_models_their_bytes(tiny_corpus, base_run, tmp_path,
+                                                                                   monkeypatch):
+    folder, _ = official_layout_folder(tmp_path / "official", vocab_size=300)
+    from model import LM
+
+    real = LM.from_pretrained
+
+    def official_in_bytes(name, *args, **kwargs):  # its real tokenizer would be downloaded
+        model = real(folder)
+        model.trained_on["tokenizer"] = "bytes"
+        return model
+
+    monkeypatch.setattr(LM, "from_pretrained", official_in_bytes)
+    argv = ["--task", "passkey", "--init", "fitted_noise", "--init_from", "state-spaces/mamba2-370m"]
+    args, _ = train.resolve_args(train.build_parser().parse_args(argv), {"task", "init", "init_from"})
+    assert (args.preset, args.max_steps, args.seq_len, args.batch_size * args.grad_accum, args.lr) == \
+        ("mamba2-370m", 1000, 2048, 256, 3e-4)
+    assert args.tokenizer == "bytes"
+    # a byte-level checkpoint of this project fine-tunes on passkey examples in bytes
+    assert run_main(passkey_flags(tmp_path / "bytes", "--init_from", str(base_run), "--max_steps", "1")) is None
+    ckpt = train.load_checkpoint(tmp_path / "bytes")
+    assert ckpt["corpus"]["tokenizer"] == "bytes" and ckpt["model_config"]["vocab_size"] == 257
+
+
+def test_passkey_errors_are_one_line(tiny_corpus, bpe_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for extra, message in (([], "--task passkey fine-tunes a language model on examples in its own tokenizer: give "
+                                "--init_from"),
+                           (["--init", "fitted_noise"], "give --init_from"),
+                           (["--from_scratch", "--init", "tbptt"], "give --init_from"),
+                           (["--init_from", str(bpe_model[0]), "--seq_len", "64"],
+                            "--task passkey makes its own examples; drop --data and --seq_len")):
+        error = run_main(passkey_flags(tmp_path / "bad", *extra))
+        assert message in error and "\n" not in error, error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "bad").exists()  # nothing pre-trained or written
+    assert run_main(task_flags(tmp_path / "copy", "--max_steps", "1")) is None  # a copy model reads no words
+    error = run_main(passkey_flags(tmp_path / "bad", "--init_from", str(tmp_path / "copy")))
+    assert "does not say which tokenizer it was trained with" in error and "\n" not in error
+    # a tokenizer.json replaced after the model was trained is refused, not silently used
+    tokenizer = bpe_model[1]
+    original = tokenizer.read_bytes()
+    try:
+        tokenizer.write_bytes(original + b"\n")  # the same tokens, but not provably: another sha256
+        error = run_main(passkey_flags(tmp_path / "bad", "--init_from", str(bpe_model[0])))
+    finally:
+        tokenizer.write_bytes(original)
+    assert "put back the tokenizer the model was trained with" in error and "\n" not in error
