@@ -4,7 +4,8 @@
     python eval.py --len 131072 --ckpt out/zero --ckpt out/state_passing --effrem --state_stats
     python eval.py --passkey --ckpt state-spaces/mamba2-370m --data pile-neox --len 16384
                                                       an official Mamba-2 (see pretrained.py), passkey retrieval
-    python eval.py --task copy                        copy accuracy of every run under out/copy/ (tasks.py)
+    python eval.py --task copy                        copy accuracy of every run under out/copy/ (tasks.py), the
+                                                      runs of one name (out/copy/s0/zero, s1/zero, ...) as seeds
 
 Loss against position (always). --num_seqs sequences of --len tokens from the validation split, the same ones for
 every checkpoint (a fixed, document-aligned choice recorded in the output), read from the zero state with the state
@@ -29,7 +30,10 @@ Diagnostics of the paper, each a row of DIAGNOSTICS (its flag, what it measures,
                    trust). The paper's grid by default: depths 0.1, 0.5, 0.9 of prompts of 2k to 256k tokens.
     --task copy    (models trained by train.py --task copy) the fraction of characters copied right against the
                    string length, greedy through LM.step and teacher-forced, on fixed strings: copy_accuracy.png,
-                   .json, .csv and a table.
+                   .json, .csv and tables. Checkpoints of one name (--label, or the run folder: out/copy/s0/zero,
+                   out/copy/s1/zero, ...) are seeds of one model: per model, the mean over seeds +- the std across
+                   them, per length and within (n <= n_train) and beyond (n_train < n <= 4 n_train) training, and
+                   the largest standard error over strings (a warning when it reaches 0.02).
 
 Outputs in --out (default eval/): loss_vs_position.png, loss_vs_position.json (per checkpoint: the binned curve,
 its control and the summary means) and .csv, plus effrem.png/.json, state_stats.png/.json and passkey.png/.json
@@ -53,7 +57,8 @@ from tqdm import tqdm
 from data import DATA_DIR, DataError, load_corpus, tokenizer_mismatch
 from model import (LM, CheckpointError, OneLineParser, UsageError, autocast_for, check_backend, checkpoint_path,
                    load_checkpoint, pick_device)
-from tasks import PASSKEY_DEPTHS, PASSKEY_LENGTHS, TASKS, copy_accuracy, make_task, passkey_prompt, score_answer
+from tasks import (PASSKEY_DEPTHS, PASSKEY_LENGTHS, TASKS, copy_accuracy, make_task, passkey_prompt, score_answer,
+                   teacher_forced_accuracy)
 
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
 LOGITS_BUDGET = 2 ** 26  # logits held at once (256 MB in float32): bounds memory whatever the vocabulary
@@ -70,9 +75,10 @@ def build_parser():
                       allow_abbrev=False)
     p.add_argument("--ckpt", action="append", help="checkpoint file or run folder, an official Mamba-2 (Hugging "
                    "Face name such as state-spaces/mamba2-370m, or a folder with config.json); repeat for several "
-                   "(default: every out/*/ckpt.pt, out/zero first; with --task copy, out/copy/*)")
+                   "(default: every out/*/ckpt.pt, out/zero first; with --task copy, out/copy/* and out/copy/*/*)")
     p.add_argument("--label", action="append", help="the name of each --ckpt in legends and tables, in the same "
-                                                    "order (default: its run folder's name)")
+                   "order (default: its run folder's name); with --task copy, checkpoints of one name are seeds "
+                   "of one model, reported as mean +- std")
     p.add_argument("--task", choices=("lm", *TASKS), help="lm: text from a corpus; copy: tasks.py's copy task "
                    "(default: what the checkpoints were trained on)")
     p.add_argument("--train_len", type=int, help="the training length T of models that do not record it")
@@ -99,7 +105,8 @@ def build_parser():
     p.add_argument("--passkey_trials", type=int, default=4, help="random keys per (length, depth) cell")
     p.add_argument("--copy_lengths", type=int, nargs="+", help="string lengths to copy (default: 16 lengths "
                    "from 1 to 4 n_train)")
-    p.add_argument("--copy_strings", type=int, default=32, help="strings per length (default 32)")
+    p.add_argument("--copy_strings", type=int, default=256, help="strings per length (default 256: a standard "
+                   "error over strings of at most 0.5 / 16 = 0.031 per length, in practice below 0.02)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), help="scan implementation (default: auto)")
     return p
@@ -127,7 +134,9 @@ class Checkpoint:
         self.T = self.model.trained_on["seq_len"] or train_len
         if not self.T:
             raise CheckpointError(f"{spec} does not record its training length: give it as --train_len T")
-        self.label = label or self.folder.name
+        # name: the model this checkpoint is a run of (copy evaluations average the runs of one name as seeds);
+        # label: the checkpoint itself, told apart from others of its name by load_all
+        self.name = self.label = label or self.folder.name
 
 
 def is_pretrained(spec):
@@ -141,12 +150,14 @@ def is_pretrained(spec):
 
 
 def find_checkpoints(paths, task=None):
-    """The --ckpt paths, or every run under out/ (out/TASK/ for a task) that has a checkpoint: out/zero (the
-    baseline) first, then by name."""
+    """The --ckpt paths, or every run under out/ that has a checkpoint; for a task, under out/TASK/, also one level
+    deeper (seeds: out/copy/s0/zero, out/copy/s1/zero, ...). Runs named zero (the baseline) first, then by name."""
     if paths:
         return paths
     root = Path("out", *([] if task in (None, "lm") else [task]))
-    found = sorted((str(p.parent) for p in root.glob("*/ckpt.pt")), key=lambda p: (Path(p).name != "zero", p))
+    patterns = ["*/ckpt.pt"] + ([] if task in (None, "lm") else ["*/*/ckpt.pt"])
+    found = sorted((str(p.parent) for pattern in patterns for p in root.glob(pattern)),
+                   key=lambda p: (Path(p).name != "zero", Path(p).name, p))
     if not found:
         raise EvalError(f"no checkpoints under {root}/: train one first (python train.py) or give --ckpt PATH")
     return found
@@ -609,60 +620,156 @@ def copy_lengths(args, task):
 
 
 def measure_copy(checkpoints, reading):
-    """Per checkpoint, the character accuracy of copying the task's fixed evaluation strings at every length,
-    greedy (through LM.step) and teacher-forced (tasks.copy_accuracy)."""
-    task, args = reading.task, reading.args
+    """Per checkpoint (one seed of a model), the character accuracy of copying the task's fixed evaluation strings
+    at every length, greedy (through LM.step) and teacher-forced (tasks.copy_accuracy), each with its standard
+    error over the strings."""
+    task, args, device = reading.task, reading.args, reading.device
     lengths = copy_lengths(args, task)
     records = []
     for c in checkpoints:
-        greedy, stderr, forced = [], [], []
+        kinds = ("greedy", "greedy_stderr", "teacher_forced", "teacher_forced_stderr")
+        record = {"path": c.path, "label": c.label, "model": c.name, "init": c.init, "T": c.T,
+                  "n_train": task.n_train, "lengths": lengths, **{kind: [] for kind in kinds}}
         with progress(sum(args.copy_strings * (2 * n + 3) for n in lengths), f"{c.label}: copying") as bar:
             for n in lengths:  # one length at a time, for the bar
                 with reading.autocast:
-                    (g, e, f), = copy_accuracy(c.model, task, [n], args.copy_strings, device=reading.device).values()
-                greedy, stderr, forced = greedy + [g], stderr + [e], forced + [f]
+                    (greedy, stderr, forced), = copy_accuracy(c.model, task, [n], args.copy_strings,
+                                                              device=device).values()
+                    # copy_accuracy gives the mean only; the spread over strings costs one more parallel pass
+                    per_string = teacher_forced_accuracy(c.model, task, task.eval_strings(n, args.copy_strings)
+                                                         .to(device)).double()
+                forced_stderr = per_string.std().item() / len(per_string) ** 0.5 if len(per_string) > 1 else 0.0
+                for kind, value in zip(kinds, (greedy, stderr, forced, forced_stderr)):
+                    record[kind].append(value)
                 bar.update(args.copy_strings * (2 * n + 3))
-        records.append({"path": c.path, "label": c.label, "init": c.init, "T": c.T, "n_train": task.n_train,
-                        "lengths": lengths, "greedy": greedy, "greedy_stderr": stderr, "teacher_forced": forced})
+        records.append(record)
     return records
 
 
+def mean_and_std(per_seed):
+    """Mean over seeds and the standard deviation across them (ddof = 1; 0 for a single seed).
+    per_seed (seeds, ...) -> two arrays (...)"""
+    per_seed = np.asarray(per_seed, dtype=float)
+    return per_seed.mean(0), per_seed.std(0, ddof=1) if len(per_seed) > 1 else np.zeros(per_seed.shape[1:])
+
+
+def copy_ranges(n_train):
+    """The string lengths the summary averages over: within training, and up to 4 times beyond it."""
+    return {"within": (1, n_train), "beyond": (n_train + 1, 4 * n_train)}
+
+
+def range_summary(per_seed, lengths, lo, hi):
+    """Each seed's mean accuracy over the lengths in [lo, hi], and the mean and std of those across seeds; None
+    when no length falls there.  per_seed (seeds, len(lengths)), lengths (len(lengths),)"""
+    inside = (lengths >= lo) & (lengths <= hi)
+    if not inside.any():
+        return None
+    means = per_seed[:, inside].mean(1)  # (seeds,)
+    mean, std = mean_and_std(means)
+    return {"lengths": [lo, hi], "per_seed": means.tolist(), "mean": float(mean), "std": float(std)}
+
+
+def copy_models(records):
+    """The checkpoints' records grouped into models: checkpoints of one name (--label, or the run folder's name, as
+    in out/copy/s0/zero, out/copy/s1/zero) are seeds of one model.  Per model, in the order first met, for greedy
+    and teacher-forced copying: per length the mean over seeds, the standard deviation across seeds and the largest
+    standard error over strings; per range of lengths (copy_ranges) each seed's mean over its lengths, and their
+    mean and standard deviation across seeds (None where no length falls in the range)."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r["model"], []).append(r)
+    models = []
+    for name, seeds in groups.items():
+        lengths, n_train = np.array(seeds[0]["lengths"]), seeds[0]["n_train"]
+        model = {"label": name, "seeds": len(seeds), "checkpoints": [s["path"] for s in seeds],
+                 "n_train": n_train, "lengths": lengths.tolist()}
+        for kind in ("greedy", "teacher_forced"):
+            per_seed = np.array([s[kind] for s in seeds])  # (seeds, lengths)
+            mean, std = mean_and_std(per_seed)
+            model[kind], model[f"{kind}_std"] = mean.tolist(), std.tolist()
+            model[f"{kind}_stderr"] = np.max([s[f"{kind}_stderr"] for s in seeds], axis=0).tolist()
+            for part, (lo, hi) in copy_ranges(n_train).items():
+                model[f"{kind}_{part}"] = range_summary(per_seed, lengths, lo, hi)
+        model["max_stderr"] = max(max(model["greedy_stderr"]), max(model["teacher_forced_stderr"]))
+        models.append(model)
+    return models
+
+
 def plot_copy(records, path, reading):
-    """Accuracy against string length: per model greedy (solid, its standard error as a band) and teacher-forced
-    (dotted); n_train dashed."""
+    """Accuracy against string length, greedy (left) and teacher-forced (right): per model the mean over its seeds
+    with a band of +- the standard deviation across them (a single seed: +- its standard error over strings);
+    n_train dashed."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, r in enumerate(records):
-        n, greedy, err = np.array(r["lengths"]), np.array(r["greedy"]), np.array(r["greedy_stderr"])
-        ax.plot(n, greedy, color=f"C{i}", marker=".", label=r["label"])
-        ax.fill_between(n, greedy - err, greedy + err, color=f"C{i}", alpha=0.12, linewidth=0)
-        ax.plot(n, r["teacher_forced"], color=f"C{i}", linestyle=":", linewidth=1.2)
-    ax.axvline(records[0]["n_train"], color="gray", linestyle="--", linewidth=1)
-    ax.plot([], [], color="gray", marker=".", label="greedy copy (through step)")
-    ax.plot([], [], color="gray", linestyle=":", linewidth=1.2, label="teacher-forced")
-    ax.plot([], [], color="gray", linestyle="--", linewidth=1, label="longest training string n_train")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("string length n")
-    ax.set_ylabel("characters copied right (fraction)")
-    ax.set_title(f"Copying strings longer than any seen in training\n{reading.description()}")
-    _finish(fig, ax, path)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    models = copy_models(records)
+    for ax, kind, title in zip(axes, ("greedy", "teacher_forced"), ("greedy copy (through step)", "teacher-forced")):
+        for i, m in enumerate(models):
+            n, mean = np.array(m["lengths"]), np.array(m[kind])
+            band = np.array(m[f"{kind}_std"] if m["seeds"] > 1 else m[f"{kind}_stderr"])
+            seeds = f"{m['seeds']} seed" + "s" * (m["seeds"] > 1)
+            ax.plot(n, mean, color=f"C{i}", marker=".", label=f"{m['label']} ({seeds})")
+            ax.fill_between(n, mean - band, mean + band, color=f"C{i}", alpha=0.15, linewidth=0)
+        ax.axvline(models[0]["n_train"], color="gray", linestyle="--", linewidth=1,
+                   label="longest training string n_train")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("string length n")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("characters copied right (fraction)")
+    fig.suptitle(f"Copying strings longer than any seen in training (bands: ± std across seeds; a single seed: "
+                 f"± its standard error over strings)\n"
+                 f"{reading.description()}", fontsize=10)
+    _finish(fig, axes[0], path)
+
+
+def plus_minus(entry):
+    """'0.270 ± 0.030' for a range's summary over several seeds, '0.270' for one seed, '-' for no lengths."""
+    if entry is None:
+        return "-"
+    return f"{entry['mean']:.3f}" + (f" ± {entry['std']:.3f}" if len(entry["per_seed"]) > 1 else "")
 
 
 def tabulate_copy(records, out, reading):
-    """The accuracies as CSV, and printed as a table: a row per length, a column per model.  Returns the file."""
+    """The per-model accuracies as CSV (a row per model and range of lengths, then per length), printed as two
+    tables: the mean over seeds per length, and the summary per range, mean ± std across seeds.  A warning when a
+    standard error over strings reaches 0.02.  Returns the file written."""
+    models, n_train = copy_models(records), records[0]["n_train"]
+    ranges = copy_ranges(n_train)
     with open(out / "copy_accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["checkpoint", "label", "length", "greedy", "greedy_stderr", "teacher_forced"])
-        for r in records:
-            for row in zip(r["lengths"], r["greedy"], r["greedy_stderr"], r["teacher_forced"]):
-                writer.writerow([r["path"], r["label"], *row])
-    header = ["n"] + [r["label"] for r in records]
-    rows = [[str(n)] + [f"{r['greedy'][i]:.3f} ({r['teacher_forced'][i]:.3f})" for r in records]
-            for i, n in enumerate(records[0]["lengths"])]
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    print(f"\ncopy accuracy, greedy (teacher-forced); trained on n <= {records[0]['n_train']}")
-    print("\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header] + rows))
+        writer.writerow(["label", "seeds", "n_min", "n_max", "greedy", "greedy_std", "teacher_forced",
+                         "teacher_forced_std", "max_stderr"])
+        for m in models:
+            for part, (lo, hi) in ranges.items():
+                greedy, forced = m[f"greedy_{part}"], m[f"teacher_forced_{part}"]
+                if greedy is not None:
+                    writer.writerow([m["label"], m["seeds"], lo, hi, greedy["mean"], greedy["std"], forced["mean"],
+                                     forced["std"], m["max_stderr"]])
+            for i, n in enumerate(m["lengths"]):
+                writer.writerow([m["label"], m["seeds"], n, n, m["greedy"][i], m["greedy_std"][i],
+                                 m["teacher_forced"][i], m["teacher_forced_std"][i],
+                                 max(m["greedy_stderr"][i], m["teacher_forced_stderr"][i])])
+    rows = [[str(n)] + [f"{m['greedy'][i]:.3f} ({m['teacher_forced'][i]:.3f})" for m in models]
+            for i, n in enumerate(models[0]["lengths"])]
+    print(f"\ncopy accuracy, greedy (teacher-forced), mean over seeds; trained on n <= {n_train}")
+    _print_table([["n"] + [m["label"] for m in models]] + rows)
+    names = {"within": f"n <= {n_train}", "beyond": f"{n_train} < n <= {4 * n_train}"}
+    header = ["model", "seeds"] + [f"{kind} {names[part]}" for kind in ("greedy", "teacher-forced") for part in ranges]
+    rows = [[m["label"], str(m["seeds"])] + [plus_minus(m[f"{kind}_{part}"]) for kind in ("greedy", "teacher_forced")
+                                             for part in ranges] + [f"{m['max_stderr']:.4f}"] for m in models]
+    print("\ncopy accuracy, mean ± std across seeds (std of the per-seed means)")
+    _print_table([header + ["max stderr"]] + rows)
+    worst = max(models, key=lambda m: m["max_stderr"])
+    if worst["max_stderr"] >= 0.02:
+        print(f"warning: a standard error over strings of {worst['max_stderr']:.3f} ({worst['label']}) is not below "
+              f"0.02: raise --copy_strings (now {reading.args.copy_strings})")
     return ["copy_accuracy.csv"]
+
+
+def _print_table(rows):
+    """Rows of strings printed in right-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -678,6 +785,7 @@ class Diagnostic:
     measure: Callable  # (checkpoints, reading) -> a JSON-ready record per checkpoint
     plot: Callable  # (records, path, reading)
     tabulate: Optional[Callable] = None  # (records, out folder, reading) -> names of the extra files written
+    summarise: Optional[Callable] = None  # records -> the JSON's "models": what the records say per model
     task: str = "lm"  # what the models must have been trained on: lm (text) or a task of tasks.py
 
 
@@ -686,7 +794,7 @@ DIAGNOSTICS = [
     Diagnostic("effrem", "effrem", measure_effrem, plot_effrem),
     Diagnostic("state_stats", "state_stats", measure_state_stats, plot_state_stats),
     Diagnostic("passkey", "passkey", measure_passkey, plot_passkey),
-    Diagnostic("copy_accuracy", None, measure_copy, plot_copy, tabulate_copy, task="copy"),
+    Diagnostic("copy_accuracy", None, measure_copy, plot_copy, tabulate_copy, copy_models, task="copy"),
 ]
 
 
@@ -783,7 +891,8 @@ def run(args):
         if d.task != task or (d.flag and not getattr(args, d.flag)):
             continue
         records = d.measure(checkpoints, reading)
-        _write_json(out / f"{d.name}.json", {**record, "checkpoints": records})  # the numbers first: never lost
+        models = {"models": d.summarise(records)} if d.summarise else {}
+        _write_json(out / f"{d.name}.json", {**record, "checkpoints": records, **models})  # the numbers first
         d.plot(records, out / f"{d.name}.png", reading)
         written += [f"{d.name}.png", f"{d.name}.json"] + (d.tabulate(records, out, reading) if d.tabulate else [])
     print("\nwrote " + ", ".join(str(out / name) for name in written))

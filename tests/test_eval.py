@@ -1,9 +1,11 @@
 """Tests of eval.py: chunked reading is exact, the control and EffRem are what they claim, outputs are written,
 passkey prompts are built and scored right, and errors are one clear line."""
+import csv
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -426,16 +428,21 @@ def test_passkey_examples_with_a_bpe_tokenizer():
 # The copy task (tasks.py)
 # ----------------------------------------------------------------------------------------------------------------
 
+def save_copy_run(folder, seed, init):
+    """A checkpoint as train.py --task copy writes it (alphabet of 4, strings up to 4 characters), random weights."""
+    torch.manual_seed(seed)
+    LM(ModelConfig(vocab_size=7, d_model=16, n_layer=1, mixer="mamba2", d_state=8, headdim=8,
+                   chunk_size=16)).save(folder, args={"task": "copy", "alphabet_size": 4, "n_train": 4, "context": 0,
+                                                      "seq_len": 11, "init": init},
+                                        step=4, corpus={"name": "task copy", "tokenizer": None})
+
+
 @pytest.fixture(scope="module")
 def copy_runs(tmp_path_factory):
     """Two checkpoints as train.py --task copy writes them (alphabet of 4, strings up to 4 characters)."""
     root = tmp_path_factory.mktemp("copyruns")
-    settings = {"task": "copy", "alphabet_size": 4, "n_train": 4, "context": 0, "seq_len": 11}
     for seed, init in enumerate(("zero", "state_passing")):
-        torch.manual_seed(seed)
-        LM(ModelConfig(vocab_size=7, d_model=16, n_layer=1, mixer="mamba2", d_state=8, headdim=8,
-                       chunk_size=16)).save(root / init, args={**settings, "init": init}, step=4,
-                                            corpus={"name": "task copy", "tokenizer": None})
+        save_copy_run(root / init, seed, init)
     return root
 
 
@@ -457,6 +464,7 @@ def test_copy_accuracy_against_length(copy_runs, tmp_path, capsys):
 
 def test_copy_defaults_and_errors(copy_runs, runs, tiny_corpus, tmp_path, monkeypatch):
     args = evaluation.build_parser().parse_args([])
+    assert args.copy_strings == 256  # a standard error over strings of at most 0.5 / sqrt(256) = 0.031 per length
     lengths = evaluation.copy_lengths(args, tasks.CopyTask(n_train=16))
     assert len(lengths) == 16 and lengths[0] == 1 and lengths[-1] == 64 and lengths == sorted(set(lengths))
     assert sum(n <= 16 for n in lengths) == 4  # a quarter within the training lengths, the rest beyond
@@ -467,3 +475,78 @@ def test_copy_defaults_and_errors(copy_runs, runs, tiny_corpus, tmp_path, monkey
     assert "--copy_lengths must all be positive" in one_line_error(copy + ["--copy_lengths", "0"])
     monkeypatch.chdir(tmp_path)
     assert "no checkpoints under out/copy/" in one_line_error(["--task", "copy"])
+
+
+def test_seeds_of_one_label_are_one_model(copy_runs, tmp_path, capsys):
+    """Three checkpoints labelled zero become one model: per length and per range of lengths, the mean and std
+    (ddof 1) across seeds of the per-seed accuracies, as a direct computation gives them; a single seed is itself."""
+    for seed in range(3):
+        save_copy_run(tmp_path / f"s{seed}" / "zero", 10 + seed, "zero")
+    lengths = [1, 4, 9, 16, 17]  # within n_train = 4: 1, 4; beyond, up to 16: 9, 16; 17 is in neither range
+    seeds = [str(tmp_path / f"s{seed}" / "zero") for seed in range(3)]
+    evaluation.main([arg for s in seeds for arg in ("--ckpt", s, "--label", "zero")]
+                    + ["--ckpt", str(copy_runs / "state_passing"), "--label", "SP", "--copy_lengths",
+                       *map(str, lengths), "--copy_strings", "6", "--out", str(tmp_path / "eval")])
+    record = json.loads((tmp_path / "eval" / "copy_accuracy.json").read_text())
+    assert [c["label"] for c in record["checkpoints"]] == ["s0/zero", "s1/zero", "s2/zero", "SP"]
+    zero, sp = record["models"]
+    assert (zero["label"], zero["seeds"], sp["label"], sp["seeds"]) == ("zero", 3, "SP", 1)
+    task = tasks.CopyTask(4, 4, 0)
+    direct = [tasks.copy_accuracy(LM.from_checkpoint(s), task, lengths, 6) for s in seeds]
+    greedy = np.array([[d[n][0] for n in lengths] for d in direct])  # (seeds, lengths)
+    forced = np.array([[d[n][2] for n in lengths] for d in direct])
+    assert zero["greedy"] == pytest.approx(greedy.mean(0).tolist(), abs=1e-12)
+    assert zero["greedy_std"] == pytest.approx(greedy.std(0, ddof=1).tolist(), abs=1e-12)
+    assert zero["teacher_forced_std"] == pytest.approx(forced.std(0, ddof=1).tolist(), abs=1e-6)
+    beyond = greedy[:, 2:4].mean(1)  # each seed's mean over n = 9, 16
+    assert zero["greedy_beyond"]["per_seed"] == pytest.approx(beyond.tolist(), abs=1e-12)
+    assert zero["greedy_beyond"]["mean"] == pytest.approx(beyond.mean(), abs=1e-12)
+    assert zero["greedy_beyond"]["std"] == pytest.approx(beyond.std(ddof=1), abs=1e-12)
+    assert zero["greedy_beyond"]["std"] > 0  # three different models: a real spread, not a copy of one seed
+    within = forced[:, :2].mean(1)
+    assert zero["teacher_forced_within"]["mean"] == pytest.approx(within.mean(), abs=1e-6)
+    # the standard error over strings: the largest of the seeds', per length and overall
+    strings = task.eval_strings(9, 6)
+    per_string = [tasks.teacher_forced_accuracy(LM.from_checkpoint(s), task, strings).double() for s in seeds]
+    assert zero["teacher_forced_stderr"][2] == pytest.approx(max(p.std().item() / 6 ** 0.5 for p in per_string))
+    assert zero["max_stderr"] == max(max(c["greedy_stderr"] + c["teacher_forced_stderr"])
+                                     for c in record["checkpoints"][:3])
+    only = record["checkpoints"][3]  # one seed: the model is that checkpoint, its spread 0
+    assert sp["greedy"] == only["greedy"] and sp["greedy_std"] == [0.0] * 5
+    assert sp["teacher_forced_beyond"]["mean"] == pytest.approx(np.mean(only["teacher_forced"][2:4]))
+    # the table: one row per model, mean ± std for several seeds, the value alone for one
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.split()[:2] == ["zero", "3"])
+    assert f"{zero['greedy_within']['mean']:.3f} ± {zero['greedy_within']['std']:.3f}" in row
+    assert f"{beyond.mean():.3f} ± {beyond.std(ddof=1):.3f}" in row and row.endswith(f"{zero['max_stderr']:.4f}")
+    sp_row = next(line for line in printed.splitlines() if line.split()[:2] == ["SP", "1"])
+    assert "±" not in sp_row and f"{sp['greedy_within']['mean']:.3f}" in sp_row
+    assert ("warning: a standard error" in printed) == (zero["max_stderr"] >= 0.02 or sp["max_stderr"] >= 0.02)
+    assert max(zero["max_stderr"], sp["max_stderr"]) >= 0.02  # 6 strings: far too few, and said so
+    with open(tmp_path / "eval" / "copy_accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    zero_beyond = next(r for r in rows if r["label"] == "zero" and (r["n_min"], r["n_max"]) == ("5", "16"))
+    assert float(zero_beyond["greedy"]) == pytest.approx(beyond.mean()) and zero_beyond["seeds"] == "3"
+    assert float(zero_beyond["greedy_std"]) == pytest.approx(beyond.std(ddof=1))
+    assert len(rows) == 2 * (2 + len(lengths))  # per model: the two ranges, then every length
+    assert (tmp_path / "eval" / "copy_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_are_found_and_named_by_their_run_folder(runs, tmp_path, monkeypatch):
+    """out/copy/sN/NAME are seeds of NAME without any --label; text runs keep their one level and their
+    told-apart labels."""
+    for folder, seed in (("s0/zero", 0), ("s1/zero", 1), ("s0/state_passing", 2), ("tbptt", 3)):
+        save_copy_run(tmp_path / "out" / "copy" / folder, seed, "zero")
+    (tmp_path / "out" / "lm_run" / "nested").mkdir(parents=True)
+    (tmp_path / "out" / "lm_run" / "nested" / "ckpt.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    found = evaluation.find_checkpoints(None, "copy")
+    assert found == [str(Path("out/copy") / f) for f in ("s0/zero", "s1/zero", "s0/state_passing", "tbptt")]
+    with pytest.raises(evaluation.EvalError, match="no checkpoints under out/"):
+        evaluation.find_checkpoints(None)  # text runs are one level deep: out/lm_run/nested is not one
+    checkpoints = evaluation.load_all(found, None, "cpu", None)
+    assert [c.name for c in checkpoints] == ["zero", "zero", "state_passing", "tbptt"]
+    assert [c.label for c in checkpoints] == ["s0/zero", "s1/zero", "state_passing", "tbptt"]
+    # text checkpoints given one --label twice: told apart as before, one name
+    lm = evaluation.load_all([str(runs / "zero"), str(runs / "state_passing")], ["x", "x"], "cpu", None)
+    assert [c.label for c in lm] == [f"{runs.name}/zero", f"{runs.name}/state_passing"] and lm[0].name == "x"
