@@ -171,8 +171,9 @@ def _download_tokenizer(repo):
         return Path(hf_hub_download(repo, "tokenizer.json"))
     except Exception as error:  # noqa: BLE001 - offline, unknown, gated and missing files raise unrelated types
         raise DataError(f"could not get tokenizer.json of {repo!r} from the Hugging Face hub ({type(error).__name__}; "
-                        f"offline, misspelt or gated?): download it elsewhere and pass its path as --tokenizer "
-                        f"PATH") from None
+                        f"offline, misspelt or gated?): download it elsewhere and pass its path instead (data.py "
+                        f"--tokenizer PATH; for a model, put it beside the model's config.json and pass that folder)"
+                        ) from None
 
 
 def tokenizer_identity(meta_or_spec):

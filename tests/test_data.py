@@ -515,7 +515,8 @@ def test_hub_tokenizer_that_cannot_be_downloaded(tmp_path, monkeypatch, capsys, 
                    "--data_dir", str(tmp_path / "data")])
     assert exit_info.value.code == (
         f"data.py: error: could not get tokenizer.json of 'EleutherAI/gpt-neox-20b' from the Hugging Face hub "
-        f"({error}; offline, misspelt or gated?): download it elsewhere and pass its path as --tokenizer PATH")
+        f"({error}; offline, misspelt or gated?): download it elsewhere and pass its path instead (data.py --tokenizer PATH; "
+        f"for a model, put it beside the model's config.json and pass that folder)")
     assert not (tmp_path / "data").exists()
 
 
