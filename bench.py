@@ -6,6 +6,12 @@
                                      scaled_dot_product_attention, bfloat16, B=8, H=32, P=64, N=128, L up to 32768
     python bench.py --eval           eval.py's default job (8 sequences, loss against position and its control) on
                                      a model of the demo size, at --len 16384 and 131072: time and peak memory
+    python bench.py --eval --model mamba2-130m
+                                     the same on an official size with random weights, reading random tokens of
+                                     its vocabulary (1 sequence of 8192 and 16384), and what the README's
+                                     evaluation of mamba2-370m should take here, scaled by parameters
+    python bench.py --estimate       ESTIMATED GPU memory and hours of train.py's official-size presets: memory
+                                     from train.estimate_memory, time from a FLOP count at an assumed utilisation
 
 Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
@@ -253,24 +259,61 @@ def gpu_tables(repeats):
                     ["L"] + names, rows)
 
 
-def eval_measure(length, num_seqs, preset):
-    """Run eval.py's position-wise evaluation once on a checkpoint of the preset's size (random weights: speed and
-    memory do not depend on training).  Returns {seconds, tokens_per_s, peak_mb}; meant for a fresh process."""
-    import tempfile
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py's job, timed
+# ----------------------------------------------------------------------------------------------------------------
 
-    import eval as evaluation
+OFFICIAL_SIZES = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b")
+
+
+def random_corpus(folder, vocab_size, tokenizer, num_tokens, seed=0):
+    """A prepared corpus (data.Corpus's files) of uniformly random tokens: the speed of a model does not depend on
+    the text it reads.  Returns the folder."""
+    os.makedirs(folder)
+    tokens = torch.randint(0, vocab_size, (2, num_tokens), generator=torch.Generator().manual_seed(seed))
+    for split, row in zip(("train", "val"), tokens):
+        row.numpy().astype("uint16").tofile(os.path.join(folder, f"{split}.bin"))
+    meta = {"name": "random", "tokenizer": tokenizer, "dtype": "uint16", "vocab_size": vocab_size, "eot_token": 0,
+            "splits": {s: {"documents": 1, "tokens": num_tokens} for s in ("train", "val")}}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return folder
+
+
+def eval_checkpoint(folder, size, num_tokens):
+    """A randomly initialised checkpoint of the given size in folder/model, and the corpus to evaluate it on: the
+    demo preset's (train.py) on its own corpus, or an official Mamba-2 size (pretrained.py) on random tokens of its
+    tokenizer.  Returns (checkpoint folder, corpus name or folder)."""
     import train
     from data import load_corpus
     from model import LM, ModelConfig
+    from pretrained import NEOX_TOKENIZER, official_config
 
-    p = train.PRESETS[preset]
-    corpus = load_corpus(p["train"]["data"])
-    with tempfile.TemporaryDirectory() as tmp:
-        LM(ModelConfig(vocab_size=corpus.vocab_size, **p["model"])).save(
-            tmp, step=0, args={"seq_len": p["train"]["seq_len"], "init": "zero"},
-            corpus={"name": corpus.name, "tokenizer": "bytes"})
-        args = evaluation.build_parser().parse_args(["--ckpt", tmp, "--len", str(length), "--num_seqs",
-                                                     str(num_seqs), "--out", os.path.join(tmp, "eval")])
+    if size == "demo":
+        p = train.PRESETS["demo"]
+        corpus = load_corpus(p["train"]["data"])
+        cfg, seq_len, data, tokenizer = (ModelConfig(vocab_size=corpus.vocab_size, **p["model"]),
+                                         p["train"]["seq_len"], p["train"]["data"], corpus.meta["tokenizer"])
+    else:
+        cfg, seq_len, tokenizer = official_config(size), 2048, NEOX_TOKENIZER
+        data = random_corpus(os.path.join(folder, "corpus"), cfg.vocab_size, tokenizer, num_tokens)
+    ckpt = os.path.join(folder, "model")
+    LM(cfg).save(ckpt, step=0, args={"seq_len": seq_len, "init": "zero"},
+                 corpus={"name": os.path.basename(data), "tokenizer": tokenizer})
+    return ckpt, data
+
+
+def eval_measure(ckpt, data, length, num_seqs):
+    """Run eval.py's position-wise evaluation (the model pass and its control) once, on the CPU, in this process.
+    Returns {seconds, tokens_per_s (tokens of the model pass per second of the whole job), peak_mb}; meant for a
+    fresh process, so that the peak belongs to the evaluation alone."""
+    import tempfile
+
+    import eval as evaluation
+
+    with tempfile.TemporaryDirectory() as out:
+        args = evaluation.build_parser().parse_args(["--ckpt", ckpt, "--data", data, "--len", str(length),
+                                                     "--num_seqs", str(num_seqs), "--device", "cpu", "--out", out])
         base_mb = _resident_mb()
         start = time.perf_counter()
         evaluation.run(args)
@@ -278,17 +321,109 @@ def eval_measure(length, num_seqs, preset):
     return {"seconds": seconds, "tokens_per_s": length * num_seqs / seconds, "peak_mb": _peak_resident_mb() - base_mb}
 
 
-def eval_table(preset="demo"):
-    rows, peaks = [], {}
-    for length in (16384, 131072):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_eval_measure", str(length)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        peaks[length] = r["peak_mb"]
-        rows.append([length, f"{r['seconds']:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}"])
-    print_table(f"python eval.py --len L (8 sequences, with the control pass), {preset} model size, "
+def eval_table(size, lengths, num_seqs):
+    """Time eval.py at each length in a fresh process; for an official size, also what the README's evaluation of
+    mamba2-370m should take on this machine, scaled from the measured speed by the number of parameters."""
+    import tempfile
+
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, data = eval_checkpoint(tmp, size, num_seqs * (max(lengths) + 1) + 1)
+        for length in lengths:
+            spec = json.dumps(dict(ckpt=ckpt, data=data, length=length, num_seqs=num_seqs))
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_eval_measure", spec],
+                                 capture_output=True, text=True, check=True)
+            r = results[length] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append([length, f"{r['seconds']:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}"])
+    print_table(f"python eval.py --len L --num_seqs {num_seqs} (with the control pass), {size} size, random weights, "
                 f"{torch.get_num_threads()} threads", ["L", "seconds", "tokens/s (model pass)", "peak MB"], rows)
-    print(f"peak memory at 131072 is {peaks[131072] / peaks[16384]:.2f}x that at 16384")
+    if len(lengths) > 1:
+        first, last = results[lengths[0]]["peak_mb"], results[lengths[-1]]["peak_mb"]
+        print(f"peak memory at {lengths[-1]} is {last / first:.2f}x that at {lengths[0]}")
+    if size != "demo":
+        ratio = parameters("mamba2-370m") / parameters(size)
+        # the slope between the two longest runs leaves out the fixed cost of loading the model
+        (short, a), (long, b) = [(L * num_seqs, results[L]["seconds"]) for L in lengths[-2:]] if len(lengths) > 1 \
+            else [(0, 0.0), (lengths[0] * num_seqs, results[lengths[0]]["seconds"])]
+        seconds_per_token = (b - a) / (long - short)
+        print(f"\nestimated: {seconds_per_token * 1e3:.1f} ms per token of the model pass (with its control) for "
+              f"{size} between L={lengths[-2] if len(lengths) > 1 else 0} and {lengths[-1]}, scaled by the parameter "
+              f"ratio {ratio:.2f} (loading and downloading the model not included):")
+        for length in (32768, 16384):
+            minutes = seconds_per_token * ratio * 8 * length / 60
+            print(f"  python eval.py --ckpt state-spaces/mamba2-370m --data pg19-neox --len {length}: "
+                  f"about {minutes:.0f} min for 8 sequences")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training the official sizes: estimates, not measurements
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_MEMORY = 80 * 2 ** 30
+GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12}  # dense bfloat16 tensor-core peaks
+UTILISATION = 0.4  # an assumed sustained share of the peak, not a measured one
+
+
+def parameters(size):
+    """Parameters of an official Mamba-2 size, counted on the meta device (nothing allocated)."""
+    from model import LM
+    from pretrained import official_config
+
+    with torch.device("meta"):
+        return LM(official_config(size)).num_parameters()
+
+
+def training_flops_per_token(cfg, num_parameters):
+    """6 per parameter for the matmuls (forward 2, backward 4; the tied output layer counted once) plus the chunked
+    scan: per layer and token the forward costs about 2 H (C N + C P + 2 N P) (within-chunk scores, their product
+    with the values, the state's update and its read-out), the backward twice that."""
+    P, N = cfg.head_sizes()
+    H, C = cfg.expand * cfg.d_model // P, cfg.chunk_size
+    return 6 * num_parameters + 3 * cfg.n_layer * 2 * H * (C * N + C * P + 2 * N * P)
+
+
+def largest_micro_batch(num_parameters, bytes_per_sequence):
+    """The largest batch_size that train.check_memory lets through on an empty GPU_MEMORY card: its estimate less
+    the float32 weights (already allocated) within 90% of what the weights leave free."""
+    room = 0.9 * (GPU_MEMORY - 4 * num_parameters) - 12 * num_parameters
+    return max(0, int(room // bytes_per_sequence))
+
+
+def estimate_table():
+    """For train.py's presets of the official sizes: memory from train.estimate_memory (activations measured on
+    the CPU under bfloat16 autocast with the torch scan; Triton's kernels keep somewhat different tensors) and time
+    per 500 steps from a FLOP count at an assumed utilisation."""
+    import gc
+    from types import SimpleNamespace
+
+    import train
+    from model import LM
+    from pretrained import official_config
+
+    rows = []
+    for size in OFFICIAL_SIZES:
+        t = train.PRESETS[size]["train"]
+        model = LM(official_config(size))  # float32 weights, as in training: the 1.3b takes 5.4 GB of RAM
+        n = model.num_parameters()
+        need = train.estimate_memory(model, SimpleNamespace(**t), "cpu", torch.autocast("cpu", dtype=torch.bfloat16))
+        per_sequence = (need - 16 * n) / t["batch_size"]
+        tokens = t["batch_size"] * t["grad_accum"] * t["seq_len"]
+        flops = 500 * tokens * training_flops_per_token(model.cfg, n)
+        hours = [flops / (UTILISATION * peak) / 3600 for peak in GPU_PEAK_FLOPS.values()]
+        largest = largest_micro_batch(n, per_sequence)
+        rows.append([size, f"{n / 1e6:.0f}M", f"{tokens:,}", f"{t['batch_size']} x {t['grad_accum']}",
+                     f"{need / 2 ** 30:.1f}", "yes" if t["batch_size"] <= largest else "no", largest,
+                     *[f"{h:.1f}" for h in hours]])
+        del model
+        gc.collect()
+    peaks = ", ".join(f"{gpu} {flops / 1e12:.0f}" for gpu, flops in GPU_PEAK_FLOPS.items())
+    print_table(f"ESTIMATES, not measurements: train.py --preset SIZE on one {GPU_MEMORY // 2 ** 30} GiB GPU\n"
+                f"  memory: train.estimate_memory (16 B per parameter + 1.5 x the activations measured on the CPU "
+                f"under bfloat16 autocast, torch scan); fits: train.check_memory would let it start\n"
+                f"  time: 6 x parameters x tokens + the chunked scan (forward 2 H (C N + C P + 2 N P) per token and "
+                f"layer, C = 64, backward 2x) at an ASSUMED {UTILISATION:.0%} of the bfloat16 peak ({peaks} TFLOP/s)",
+                ["preset", "params", "tokens/step", "micro-batch x accum", "est. GiB", "fits", "largest micro-batch",
+                 *[f"est. h/500 steps {g}" for g in GPU_PEAK_FLOPS]], rows)
 
 
 def main():
@@ -296,15 +431,29 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="which table to print")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions after the warm-up (best is kept)")
     parser.add_argument("--eval", action="store_true", help="time eval.py's default job instead of the scan")
+    parser.add_argument("--model", default="demo", choices=("demo", *OFFICIAL_SIZES),
+                        help="--eval: the model size (random weights; official sizes read random tokens)")
+    parser.add_argument("--len", type=int, nargs="+", help="--eval: sequence lengths (default: 16384 131072 for "
+                                                           "demo, 8192 16384 for an official size)")
+    parser.add_argument("--num_seqs", type=int, help="--eval: sequences (default: 8 for demo, 1 otherwise)")
+    parser.add_argument("--estimate", action="store_true", help="print estimated GPU memory and time of training "
+                                                                "the official sizes (train.py's presets)")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)  # internal: one isolated CPU measurement
-    parser.add_argument("--_eval_measure", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_eval_measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    official = args.model != "demo"
+    lengths = args.len or ([8192, 16384] if official else [16384, 131072])
+    num_seqs = args.num_seqs or (1 if official else 8)
+    if min(lengths) < 1 or num_seqs < 1:
+        parser.error("--len and --num_seqs must be positive")
     if args._measure:
         print(json.dumps(measure(**json.loads(args._measure))))
     elif args._eval_measure:
-        print(json.dumps(eval_measure(args._eval_measure, 8, "demo")))
+        print(json.dumps(eval_measure(**json.loads(args._eval_measure))))
+    elif args.estimate:
+        estimate_table()
     elif args.eval:
-        eval_table()
+        eval_table(args.model, sorted(lengths), num_seqs)
     elif args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("bench.py: --device cuda needs a CUDA GPU; run without it for the CPU table")
