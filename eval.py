@@ -79,7 +79,7 @@ def build_parser():
     p.add_argument("--label", action="append", help="the name of each --ckpt in legends and tables, in the same "
                    "order (default: its run folder's name); with --task copy, checkpoints of one name are seeds "
                    "of one model, reported as mean +- std")
-    p.add_argument("--task", choices=("lm", *TASKS), help="lm: text from a corpus; copy: tasks.py's copy task "
+    p.add_argument("--task", choices=("lm", *(n for n, t in TASKS.items() if not getattr(t, "needs_tokenizer", False))), help="lm: text from a corpus; copy: tasks.py's copy task "
                    "(default: what the checkpoints were trained on)")
     p.add_argument("--train_len", type=int, help="the training length T of models that do not record it")
     p.add_argument("--len", type=int, default=131072, help="tokens per evaluation sequence (default 131072)")
@@ -131,6 +131,8 @@ class Checkpoint:
             self.path, self.args, self.step = str(checkpoint_path(spec)), ckpt.get("args") or {}, ckpt.get("step")
             self.folder = Path(self.path).resolve().parent
         self.init, self.task = self.args.get("init"), self.args.get("task", "lm")
+        if getattr(TASKS.get(self.task), "needs_tokenizer", False):  # fine-tuned on a task made of text (passkey):
+            self.task = "lm"  # still a language model, read on a corpus of its tokens
         self.T = self.model.trained_on["seq_len"] or train_len
         if not self.T:
             raise CheckpointError(f"{spec} does not record its training length: give it as --train_len T")
@@ -838,10 +840,11 @@ def prepare_text(reading):
     if args.effrem and effrem_T(args, checkpoints) > args.len:
         T = effrem_T(args, checkpoints)
         raise EvalError(f"EffRem with T={T} needs sequences of at least {T} tokens: raise --len or lower --effrem_T")
-    foreign = next((c for c in checkpoints if c.pretrained), None)
-    if foreign and not args.data:
-        raise EvalError(f"{foreign.label} was not trained here: give --data, a corpus prepared with its tokenizer "
-                        f"(python data.py --input ... --tokenizer {foreign.model.trained_on['tokenizer'] or '...'})")
+    foreign = next((c for c in checkpoints if c.pretrained or c.args.get("task", "lm") != "lm"), None)
+    if foreign and not args.data:  # an official model, or one fine-tuned on a task of text, names no corpus
+        raise EvalError(f"{foreign.label} was not trained on a corpus of this project: give --data, a corpus "
+                        f"prepared with its tokenizer (python data.py --input ... --tokenizer "
+                        f"{foreign.model.trained_on['tokenizer'] or '...'})")
     corpus = load_corpus(args.data or checkpoints[0].model.trained_on["corpus"] or "stdlib", args.data_dir)
     for c in checkpoints:
         mismatch = tokenizer_mismatch(corpus.meta, c.model.trained_on)

@@ -335,7 +335,7 @@ def test_a_model_in_the_official_layout_reads_like_the_same_checkpoint(runs, tin
     folder = write_official_layout(LM.from_checkpoint(runs / "zero"), tmp_path / "tiny-mamba2")
     base = ["--ckpt", str(folder), "--data_dir", tiny_corpus[0], "--len", "160", "--num_seqs", "2"]
     assert "give it as --train_len" in one_line_error(base + ["--data", "tiny"])
-    assert "was not trained here: give --data" in one_line_error(base + ["--train_len", "16"])
+    assert "was not trained on a corpus of this project: give --data" in one_line_error(base + ["--train_len", "16"])
     evaluation.main(base + ["--ckpt", str(runs / "zero"), "--data", "tiny", "--train_len", "16", "--effrem",
                             "--out", str(tmp_path / "eval")])
     official, own = json.loads((tmp_path / "eval" / "loss_vs_position.json").read_text())["checkpoints"]
@@ -550,3 +550,17 @@ def test_seeds_are_found_and_named_by_their_run_folder(runs, tmp_path, monkeypat
     # text checkpoints given one --label twice: told apart as before, one name
     lm = evaluation.load_all([str(runs / "zero"), str(runs / "state_passing")], ["x", "x"], "cpu", None)
     assert [c.label for c in lm] == [f"{runs.name}/zero", f"{runs.name}/state_passing"] and lm[0].name == "x"
+
+
+def test_a_model_fine_tuned_on_passkeys_is_read_as_a_language_model(runs, tiny_corpus, tmp_path):
+    """train.py --task passkey fine-tunes a language model on examples made of text: eval.py reads it on a corpus of
+    its tokens (--passkey among the rest), and asks for --data since the run names no corpus of its own."""
+    data_dir, name = tiny_corpus
+    ckpt = load_checkpoint(runs / "zero")
+    LM.from_checkpoint(ckpt).save(tmp_path / "passkey", step=2, args={**ckpt["args"], "task": "passkey"},
+                                  corpus={"name": "task passkey", "tokenizer": "bytes", "tokenizer_sha256": None})
+    base = ["--ckpt", str(tmp_path / "passkey"), "--len", "256", "--num_seqs", "2", "--data_dir", data_dir,
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert "not trained on a corpus of this project: give --data" in one_line_error(base)
+    evaluation.main(base + ["--data", name, "--passkey", "--passkey_lengths", "64", "--passkey_trials", "1"])
+    assert (tmp_path / "out" / "passkey.json").exists() and (tmp_path / "out" / "loss_vs_position.json").exists()
