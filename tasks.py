@@ -15,6 +15,11 @@ every run sees the same evaluation examples.
     inputs, targets = task.batch(batch_size, generator)                              (B, 2n + 3) each
     copy_accuracy(model, task, lengths, strings_per_length) -> {n: (greedy mean, its standard error,
                                                                     teacher-forced mean)}
+
+    passkey  a 5-digit key hidden at some depth of filler text, asked for at the end (the paper's retrieval test):
+           passkey_prompt(tokenizer, length, depth, key) builds the evaluation prompts eval.py --passkey reads, and
+           PasskeyTask(tokenizer, max_len=2048) the fine-tuning examples of the paper's recipe, with the loss on the
+           answer only. It needs the tokenizer of the model it fine-tunes, so train.py builds it from the base.
 """
 import torch
 
