@@ -135,7 +135,7 @@ PRESETS = {
         post=dict(max_steps=500, lr=1e-3, warmup_steps=20),
     ),
     "paper": dict(
-        model=dict(mixer="mamba2", d_model=768, n_layer=24),  # the official mamba2-130m (d_state 128, headdim 64)
+        model=dict(mixer="mamba2", d_model=768, n_layer=24, recompute=True),  # the official mamba2-130m's size
         train=dict(data=DEFAULT_CORPUS + "-gpt2", seq_len=2048, batch_size=16, grad_accum=4, max_steps=20000,
                    lr=3e-3, min_lr=3e-4, warmup_steps=1000, weight_decay=0.1, grad_clip=1.0, eval_interval=1000,
                    eval_seqs=16),
@@ -149,7 +149,8 @@ PRESETS = {
 # tokens. --from_scratch trains the same architecture from random weights instead.
 for _name, _batch_size in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780m", 4), ("mamba2-1.3b", 2)):
     PRESETS[_name] = dict(
-        init_from=f"state-spaces/{_name}", model=dict(mixer="mamba2", **OFFICIAL[f"state-spaces/{_name}"]),
+        init_from=f"state-spaces/{_name}",
+        model=dict(mixer="mamba2", **OFFICIAL[f"state-spaces/{_name}"], recompute=True),  # or they do not fit
         train=dict(data="pile-neox", seq_len=2048, batch_size=_batch_size, grad_accum=256 // _batch_size,
                    max_steps=500, lr=3e-4, min_lr=3e-5, warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
                    eval_interval=100, eval_seqs=16),
@@ -168,8 +169,8 @@ TASK_OPTIONS = {name: help for task in TASKS.values() for name, help in task.opt
 MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if "help" in f.metadata]
 ARCHITECTURE = [f.name for f in MODEL_FLAGS if not f.metadata.get("runtime")]  # what post-training cannot change
 # what may change on --resume (max_steps: a finished run can be extended; the schedule follows the new length)
-RESUMABLE = {"resume", "out_dir", "device", "compile", "backend", "eval_interval", "log_interval", "stop_at",
-             "max_steps"}
+RESUMABLE = {"resume", "out_dir", "device", "compile", "backend", "recompute", "eval_interval", "log_interval",
+             "stop_at", "max_steps"}
 # what post-training takes from the checkpoint it starts from, unless given: the paper's recipe keeps T and the data
 INHERITED = ("seq_len", "batch_size", "grad_accum", "task", "data", "data_dir", "chunk_size", *TASK_OPTIONS)
 # what the automatic pre-training of out/zero does not take from the command line that asked for it
@@ -204,7 +205,10 @@ def build_parser():
                                                           "not the convolution state")
     g = p.add_argument_group("model (from the preset unless given; see ModelConfig in model.py)")
     for f in MODEL_FLAGS:
-        g.add_argument(f"--{f.name}", type=f.type, choices=f.metadata.get("choices"), help=f.metadata["help"])
+        if f.type is bool:  # --recompute / --no-recompute
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            g.add_argument(f"--{f.name}", type=f.type, choices=f.metadata.get("choices"), help=f.metadata["help"])
     g = p.add_argument_group("synthetic tasks (with --task; see tasks.py)")
     for name, help in TASK_OPTIONS.items():
         g.add_argument(f"--{name}", type=int, help=help)
@@ -423,7 +427,7 @@ class Run:
         args = self.args
         if args.resume:
             ckpt = load_checkpoint(args.out_dir, require=("model_config", "model", "optimizer", "step", "ranks"))
-            return LM.from_checkpoint(ckpt, self.device, backend=args.backend).train(), ckpt
+            return LM.from_checkpoint(ckpt, self.device, backend=args.backend, recompute=args.recompute).train(), ckpt
         if args.init_from:
             refusal = self.batches.refusal(base)
             if refusal:
@@ -431,6 +435,7 @@ class Run:
                                  f"{refusal}")
             base.cfg.chunk_size = args.chunk_size or base.cfg.chunk_size  # how the scan runs, not what it computes
             base.cfg.backend = args.backend or base.cfg.backend
+            base.cfg.recompute = base.cfg.recompute if args.recompute is None else args.recompute
             return base.to(self.device), None
         torch.manual_seed(args.seed)  # every process builds the same initial weights
         return LM(model_config(args, self.batches.vocab_size)).to(self.device), None
@@ -688,9 +693,16 @@ def estimate_memory(model, args, device, autocast):
 
     length = min(args.seq_len, 2 * model.cfg.chunk_size)
     tokens = torch.zeros(1, length, dtype=torch.long, device=device)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast:
-        model(tokens, tokens)
-    return 16 * model.num_parameters() + 1.5 * sum(saved.values()) / length * args.batch_size * args.seq_len
+    recompute, model.cfg.recompute = model.cfg.recompute, False  # measure what every block would keep
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast:
+            model(tokens, tokens)
+    finally:
+        model.cfg.recompute = recompute
+    per_token = sum(saved.values()) / length
+    if recompute:  # kept: each block's input; live in the backward pass: one block's activations (and the head's)
+        per_token = 4 * model.cfg.d_model * model.cfg.n_layer + 2 * per_token / model.cfg.n_layer
+    return 16 * model.num_parameters() + 1.5 * per_token * args.batch_size * args.seq_len
 
 
 def available_memory(device):

@@ -710,3 +710,18 @@ def test_passkey_errors_are_one_line(tiny_corpus, bpe_model, tmp_path, monkeypat
     finally:
         tokenizer.write_bytes(original)
     assert "put back the tokenizer the model was trained with" in error and "\n" not in error
+
+
+def test_recompute_lowers_the_memory_estimate_and_the_large_presets_use_it():
+    from model import LM, ModelConfig, autocast_for
+
+    model = LM(ModelConfig(vocab_size=257, d_model=64, n_layer=4, mixer="mamba2", d_state=16, headdim=16))
+    args = train.build_parser().parse_args(["--seq_len", "256", "--batch_size", "8"])
+    autocast, _ = autocast_for(torch.device("cpu"))
+    kept = train.estimate_memory(model, args, torch.device("cpu"), autocast)
+    model.cfg.recompute = True
+    recomputed = train.estimate_memory(model, args, torch.device("cpu"), autocast)
+    weights = 16 * model.num_parameters()
+    assert weights < recomputed < weights + 0.75 * (kept - weights) and model.cfg.recompute
+    assert all(train.PRESETS[p]["model"]["recompute"] for p in ("paper", "mamba2-130m", "mamba2-1.3b"))
+    assert train.build_parser().parse_args(["--no-recompute"]).recompute is False
