@@ -103,7 +103,7 @@ def build_parser():
     p.add_argument("--passkey_depths", type=float, nargs="+", default=list(PASSKEY_DEPTHS),
                    help="relative depths of the key (default, the paper's: 0.1 0.5 0.9)")
     p.add_argument("--passkey_trials", type=int, default=4, help="random keys per (length, depth) cell")
-    p.add_argument("--copy_lengths", type=int, nargs="+", help="string lengths to copy (default: 16 lengths "
+    p.add_argument("--copy_lengths", type=int, nargs="+", help="string lengths to copy (default: every length "
                    "from 1 to 4 n_train)")
     p.add_argument("--copy_strings", type=int, default=256, help="strings per length (default 256: a standard "
                    "error over strings of at most 0.5 / 16 = 0.031 per length, in practice below 0.02)")
@@ -617,8 +617,9 @@ def plot_passkey(records, path, reading):
 # ----------------------------------------------------------------------------------------------------------------
 
 def copy_lengths(args, task):
-    """--copy_lengths, or 16 lengths from 1 to 4 n_train: as far beyond the training strings as within them."""
-    return args.copy_lengths or np.unique(np.linspace(1, 4 * task.n_train, 16).round().astype(int)).tolist()
+    """--copy_lengths, or every length from 1 to 4 n_train: three times as far beyond the training strings as
+    within them."""
+    return args.copy_lengths or list(range(1, 4 * task.n_train + 1))
 
 
 def measure_copy(checkpoints, reading):

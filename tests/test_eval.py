@@ -466,8 +466,7 @@ def test_copy_defaults_and_errors(copy_runs, runs, tiny_corpus, tmp_path, monkey
     args = evaluation.build_parser().parse_args([])
     assert args.copy_strings == 256  # a standard error over strings of at most 0.5 / sqrt(256) = 0.031 per length
     lengths = evaluation.copy_lengths(args, tasks.CopyTask(n_train=16))
-    assert len(lengths) == 16 and lengths[0] == 1 and lengths[-1] == 64 and lengths == sorted(set(lengths))
-    assert sum(n <= 16 for n in lengths) == 4  # a quarter within the training lengths, the rest beyond
+    assert lengths == list(range(1, 65))  # every length, a quarter within the training lengths, the rest beyond
     copy = ["--ckpt", str(copy_runs / "zero"), "--out", str(tmp_path)]
     assert "trained on copy" in one_line_error(copy + ["--effrem"])
     assert "--task lm, but zero was trained on copy" in one_line_error(copy + ["--task", "lm"])
