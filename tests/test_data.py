@@ -1,21 +1,31 @@
-"""Tests of data.py on small made-up corpora: round trips, the split, the batches, the inputs and the errors."""
+"""Tests of data.py on small made-up corpora: round trips, the split, the batches, damaged inputs, memory, names,
+interruptions and errors. Errors are checked by their type, exit status and the flag or file they name, never by
+their wording."""
 import gzip
 import hashlib
+import importlib.util
 import json
-import multiprocessing
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 from data import Corpus, DataError, StreamBatcher, load_corpus, prepare
+
+REPO = Path(data.__file__).resolve().parent
+BEFORE = "fe33a0073e39c77dd856130ddae186c683d937d0"  # the data.py that prepared the published corpora
 
 DOCS = {
     "a.txt": "def f(x):\n    return x + 1\n" * 30,
@@ -30,75 +40,190 @@ def write_folder(root, docs=DOCS):
     for name, text in docs.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
     return root
 
 
 def decoded_documents(corpus, split):
     """The documents of a split, decoded back to text (they are separated by end-of-text tokens)."""
     tokens = corpus.tokens(split).astype(np.int64)
-    enc = corpus.tokenizer()
-    eot = corpus.meta["eot_token"]
-    ends = np.flatnonzero(tokens == eot)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    return [enc.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends)]
+    enc, ends = corpus.tokenizer(), np.flatnonzero(tokens == corpus.meta["eot_token"])
+    return [enc.decode(tokens[s:e].tolist()) for s, e in zip(np.concatenate([[0], ends[:-1] + 1]), ends)]
 
+
+def all_documents(corpus):
+    return sorted(decoded_documents(corpus, "train") + decoded_documents(corpus, "val"))
+
+
+def corpus_files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def run_cli(argv, capsys=None):
+    """data.py's command line in this process, as `python data.py` runs it (cli.run): the exit status and the one
+    line of an error (None when it succeeds)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cli.run("data.py", data.main, [str(a) for a in argv])
+        return 0, None
+    except SystemExit as exit:
+        return (1, exit.code) if isinstance(exit.code, str) else (exit.code, None)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def gpt2_or_skip():
+    try:
+        return data.get_tokenizer("gpt2")
+    except DataError:
+        if os.environ.get("TIKTOKEN_CACHE_DIR"):
+            raise  # a cache was provided, so the vocabulary must load
+        pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
+
+
+def jsonl_texts(n):
+    return [f"document {i}: " + "some words " * (i % 37) for i in range(n)]
+
+
+def jsonl_bytes(texts):
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+
+
+# --- Round trips and the split ------------------------------------------------------------------------------------
 
 def test_round_trip_and_disjoint_split(tmp_path):
-    folder = prepare(write_folder(tmp_path / "in"), name="toy", data_dir=tmp_path / "data", val_fraction=0.4)
-    corpus = Corpus(folder)
+    corpus = Corpus(prepare(write_folder(tmp_path / "in"), name="toy", data_dir=tmp_path / "data", val_fraction=0.4))
     train, val = decoded_documents(corpus, "train"), decoded_documents(corpus, "val")
     assert sorted(train + val) == sorted(DOCS.values())
     assert train and val and not set(train) & set(val)
     meta = corpus.meta
     assert meta["splits"]["train"]["documents"] == len(train) and meta["splits"]["val"]["documents"] == len(val)
-    assert meta["splits"]["val"]["tokens"] == len(corpus.tokens("val"))
+    assert meta["splits"]["val"]["tokens"] == len(corpus.tokens("val")) and meta["input"]["documents"] == len(DOCS)
     assert meta["vocab_size"] == 257 and meta["dtype"] == "uint16"
-    # which split a document lands in depends on its name only
-    expected_val = {DOCS[k] for k in DOCS if data.is_validation(k, 0.4)}
-    assert set(val) == expected_val
+    assert set(val) == {DOCS[k] for k in DOCS if data.is_validation(k, 0.4)}  # the name alone decides
 
 
-def test_prepare_is_deterministic_and_parallel_matches_serial(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_threads_and_pieces_change_nothing(tmp_path, monkeypatch, tokenizer):
+    if tokenizer == "gpt2":
+        gpt2_or_skip()
     source = write_folder(tmp_path / "in")
-    a = prepare(source, name="a", data_dir=tmp_path, workers=1, val_fraction=0.4)
-    b = prepare(source, name="b", data_dir=tmp_path, workers=2, val_fraction=0.4)
+    a = prepare(source, name="a", tokenizer=tokenizer, data_dir=tmp_path, workers=1, val_fraction=0.4)
+    monkeypatch.setattr(data, "PIECE", 101)  # many batches of many pieces, each document cut where it may be
+    b = prepare(source, name="b", tokenizer=tokenizer, data_dir=tmp_path, workers=3, val_fraction=0.4)
     for split in ("train.bin", "val.bin"):
         assert (a / split).read_bytes() == (b / split).read_bytes()
 
 
+def before_module(tmp_path):
+    """data.py as it was before this rewrite, from git, imported under another name."""
+    try:
+        source = subprocess.run(["git", "show", f"{BEFORE}:data.py"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the git history of data.py is not here")
+    (tmp_path / "data_before.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("data_before", tmp_path / "data_before.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_corpora_are_byte_identical_to_those_prepared_before(tmp_path, monkeypatch, tokenizer):
+    """Published results stay valid: the same tokens, in the same split, as the data.py that prepared them."""
+    if tokenizer == "gpt2":
+        gpt2_or_skip()
+    before = before_module(tmp_path)
+    rng = random.Random(7)
+    words = ["def", "x", "  ", "\n", "\n\n", " \n", "it's", "42", "1234567", "Grüße", "世界", ".", "!\n", "\t", "\r\n",
+             "\r", "don't", " ", "  \n  ", "a.b", "::", "😀", "\u2028"]
+    docs = {f"doc{i}.txt": "".join(rng.choice(words) for _ in range(rng.randint(0, 1500))) for i in range(9)}
+    texts = [{"text": "".join(rng.choice(words) for _ in range(rng.randint(0, 700)))} for _ in range(23)]
+    lines = [json.dumps(t) for t in texts] + ["not json", json.dumps({"no_text": 1}), '{"text": "half \\udc80 a"}']
+    docs.update({"sub/bad.txt": b"fine\n" * 3001 + b"\xff", "d.jsonl": "\n".join(lines) + "\n", ".hidden": "x",
+                 "sub/e.jsonl.gz": gzip.compress("\r\n".join(lines[::-1]).encode())})
+    if tokenizer == "bytes":  # no place to cut: cut anyway, which changes no byte token
+        docs["no_newline.txt"] = "y" * 5003
+    source = write_folder(tmp_path / "in", docs)
+    (tmp_path / "book.txt").write_bytes((source / "doc3.txt").read_bytes() * 7)
+    monkeypatch.setattr(data, "PIECE", 333)  # documents cut into many pieces
+    monkeypatch.setattr(data, "MAX_PIECE", 1501)
+    for given in (source, tmp_path / "book.txt"):
+        old = before.prepare(given, name="before", tokenizer=tokenizer, data_dir=tmp_path / "d", val_fraction=0.3)
+        new = prepare(given, name="after", tokenizer=tokenizer, data_dir=tmp_path / "d", val_fraction=0.3)
+        for split in ("train.bin", "val.bin"):
+            assert (old / split).read_bytes() == (new / split).read_bytes(), (given, split)
+        assert json.loads((old / "meta.json").read_text())["splits"] == Corpus(new).meta["splits"]
+
+
 def test_jsonl_and_gzip_inputs(tmp_path):
-    lines = [json.dumps({"text": f"document number {i} " * 20}) for i in range(30)]
-    lines += ["not json", json.dumps({"no_text": 1}), json.dumps({"text": 5})]
-    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as f:
-        f.write("\n".join(lines) + "\n")
+    texts = jsonl_texts(31)
+    lines = jsonl_bytes(texts) + b'not json\n{"no_text": 1}\n{"text": 5}\n[1, 2]\n'
+    (tmp_path / "docs.jsonl").write_bytes(lines)
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
     for name in ("docs.jsonl", "docs.jsonl.gz"):
         corpus = Corpus(prepare(tmp_path / name, name=name.replace(".", "_"), data_dir=tmp_path / "data"))
-        docs = decoded_documents(corpus, "train") + decoded_documents(corpus, "val")
-        assert sorted(docs) == sorted(f"document number {i} " * 20 for i in range(30))
-        assert corpus.meta["skipped"]["lines"] == 3
+        assert all_documents(corpus) == sorted(texts)
+        assert corpus.meta["input"] == {"documents": 31, "bad_lines": 1, "lines_without_text": 3,
+                                        "unreadable_files": 0, "truncated_files": 0}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_one_bad_byte_loses_one_line_only(tmp_path, suffix):
+    texts = jsonl_texts(3000)
+    raw = jsonl_bytes(texts[:1499]) + b'{"text": "caf\xe9"}\n' + jsonl_bytes(texts[1499:])  # 3,001 lines
+    (tmp_path / f"docs{suffix}").write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    corpus = Corpus(prepare(tmp_path / f"docs{suffix}", data_dir=tmp_path / "data"))
+    assert corpus.meta["input"]["documents"] == 3000 and corpus.meta["input"]["bad_lines"] == 1
+    assert corpus.meta["input"]["unreadable_files"] == 0 and all_documents(corpus) == sorted(texts)
+
+
+def test_compressed_files_cut_short_keep_what_was_read_and_say_so(tmp_path, capsys):
+    zstandard = pytest.importorskip("zstandard")
+    texts = jsonl_texts(3000)
+    raw = jsonl_bytes(texts)
+    compressor = zstandard.ZstdCompressor()
+    frames = compressor.compress(raw[:len(raw) // 3]) + compressor.compress(raw[len(raw) // 3:])  # written in parts
+    files = {"whole.jsonl.zst": frames, "cut.jsonl.zst": frames[:len(frames) * 2 // 3],  # inside the second frame
+             "cut.jsonl.gz": gzip.compress(raw)[:len(gzip.compress(raw)) // 2]}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        corpus = Corpus(prepare(tmp_path / name, name=name.replace(".", "_"), data_dir=tmp_path / "data"))
+        used, report = all_documents(corpus), corpus.meta["input"]
+        assert report["documents"] == len(used) and set(used) <= set(texts)
+        assert report["unreadable_files"] == 0 and report["bad_lines"] == 0
+        if name.startswith("whole"):
+            assert used == sorted(texts) and report["truncated_files"] == 0
+        else:
+            assert 100 < len(used) < 3000 and report["truncated_files"] == 1
+            out = capsys.readouterr().out
+            assert f"{len(used):,}" in out and "truncated" in out  # data.py says what it used and what was cut
 
 
 def test_single_text_file_is_split_by_position(tmp_path):
-    text = "".join(f"line {i}\n" for i in range(2000))
+    text = "".join(f"line {i}\n" for i in range(2001))
     (tmp_path / "book.txt").write_text(text)
     corpus = Corpus(prepare(tmp_path / "book.txt", data_dir=tmp_path / "data"))
-    assert corpus.name == "book"
+    assert corpus.name == "book" and "single document" in corpus.meta["split_rule"]
     tokens = np.concatenate([corpus.tokens("train"), corpus.tokens("val")]).astype(np.int64)
     assert corpus.tokenizer().decode(tokens[:-1].tolist()) == text
-    assert abs(len(corpus.tokens("val")) / len(tokens) - 0.1) < 0.01
-    assert "single document" in corpus.meta["split_rule"]
+    assert len(corpus.tokens("val")) == max(1, int(len(tokens) * 0.1))
 
 
-def test_non_utf8_files_are_skipped_and_counted(tmp_path):
+def test_unreadable_files_are_skipped_whole_and_counted(tmp_path, monkeypatch):
     source = write_folder(tmp_path / "in")
     (source / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (source / "late.txt").write_bytes(b"fine text\n" * 1997 + b"\xff")  # not UTF-8 only after many pieces
     (source / ".hidden.txt").write_text("hidden files are not documents")
+    monkeypatch.setattr(data, "PIECE", 100)
+    monkeypatch.setattr(data, "MAX_PIECE", 400)
     corpus = Corpus(prepare(source, data_dir=tmp_path / "data", val_fraction=0.4))
-    assert corpus.meta["skipped"]["files"] == 1
-    docs = decoded_documents(corpus, "train") + decoded_documents(corpus, "val")
-    assert len(docs) == len(DOCS)
+    assert corpus.meta["input"]["unreadable_files"] == 2 and corpus.meta["input"]["documents"] == len(DOCS)
+    assert all_documents(corpus) == sorted(DOCS.values())
+    size = sum(len(corpus.tokens(split)) for split in ("train", "val"))
+    assert size == sum(len(text.encode()) + 1 for text in DOCS.values())  # nothing of late.txt, whose start was written
 
 
 def test_rewriting_a_corpus_replaces_it_whole(tmp_path):
@@ -106,12 +231,66 @@ def test_rewriting_a_corpus_replaces_it_whole(tmp_path):
     folder = prepare(source, name="x", data_dir=tmp_path, val_fraction=0.4)
     (source / "extra.txt").write_text("more text " * 100)
     prepare(source, name="x", data_dir=tmp_path, val_fraction=0.4)
-    assert Corpus(folder).meta["splits"]["train"]["documents"] + Corpus(folder).meta["splits"]["val"]["documents"] \
-        == len(DOCS) + 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "x"]  # no temporary folders left behind
+    assert Corpus(folder).meta["input"]["documents"] == len(DOCS) + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "x"]  # no work folders left behind
 
 
-def stream_corpus(tmp_path, n_tokens=5000):
+def test_names_made_from_the_input_are_plain_folder_names(tmp_path):
+    (tmp_path / ".hidden.txt").write_text("x" * 100)
+    assert prepare(tmp_path / ".hidden.txt", data_dir=tmp_path / "data").name == "corpus"
+
+
+def test_wide_vocabularies_use_32_bit_tokens():
+    assert data.token_dtype(257) == np.uint16 and data.token_dtype(100_277) == np.uint32
+
+
+def test_gpt2_round_trip(tmp_path):
+    gpt2_or_skip()
+    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer="gpt2", data_dir=tmp_path / "data",
+                            val_fraction=0.4))
+    assert corpus.name == "in-gpt2" and corpus.meta["vocab_size"] == 50257
+    assert all_documents(corpus) == sorted(DOCS.values())
+
+
+def test_load_corpus_prepares_the_default_and_names_missing_ones(tmp_path):
+    corpus = load_corpus("stdlib", data_dir=tmp_path)
+    # the default corpus is large enough for eval.py's default: 8 sequences of 131072 tokens
+    assert corpus.eval_sequences(length=131072, num_seqs=8)[0].shape == (8, 131073)
+    with pytest.raises(DataError, match="mine"):
+        load_corpus("mine", data_dir=tmp_path)
+
+
+# --- Memory -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures memory through /proc")
+def test_memory_stays_bounded_whatever_a_documents_size(tmp_path):
+    """A 70 MB text file and a 3 KB .jsonl.zst holding a 30 MB document, prepared with 250 MB of address space to
+    spare: the data.py before needed about 27 times a document's size (and died of the second in Rust)."""
+    zstandard = pytest.importorskip("zstandard")
+    with open(tmp_path / "big.txt", "w") as f:
+        for _ in range(1_700):
+            f.write("Some words on a line, and more of them.\n" * 1000)
+    texts = [f"small document {i}" for i in range(7)] + ["abcdefghij" * 3_000_000]
+    (tmp_path / "big.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(texts)))
+    script = ("import resource\nimport data\n"
+              "size = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (size + 250 * 2 ** 20,) * 2)\n"
+              "for name in ('big.txt', 'big.jsonl.zst'):\n"
+              "    data.prepare(name, name=name.replace('.', '_'), data_dir='data', workers=1, val_fraction=0.5)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    big = Corpus(tmp_path / "data" / "big_txt")
+    assert len(big.tokens("train")) + len(big.tokens("val")) == (tmp_path / "big.txt").stat().st_size + 1
+    zst = Corpus(tmp_path / "data" / "big_jsonl_zst")
+    assert zst.meta["input"]["documents"] == 8 and zst.meta["splits"]["train"]["tokens"] + \
+        zst.meta["splits"]["val"]["tokens"] == sum(len(t) + 1 for t in texts)
+
+
+# --- Batches ------------------------------------------------------------------------------------------------------
+
+def stream_corpus(tmp_path, n_tokens=5001):
     """One text file of n_tokens distinct-looking bytes (split by position: 90% train)."""
     path = tmp_path / "stream.txt"
     path.write_text("".join(chr(33 + (i * 7) % 90) for i in range(n_tokens)))
@@ -161,7 +340,7 @@ def test_random_windows_shape_and_range(tmp_path):
 
 
 def test_eval_sequences_are_fixed_disjoint_and_start_at_documents(tmp_path):
-    docs = {f"doc{i:03d}.txt": f"document {i}: " + "x" * (200 + 37 * i) for i in range(60)}
+    docs = {f"doc{i:03d}.txt": f"document {i}: " + "x" * (200 + 37 * i) for i in range(61)}
     corpus = Corpus(prepare(write_folder(tmp_path / "in", docs), data_dir=tmp_path / "data", val_fraction=0.5))
     seqs, starts = corpus.eval_sequences(length=300, num_seqs=4)
     again, _ = corpus.eval_sequences(length=300, num_seqs=4)
@@ -171,27 +350,66 @@ def test_eval_sequences_are_fixed_disjoint_and_start_at_documents(tmp_path):
     assert all(s == 0 or val[s - 1] == corpus.meta["eot_token"] for s in starts)
 
 
-def test_too_little_validation_text_says_how_much_there_is(tmp_path):
+def test_too_little_text_names_the_options_to_lower(tmp_path):
     corpus = stream_corpus(tmp_path)
-    with pytest.raises(DataError, match=r"has [\d,]+ tokens, but 8 sequences of 131,073 tokens need 1,048,584"):
+    with pytest.raises(DataError, match="--num_seqs") as error:
         corpus.eval_sequences(length=131072, num_seqs=8)
-    with pytest.raises(DataError, match="fewer than one window"):
+    assert f"{len(corpus.tokens('val')):,}" in str(error.value)  # how much there is
+    with pytest.raises(DataError, match="--seq_len"):
         corpus.random_windows("val", 2, 100_000)
+    with pytest.raises(DataError, match="--batch_size"):
+        StreamBatcher(corpus, "val", 64, 100)
 
 
-def test_input_errors(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        prepare(tmp_path / "missing", data_dir=tmp_path)
+# --- Errors -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, named", [
+    (["--bogus"], "--bogus"),
+    (["--val_fraction", "0"], "--val_fraction"),
+    (["--val_fraction", "1"], "--val_fraction"),
+    (["--val_fraction", "-0.5"], "--val_fraction"),
+    (["--val_fraction", "nan"], "--val_fraction"),
+    (["--workers", "0"], "--workers"),
+    (["--workers", "-3"], "--workers"),
+    (["--input", "nowhere"], "nowhere"),
+    (["--input", "empty"], "empty"),
+    (["--data_dir", "file"], "--data_dir"),
+    (["--tokenizer", "nope"], "nope"),
+    (["--tokenizer", "no/such/tokenizer.json"], "no/such/tokenizer.json"),
+])
+def test_usage_errors_are_one_line_that_names_the_flag_or_file(tmp_path, monkeypatch, capsys, argv, named):
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "in")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no files"):
-        prepare(tmp_path / "empty", data_dir=tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    defaults = {"--input": "in", "--data_dir": "data"}
+    status, message = run_cli(argv + [x for flag, value in defaults.items() if flag not in argv for x in (flag, value)])
+    assert status == 1 and named in message and "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # checked before anything was written
+
+
+def test_options_are_checked_in_the_library_too(tmp_path):
+    for options in ({"workers": 0}, {"val_fraction": 1.0}, {"val_fraction": 0.0}):
+        with pytest.raises(cli.UsageError, match=f"--{next(iter(options))}"):
+            prepare(write_folder(tmp_path / "in"), data_dir=tmp_path / "data", **options)
+    assert issubclass(DataError, cli.UsageError) and not (tmp_path / "data").exists()
+
+
+def test_a_missing_input_is_named_before_any_tokenizer_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "get_tokenizer", lambda spec: pytest.fail("the tokenizer came first"))
+    with pytest.raises(DataError, match="nowhere"):
+        prepare(tmp_path / "nowhere", tokenizer="EleutherAI/gpt-neox-20b", data_dir=tmp_path / "data")
+
+
+def test_inputs_without_documents(tmp_path):
     (tmp_path / "binary").mkdir()
-    (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\x00\x81" * 10)
-    with pytest.raises(DataError, match=r"no documents found .* \(1 files skipped"):
-        prepare(tmp_path / "binary", data_dir=tmp_path)
-    assert not list(tmp_path.glob(".binary*"))  # nothing half-written left behind
-    with pytest.raises(DataError, match="unknown tokenizer 'nope'"):
-        prepare(tmp_path / "binary", tokenizer="nope", data_dir=tmp_path)
+    (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\x00\x81" * 11)
+    with pytest.raises(DataError, match="binary"):
+        prepare(tmp_path / "binary", data_dir=tmp_path / "data")
+    (tmp_path / "one.txt").write_text("")
+    with pytest.raises(DataError, match="--val_fraction"):  # one empty document: a split with no token
+        prepare(tmp_path / "one.txt", data_dir=tmp_path / "data")
+    assert list((tmp_path / "data").iterdir()) == []  # nothing half-written left behind
 
 
 def test_tokenizer_that_cannot_be_downloaded(monkeypatch, tmp_path):
@@ -203,68 +421,98 @@ def test_tokenizer_that_cannot_be_downloaded(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken.load, "read_file", offline)
     monkeypatch.setattr(tiktoken.load, "read_file_cached", offline)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    with pytest.raises(DataError, match="set TIKTOKEN_CACHE_DIR .* or use --tokenizer bytes"):
+    with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
         data.get_tokenizer("cl100k_base")
 
 
-def test_gpt2_round_trip_when_its_vocabulary_is_available(tmp_path):
-    try:
-        data.get_tokenizer("gpt2")
-    except DataError:
-        if os.environ.get("TIKTOKEN_CACHE_DIR"):
-            raise  # a cache was provided, so the vocabulary must load
-        pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
-    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer="gpt2", data_dir=tmp_path / "data",
-                            val_fraction=0.4))
-    assert corpus.name == "in-gpt2" and corpus.meta["vocab_size"] == 50257
-    docs = decoded_documents(corpus, "train") + decoded_documents(corpus, "val")
-    assert sorted(docs) == sorted(DOCS.values())
+@pytest.mark.parametrize("damage, named", [
+    (lambda f: (f / "val.bin").unlink(), "val.bin"),
+    (lambda f: (f / "train.bin").write_bytes(b""), "train.bin"),
+    (lambda f: (f / "train.bin").write_bytes(b"\x01\x00\x02"), "train.bin"),
+    (lambda f: (f / "meta.json").write_text(json.dumps({k: v for k, v in json.loads(
+        (f / "meta.json").read_text()).items() if k != "vocab_size"})), "vocab_size"),
+    (lambda f: (f / "meta.json").write_text("[1, 2]"), "meta.json"),
+])
+def test_damaged_corpora_are_refused_in_one_line(tmp_path, damage, named):
+    folder = prepare(write_folder(tmp_path / "in"), data_dir=tmp_path / "data", val_fraction=0.4)
+    damage(folder)
+    with pytest.raises(DataError, match=named) as error:
+        load_corpus(str(folder))
+    assert "\n" not in str(error.value)
 
 
-def test_wide_vocabularies_use_32_bit_tokens():
-    assert data.token_dtype(257) == np.uint16 and data.token_dtype(100_277) == np.uint32
+def test_each_preparation_gets_its_own_fingerprint(tmp_path):
+    source = write_folder(tmp_path / "in")
+    a = Corpus(prepare(source, name="a", data_dir=tmp_path, val_fraction=0.4))
+    b = Corpus(prepare(source, name="a", data_dir=tmp_path, val_fraction=0.4))
+    assert a.fingerprint == a.meta["created"] and b.fingerprint == b.meta["created"] and a.fingerprint != b.fingerprint
+    meta = dict(b.meta)
+    del meta["created"]  # a corpus prepared before the stamp existed
+    (b.folder / "meta.json").write_text(json.dumps(meta))
+    sizes = f"sizes-{(b.folder / 'train.bin').stat().st_size}-{(b.folder / 'val.bin').stat().st_size}"
+    assert Corpus(b.folder).fingerprint == Corpus(b.folder).fingerprint == sizes
 
 
-def test_load_corpus_prepares_the_default_and_names_missing_ones(tmp_path):
-    corpus = load_corpus("stdlib", data_dir=tmp_path)
-    # the default corpus is large enough for eval.py's default: 8 sequences of 131072 tokens
-    assert corpus.eval_sequences(length=131072, num_seqs=8)[0].shape == (8, 131073)
-    with pytest.raises(DataError, match="python data.py --input PATH --name mine"):
-        load_corpus("mine", data_dir=tmp_path)
+# --- Threads ------------------------------------------------------------------------------------------------------
+
+def pool_threads_started(monkeypatch):
+    started, real_start = [], threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith("ThreadPoolExecutor"):
+            started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return started
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["--input", str(tmp_path / "nowhere"), "--data_dir", str(tmp_path)])
-    message = str(exit_info.value.code)
-    assert message.startswith("data.py: error:") and "\n" not in message
+def test_never_more_threads_than_there_is_work(tmp_path, monkeypatch):
+    started = pool_threads_started(monkeypatch)
+    source = write_folder(tmp_path / "in")
+    prepare(source, name="bytes", data_dir=tmp_path / "data", workers=48, val_fraction=0.4)
+    assert started == []  # byte tokens need no tokenising at all
+    gpt2_or_skip()
+    prepare(source, name="gpt2", tokenizer="gpt2", data_dir=tmp_path / "data", workers=48, val_fraction=0.4)
+    assert 1 <= len(started) <= len(DOCS)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Names, replacement, interruption and damaged corpora
-# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_an_interrupt_while_tokenising_keeps_the_old_corpus_and_ends_every_thread(tmp_path, monkeypatch, tokenizer):
+    if tokenizer == "gpt2":
+        gpt2_or_skip()
+    source = write_folder(tmp_path / "in", {f"doc{i:03d}.txt": f"document {i} " * 50 for i in range(301)})
+    folder = prepare(source, name="x", tokenizer=tokenizer, data_dir=tmp_path / "data")
+    before = corpus_files(folder)
+    calls = []
+
+    def interrupt_on_the_100th(key, val_fraction):
+        calls.append(key)
+        if len(calls) == 100:
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(data, "is_validation", interrupt_on_the_100th)
+    monkeypatch.setattr(data, "PIECE", 1000)  # many batches
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, name="x", tokenizer=tokenizer, data_dir=tmp_path / "data", workers=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"] and corpus_files(folder) == before
+
+
+# --- Names, replacement, interruption and killed runs -------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "./../somedir", "", ".hidden", "a\\b"])
-def test_names_that_are_not_one_plain_folder_are_refused_before_anything_is_written(tmp_path, capsys, name):
+def test_names_that_are_not_one_plain_folder_are_refused_before_anything_is_written(tmp_path, name):
     source = write_folder(tmp_path / "in")
     (tmp_path / "somedir").mkdir()
     (tmp_path / "somedir" / "keep.txt").write_text("not a corpus")
-    with pytest.raises(DataError, match="is not a plain folder name"):
+    with pytest.raises(DataError):
         prepare(source, name=name, data_dir=tmp_path / "data")
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["--input", str(source), "--name", name, "--data_dir", str(tmp_path / "data")])
-    assert str(exit_info.value.code).startswith("data.py: error: corpus name") and "\n" not in exit_info.value.code
+    status, message = run_cli(["--input", source, "--name", name, "--data_dir", tmp_path / "data"])
+    assert status == 1 and repr(name) in message and "\n" not in message
     assert not (tmp_path / "data").exists() and (tmp_path / "somedir" / "keep.txt").read_text() == "not a corpus"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "somedir"]
-
-
-def test_names_made_from_the_input_are_plain_folder_names(tmp_path):
-    (tmp_path / ".hidden.txt").write_text("x" * 100)
-    assert prepare(tmp_path / ".hidden.txt", data_dir=tmp_path / "data").name == "corpus"
-
-
-def corpus_files(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
 def test_a_replacement_cut_short_puts_the_old_corpus_back(tmp_path, monkeypatch):
@@ -272,8 +520,7 @@ def test_a_replacement_cut_short_puts_the_old_corpus_back(tmp_path, monkeypatch)
     folder = prepare(source, name="x", data_dir=tmp_path / "data", val_fraction=0.4)
     before = corpus_files(folder)
     (source / "extra.txt").write_text("more text " * 100)
-    renames = []
-    real_rename = type(folder).rename
+    renames, real_rename = [], Path.rename
 
     def interrupted_rename(self, target):
         renames.append(self.name)
@@ -281,12 +528,11 @@ def test_a_replacement_cut_short_puts_the_old_corpus_back(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real_rename(self, target)
 
-    monkeypatch.setattr(type(folder), "rename", interrupted_rename)
+    monkeypatch.setattr(Path, "rename", interrupted_rename)
     with pytest.raises(KeyboardInterrupt):
         prepare(source, name="x", data_dir=tmp_path / "data", val_fraction=0.4)
-    assert renames[:2] == ["x", renames[1]] and renames[1].startswith(".x.") and renames[2] == ".x.old"
-    assert corpus_files(folder) == before
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"]
+    assert renames[0] == "x" and renames[1].startswith(".x.") and renames[2] == ".x.old"
+    assert corpus_files(folder) == before and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"]
 
 
 def test_a_replacement_killed_half_way_is_finished_on_next_use(tmp_path):
@@ -305,60 +551,94 @@ def test_a_replacement_killed_half_way_is_finished_on_next_use(tmp_path):
     assert sorted(p.name for p in data_dir.iterdir()) == ["x"]
 
 
-def test_interrupt_while_a_pool_tokenises_leaves_nothing_behind(tmp_path, monkeypatch):
-    docs = {f"doc{i:03d}.txt": f"document {i} " * 50 for i in range(400)}  # several batches of 64 documents
-    source = write_folder(tmp_path / "in", docs)
-    folder = prepare(source, name="x", data_dir=tmp_path / "data", workers=1)
-    before = corpus_files(folder)
-    calls = []
-
-    def interrupt_on_the_100th(key, val_fraction):
-        calls.append(key)
-        if len(calls) == 100:
-            raise KeyboardInterrupt
-        return False
-
-    monkeypatch.setattr(data, "is_validation", interrupt_on_the_100th)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(source, name="x", data_dir=tmp_path / "data", workers=2)
-    assert multiprocessing.active_children() == []  # the pool was ended, not left to the garbage collector
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"] and corpus_files(folder) == before
-
-
-def test_ctrl_c_while_a_pool_tokenises_ends_every_process_in_one_line(tmp_path):
-    """Ctrl-C reaches the workers too; a worker killed mid-batch used to leave the parent waiting forever."""
-    line = (json.dumps({"text": "x = [i * i for i in range(10)]\n" * 300}) + "\n").encode()
-    # 190 MB of text, far more than is tokenised before the interrupt: 20 gzip members, which gzip reads as one
-    (tmp_path / "big.jsonl.gz").write_bytes(gzip.compress(line * 1000, compresslevel=1) * 20)
+def test_an_interrupt_once_the_new_corpus_is_in_place_finishes_and_says_wrote(tmp_path, monkeypatch, capsys):
+    source = write_folder(tmp_path / "in")
     data_dir = tmp_path / "data"
-    stderr = open(tmp_path / "stderr.txt", "w")
-    process = subprocess.Popen([sys.executable, data.__file__, "--input", str(tmp_path / "big.jsonl.gz"), "--workers",
-                                "2", "--data_dir", str(data_dir)], start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    while process.poll() is None and not any(f.stat().st_size for f in data_dir.glob(".big.*/train.bin")):
-        time.sleep(0.02)  # until the pool's first results are written
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the parent and every worker
-    try:
-        process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("data.py hung after Ctrl-C")
-    stderr.close()
-    assert process.returncode == 130
-    assert (tmp_path / "stderr.txt").read_text().rstrip().rsplit("\n", 1)[-1] == \
-        "data.py: interrupted; nothing was written"
-    assert list(data_dir.iterdir()) == []
+    prepare(source, name="x", data_dir=data_dir, val_fraction=0.4)
+    (source / "extra.txt").write_text("more text " * 100)
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if Path(path).name == ".x.old":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the old corpus is being deleted
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
+    capsys.readouterr()
+    status, _ = run_cli(["--input", source, "--name", "x", "--data_dir", data_dir, "--val_fraction", "0.4"])
+    assert status == 130  # the interrupt is not lost, only held back until the swap is over
+    assert str(data_dir / "x") in capsys.readouterr().out  # and the user is told the corpus was written
+    assert sorted(p.name for p in data_dir.iterdir()) == ["x"]
+    assert Corpus(data_dir / "x").meta["input"]["documents"] == len(DOCS) + 1
 
 
-def test_cli_says_interrupted_in_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+def test_prepare_works_outside_the_main_thread(tmp_path):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(prepare(write_folder(tmp_path / "in"), val_fraction=0.4,
+                                                                   data_dir=tmp_path / "data")))
+    thread.start()
+    thread.join()
+    assert result and Corpus(result[0]).meta["input"]["documents"] == len(DOCS)
 
-    monkeypatch.setattr(data, "prepare", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["--data_dir", str(tmp_path)])
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err == "data.py: interrupted; nothing was written\n"
+
+def start_slow_data_py(tmp_path, *argv):
+    """data.py in a process of its own, tokenising slowly (a pause before each batch of 1,000-character pieces) so
+    that a test can stop it half-way. Its output goes to files: a pipe nobody reads could block it."""
+    (tmp_path / "slow_data.py").write_text(
+        "import sys, time\nimport cli, data\n"
+        "data.PIECE, encode = 1000, data._encode\n"
+        "data._encode = lambda *args: time.sleep(0.02) or encode(*args)\n"
+        "cli.run('data.py', data.main, sys.argv[1:])\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        return subprocess.Popen([sys.executable, str(tmp_path / "slow_data.py"), *map(str, argv)], env=env,
+                                stdout=out, stderr=err)
+
+
+def wait_until_it_writes(process, data_dir):
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if any(f.stat().st_size for f in data_dir.glob(".x.*/train.bin")):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    process.kill()
+    pytest.fail(f"data.py never wrote: {(process.args, process.poll())}")
+
+
+def slow_run_over_a_corpus(tmp_path):
+    source = write_folder(tmp_path / "in", {f"doc{i:03d}.txt": f"document {i}\n" * 97 for i in range(301)})
+    data_dir = tmp_path / "data"
+    before = corpus_files(prepare(write_folder(tmp_path / "old"), name="x", data_dir=data_dir, val_fraction=0.4))
+    process = start_slow_data_py(tmp_path, "--input", source, "--name", "x", "--data_dir", data_dir, "--workers", 1)
+    wait_until_it_writes(process, data_dir)
+    return process, data_dir, before
+
+
+def test_sigterm_half_way_leaves_the_old_corpus_and_nothing_else(tmp_path):
+    process, data_dir, before = slow_run_over_a_corpus(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    assert sorted(p.name for p in data_dir.iterdir()) == ["x"] and corpus_files(data_dir / "x") == before
+
+
+def test_the_work_folder_of_a_run_killed_hard_is_removed_by_the_next(tmp_path):
+    process, data_dir, before = slow_run_over_a_corpus(tmp_path)
+    process.kill()  # SIGKILL: no chance to clean up
+    process.wait(timeout=120)
+    assert len(list(data_dir.glob(".x.*"))) == 1
+    host = socket.gethostname()
+    alive = data_dir / f".y.abcdefgh.{os.getpid()}@{host}"  # a run still going on
+    elsewhere = data_dir / f".y.abcdefgh.{process.pid}@another-{host}"  # a machine sharing the folder
+    for folder in (alive, elsewhere):
+        folder.mkdir()
+    assert corpus_files(load_corpus("x", data_dir=data_dir).folder) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(["x", alive.name, elsewhere.name])
+    (data_dir / f".z.abcdefgh.{process.pid}@{host}").mkdir()  # prepare removes them too
+    prepare(write_folder(tmp_path / "old"), name="y", data_dir=data_dir, val_fraction=0.4)
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(["x", "y", alive.name, elsewhere.name])
 
 
 def test_corpus_folders_get_the_usual_permissions(tmp_path):
@@ -370,58 +650,16 @@ def test_corpus_folders_get_the_usual_permissions(tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o750  # what mkdir gives under this umask, not mkdtemp's 0o700
 
 
-def test_usage_and_data_dir_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    source = write_folder(tmp_path / "in")
-    (tmp_path / "file").write_text("not a folder")
-
+def test_an_unwritable_data_dir_is_named(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "data"))
 
-    for argv, expected in ((["--bogus"], "unrecognized arguments: --bogus (see --help)"),
-                           (["--val_fraction", "2"], "--val_fraction must be between 0 and 1"),
-                           (["--input", str(source), "--data_dir", str(tmp_path / "file")], "give a writable folder")):
-        with pytest.raises(SystemExit) as exit_info:
-            data.main(argv)
-        assert str(exit_info.value.code).startswith("data.py: error:") and expected in exit_info.value.code
-        assert "\n" not in exit_info.value.code and capsys.readouterr().err == ""
     monkeypatch.setattr(data.tempfile, "mkdtemp", read_only)
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["--input", str(source), "--data_dir", str(tmp_path / "data")])
-    assert exit_info.value.code == f"data.py: error: cannot write under {tmp_path / 'data'} (Permission denied): " \
-                                   f"give a writable folder as --data_dir"
+    status, message = run_cli(["--input", write_folder(tmp_path / "in"), "--data_dir", tmp_path / "data"])
+    assert status == 1 and "--data_dir" in message and str(tmp_path / "data") in message
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda f: (f / "val.bin").unlink(), "val.bin is missing, empty or cut short"),
-    (lambda f: (f / "train.bin").write_bytes(b""), "train.bin is missing, empty or cut short"),
-    (lambda f: (f / "train.bin").write_bytes(b"\x01\x00\x02"), "train.bin is missing, empty or cut short"),
-    (lambda f: (f / "meta.json").write_text(json.dumps({k: v for k, v in json.loads(
-        (f / "meta.json").read_text()).items() if k != "vocab_size"})), "meta.json has no 'vocab_size'"),
-    (lambda f: (f / "meta.json").write_text("[1, 2]"), "is not a prepared corpus"),
-])
-def test_damaged_corpora_are_refused_in_one_line(tmp_path, damage, expected):
-    folder = prepare(write_folder(tmp_path / "in"), data_dir=tmp_path / "data", val_fraction=0.4)
-    damage(folder)
-    with pytest.raises(DataError, match=expected) as error:
-        load_corpus(str(folder))
-    assert "\n" not in str(error.value)
-
-
-def test_each_preparation_gets_its_own_fingerprint(tmp_path):
-    source = write_folder(tmp_path / "in")
-    a = Corpus(prepare(source, name="a", data_dir=tmp_path, val_fraction=0.4))
-    b = Corpus(prepare(source, name="a", data_dir=tmp_path, val_fraction=0.4))
-    assert a.fingerprint == a.meta["created"] and b.fingerprint == b.meta["created"] and a.fingerprint != b.fingerprint
-    meta = dict(b.meta)
-    del meta["created"]  # a corpus prepared before the stamp existed
-    (b.folder / "meta.json").write_text(json.dumps(meta))
-    sizes = f"sizes-{(b.folder / 'train.bin').stat().st_size}-{(b.folder / 'val.bin').stat().st_size}"
-    assert Corpus(b.folder).fingerprint == Corpus(b.folder).fingerprint == sizes
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hugging Face tokenizers and .jsonl.zst
-# ----------------------------------------------------------------------------------------------------------------
+# --- Hugging Face tokenizers and .jsonl.zst -----------------------------------------------------------------------
 
 def train_bpe(folder, special_tokens=(data.EOT,), vocab_size=400):
     """A small byte-level BPE tokenizer.json, trained here on made-up text (so decoding round-trips any text)."""
@@ -446,7 +684,7 @@ def bpe(tmp_path_factory):
 
 
 def expected_tokens(tokenizer_file, docs, val_fraction):
-    """Each split as every document's own encoding plus end-of-text, in file order: what prepare must write."""
+    """Each split as every whole document's own encoding plus end-of-text, in file order: what prepare must write."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -458,29 +696,20 @@ def expected_tokens(tokenizer_file, docs, val_fraction):
 
 
 @pytest.mark.parametrize("given", ["file", "folder"])
-def test_hugging_face_tokenizer_by_path(tmp_path, bpe, given):
-    spec = str(bpe if given == "file" else bpe.parent)
-    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer=spec, data_dir=tmp_path / "data",
-                            val_fraction=0.4))
-    assert corpus.name == "in-mybpe"
+def test_hugging_face_tokenizer_by_path(tmp_path, monkeypatch, bpe, given):
+    monkeypatch.setattr(data, "PIECE", 200)  # a.txt and c.md are cut in pieces, and get the tokens of the whole
+    corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer=str(bpe if given == "file" else bpe.parent),
+                            data_dir=tmp_path / "data", val_fraction=0.4, workers=2))
     from tokenizers import Tokenizer
 
     reference = Tokenizer.from_file(str(bpe))
-    assert corpus.meta["tokenizer"] == str(bpe.resolve())
+    assert corpus.name == "in-mybpe" and corpus.meta["tokenizer"] == str(bpe.resolve())
     assert corpus.meta["tokenizer_sha256"] == hashlib.sha256(bpe.read_bytes()).hexdigest()
     assert corpus.meta["vocab_size"] == reference.get_vocab_size(with_added_tokens=True) == 400
     assert corpus.meta["eot_token"] == reference.token_to_id(data.EOT) == 0
     for split, tokens in expected_tokens(bpe, DOCS, 0.4).items():
         assert corpus.tokens(split).tolist() == tokens
-    assert sorted(decoded_documents(corpus, "train") + decoded_documents(corpus, "val")) == sorted(DOCS.values())
-
-
-def test_hugging_face_tokenizer_in_parallel_matches_serial(tmp_path, bpe):
-    source = write_folder(tmp_path / "in")
-    a = prepare(source, name="a", tokenizer=str(bpe), data_dir=tmp_path, workers=1, val_fraction=0.4)
-    b = prepare(source, name="b", tokenizer=str(bpe), data_dir=tmp_path, workers=2, val_fraction=0.4)
-    for split in ("train.bin", "val.bin"):
-        assert (a / split).read_bytes() == (b / split).read_bytes()
+    assert all_documents(corpus) == sorted(DOCS.values())
 
 
 def test_hugging_face_tokenizer_from_the_hub(tmp_path, bpe, monkeypatch):
@@ -501,7 +730,7 @@ def test_hugging_face_tokenizer_from_the_hub(tmp_path, bpe, monkeypatch):
 
 
 @pytest.mark.parametrize("error", ["LocalEntryNotFoundError", "OSError", "RepositoryNotFoundError"])
-def test_hub_tokenizer_that_cannot_be_downloaded(tmp_path, monkeypatch, capsys, error):
+def test_hub_tokenizer_that_cannot_be_downloaded(tmp_path, monkeypatch, error):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     import huggingface_hub.errors
 
@@ -510,14 +739,23 @@ def test_hub_tokenizer_that_cannot_be_downloaded(tmp_path, monkeypatch, capsys, 
         raise exception.__new__(exception, "no network")  # their constructors want more than a message
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["--input", str(write_folder(tmp_path / "in")), "--tokenizer", "EleutherAI/gpt-neox-20b",
-                   "--data_dir", str(tmp_path / "data")])
-    assert exit_info.value.code == (
-        f"data.py: error: could not get tokenizer.json of 'EleutherAI/gpt-neox-20b' from the Hugging Face hub "
-        f"({error}; offline, misspelt or gated?): download it elsewhere and pass its path instead (data.py --tokenizer PATH; "
-        f"for a model, put it beside the model's config.json and pass that folder)")
+    status, message = run_cli(["--input", write_folder(tmp_path / "in"), "--tokenizer", "EleutherAI/gpt-neox-20b",
+                               "--data_dir", tmp_path / "data"])
+    assert status == 1 and "EleutherAI/gpt-neox-20b" in message and error in message
+    assert "HF_HUB_OFFLINE=1" in message and "--tokenizer" in message  # what to do offline: set it, or give a path
     assert not (tmp_path / "data").exists()
+
+
+def test_hub_names_do_not_wait_for_the_network_with_hf_hub_offline(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    began = time.time()
+    result = subprocess.run([sys.executable, str(REPO / "data.py"), "--input", str(write_folder(tmp_path / "in")),
+                             "--tokenizer", "SomeOrg/not-cached", "--data_dir", str(tmp_path / "data")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "SomeOrg/not-cached" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "data").exists()
+    assert time.time() - began < 20  # without it, huggingface_hub retried an unreachable hub for 25 s
 
 
 def test_missing_packages_are_named(tmp_path, monkeypatch, bpe):
@@ -525,11 +763,11 @@ def test_missing_packages_are_named(tmp_path, monkeypatch, bpe):
     (tmp_path / "docs.jsonl.zst").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what an import of a missing package meets
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    monkeypatch.setitem(sys.modules, "zstandard", None)
-    for kwargs, expected in (({"tokenizer": "EleutherAI/gpt-neox-20b"}, "pip install huggingface_hub"),
-                             ({"tokenizer": str(bpe)}, "pip install tokenizers"),
-                             ({"input": tmp_path / "docs.jsonl.zst"}, "pip install zstandard")):
-        with pytest.raises(DataError, match=expected):
+    monkeypatch.setattr(data, "zstandard", None)
+    for kwargs, package in (({"tokenizer": "EleutherAI/gpt-neox-20b"}, "huggingface_hub"),
+                            ({"tokenizer": str(bpe)}, "tokenizers"),
+                            ({"input": tmp_path / "docs.jsonl.zst"}, "zstandard")):
+        with pytest.raises(DataError, match=f"pip install {package}"):
             prepare(**{"input": source, **kwargs}, data_dir=tmp_path / "data")
     assert not (tmp_path / "data").exists()
 
@@ -538,11 +776,9 @@ def test_tokenizer_path_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.json").write_text("{not json")
     no_eot = train_bpe(tmp_path / "no_eot", special_tokens=["<pad>"], vocab_size=300)
-    for spec, expected in ((tmp_path / "empty", "holds no tokenizer.json"),
-                           (tmp_path / "nowhere" / "tokenizer.json", "does not exist"),
-                           (tmp_path / "broken.json", "is not a readable tokenizer.json"),
-                           (no_eot, r"has no end-of-text token \(<\|endoftext\|>, </s>, <eos>\)")):
-        with pytest.raises(DataError, match=expected) as error:
+    for spec, named in ((tmp_path / "empty", "empty"), (tmp_path / "nowhere" / "tokenizer.json", "nowhere"),
+                        (tmp_path / "broken.json", "broken.json"), (no_eot, data.EOT)):
+        with pytest.raises(DataError, match=str(named).replace("|", r"\|")) as error:
             data.get_tokenizer(str(spec))
         assert "\n" not in str(error.value)
 
@@ -552,7 +788,7 @@ def test_a_changed_tokenizer_file_is_refused_when_decoding(tmp_path):
     corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer=str(tokenizer_file), data_dir=tmp_path / "data",
                             val_fraction=0.4))
     train_bpe(tmp_path / "tok", vocab_size=350)  # the same path, now another vocabulary
-    with pytest.raises(DataError, match="is not the tokenizer.json that prepared corpus .in-tok."):
+    with pytest.raises(DataError, match="in-tok"):
         corpus.tokenizer()
 
 
@@ -566,13 +802,11 @@ def test_tokenizer_identity_and_mismatch(tmp_path, bpe):
     hub = {"tokenizer": "EleutherAI/gpt-neox-20b", "tokenizer_sha256": sha}
     other = {"tokenizer": "EleutherAI/gpt-neox-20b", "tokenizer_sha256": "f" * 64}
     assert data.tokenizer_mismatch(hub, identity) is None  # same file, by hub name and by local path
-    assert data.tokenizer_mismatch(hub, other) == (
-        f"the corpus was tokenised by EleutherAI/gpt-neox-20b (tokenizer.json sha256 {sha[:12]}), the model by "
-        f"EleutherAI/gpt-neox-20b (sha256 ffffffffffff)")
+    assert sha[:12] in data.tokenizer_mismatch(hub, other) and "ffffffffffff" in data.tokenizer_mismatch(hub, other)
     assert data.tokenizer_mismatch(hub, {"tokenizer": "EleutherAI/gpt-neox-20b"}) is None  # no sha: names decide
     assert data.tokenizer_mismatch(hub, {"tokenizer": "eleutherai/gpt-neox-20b"}) is not None
-    assert data.tokenizer_mismatch({"tokenizer": "bytes"}, {"tokenizer": "gpt2", "tokenizer_sha256": None}) == \
-        "the corpus was tokenised by bytes, the model by gpt2"
+    mismatch = data.tokenizer_mismatch({"tokenizer": "bytes"}, {"tokenizer": "gpt2", "tokenizer_sha256": None})
+    assert "bytes" in mismatch and "gpt2" in mismatch
     assert data.tokenizer_mismatch({"tokenizer": "gpt2"}, {"tokenizer": "gpt2"}) is None
     assert data.tokenizer_mismatch({"tokenizer": "bytes"}, {"tokenizer": None, "tokenizer_sha256": None}) is None
     assert data.tokenizer_mismatch({"tokenizer": "bytes"}, None) is None
@@ -580,7 +814,7 @@ def test_tokenizer_identity_and_mismatch(tmp_path, bpe):
 
 def test_jsonl_zst_gives_the_same_documents_as_jsonl(tmp_path, bpe):
     zstandard = pytest.importorskip("zstandard")
-    lines = [json.dumps({"text": f"document number {i}, ü " * (5 + i)}) for i in range(40)]
+    lines = [json.dumps({"text": f"document number {i}, ü " * (5 + i)}) for i in range(41)]
     lines += ["not json", json.dumps({"no_text": 1})]
     text = ("\n".join(lines) + "\n").encode()
     (tmp_path / "plain").mkdir()
@@ -599,5 +833,6 @@ def test_jsonl_zst_gives_the_same_documents_as_jsonl(tmp_path, bpe):
         ends = np.flatnonzero(tokens == corpus.meta["eot_token"]) + 1
         return sorted(tuple(d.tolist()) for d in np.split(tokens, ends[:-1]))
 
-    assert documents(corpora[0]) == documents(corpora[1]) and len(documents(corpora[0])) == 40
-    assert corpora[1].meta["skipped"] == {"files": 1, "lines": 2} and corpora[0].meta["skipped"]["lines"] == 2
+    assert documents(corpora[0]) == documents(corpora[1]) and len(documents(corpora[0])) == 41
+    assert corpora[1].meta["input"] == {"documents": 41, "bad_lines": 1, "lines_without_text": 1,
+                                        "unreadable_files": 1, "truncated_files": 0}
