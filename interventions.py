@@ -1,6 +1,7 @@
 """interventions.py: where the recurrent state of each training sequence starts.
 
-The paper's unexplored-states hypothesis: a recurrent model trained only from the zero state on sequences of length
+Read first: Buitrago Ruiz & Gu (arXiv 2507.02782), Section 3 for the hypothesis and Section 4 for these
+interventions. The unexplored-states hypothesis: a recurrent model trained only from the zero state on sequences of length
 T never sees the states that positions far beyond T produce, so its behaviour there is untrained. The remedy is to
 start training sequences from states like those: each class below decides the initial state of the next batch and
 may look at the (detached) final state of the batch just trained on.
@@ -15,6 +16,9 @@ may look at the (detached) final state of the batch just trained on.
 All of them can send a fraction p_zero of the rows back to the zero state (a common practical mix): with state
 passing, this makes the chains of passed states geometrically long, so states from every depth are visited, not only
 the zero start and the long-run regime. Gradients never flow into an initial state: states handed on are detached.
+
+train.py builds one with INITS[args.init](model, seed=..., **options), passing the options of its TrainConfig that
+are marked for that --init (noise_std, p_zero, ssm_only); each class takes exactly those.
 """
 import torch
 
@@ -24,7 +28,6 @@ class Intervention:
     """The interface: initial_state() before each batch, observe() after it, state_dict() for checkpoints."""
 
     uses_streams = False  # True when batches must be contiguous streams (tbptt)
-    options = ()  # the names of this class's own __init__ arguments, which train.py offers as flags
 
     def __init__(self, model, p_zero=0.0, seed=0):
         self.model, self.p_zero, self.seed = model, p_zero, seed
@@ -68,9 +71,7 @@ class Zero(Intervention):
 class RandomNoise(Intervention):
     """SSM states drawn iid from N(0, noise_std^2); convolution states zero (they hold recent inputs, not memory)."""
 
-    options = ("noise_std",)
-
-    def __init__(self, model, noise_std=0.1, **kwargs):
+    def __init__(self, model, noise_std, **kwargs):
         super().__init__(model, **kwargs)
         self.noise_std = noise_std
 
@@ -143,9 +144,7 @@ class StatePassing(Intervention):
     unrelated sequence, detached so gradients stay inside the batch. The convolution state is passed too unless
     ssm_only (it holds the previous batch's last inputs). The first batch starts from zero."""
 
-    options = ("ssm_only",)
-
-    def __init__(self, model, ssm_only=False, **kwargs):
+    def __init__(self, model, ssm_only, **kwargs):
         super().__init__(model, **kwargs)
         self.ssm_only = ssm_only
         self.previous = None
@@ -186,10 +185,9 @@ INITS = {"zero": Zero, "random_noise": RandomNoise, "fitted_noise": FittedNoise,
          "tbptt": TBPTT}  # --init NAME -> its class
 
 
-def make_intervention(name, model, p_zero=0.0, seed=0, **options):
-    """The Intervention for --init NAME; model is the (unwrapped) LM, used to build zero states. options: values of
-    the classes' own arguments (noise_std=, ssm_only=); each class takes those it names in its options."""
+def make_intervention(name, model, seed=0, **options):
+    """The Intervention for --init NAME; model is the (unwrapped) LM, used to build zero states; options are the
+    class's own arguments (p_zero, noise_std, ssm_only)."""
     if name not in INITS:
         raise ValueError(f"unknown --init {name!r}; choose one of {', '.join(INITS)}")
-    cls = INITS[name]
-    return cls(model, p_zero=p_zero, seed=seed, **{k: v for k, v in options.items() if k in cls.options})
+    return INITS[name](model, seed=seed, **options)

@@ -1,32 +1,40 @@
 """model.py: Mamba-2 and gated linear attention language models whose recurrent state is explicit.
 
+Read first: the paper this project reproduces, Buitrago Ruiz & Gu, "Understanding and Improving Length
+Generalization in Recurrent Models" (ICML 2025, arXiv 2507.02782), Sections 2-3 (recurrent models and the
+unexplored states hypothesis); for the Mamba-2 block, Dao & Gu, "Transformers are SSMs" (ICML 2024, arXiv
+2405.21060), Section 7; for gated linear attention, Yang et al., "Gated Linear Attention Transformers with
+Hardware-Efficient Training" (ICML 2024, arXiv 2312.06635), Section 4.
+
 Everything the paper studies is about the recurrent state, so the model exposes it: forward() starts from any State
 and returns the State after the last token, and step() advances it one token at a time. Reading a sequence whole,
 in uneven pieces that hand the State on, or token by token gives the same outputs (tests/test_model.py).
 
-    LM.forward(idx, targets=None, state=None) -> (logits, loss, state)    idx (B, L) -> logits (B, L, V)
-    LM.step(idx_t, state) -> (logits_t, state)                            idx_t (B,) -> logits_t (B, V)
+    model = LM(ModelConfig(vocab_size=257, d_model=128, n_layer=4, mixer="mamba2"))
+    logits, loss, state = model(idx, targets, state)       idx (B, L) -> logits (B, L, V); state None: zero
+    logits_t, state = model.step(idx_t, state)             idx_t (B,) -> logits_t (B, V), O(1) per token
 
 Both mixers reduce their sequence mixing to kernels.chunked_scan, S_t = exp(log_decay_t) S_{t-1} + v_t k_t^T,
 y_t = S_t q_t:
     mamba2  the official Mamba-2 block: q and k are the block's input-dependent projections that the Mamba-2
-            paper calls C and B, v = x * dt, log_decay = A * dt, with a short causal
-            convolution before the scan whose last inputs are part of the state. Parameter names, initialisation
-            and the order of operations follow the official Mamba2 module (in_proj, conv1d, dt_bias, A_log, D,
-            norm, out_proj). Differences: the convolution state holds the last W - 1 inputs (the official one
-            keeps W), and the defaults chunk_size 64 and vocabulary padding 64 (official: 256 and 16).
+            paper calls C and B, v = x * dt, log_decay = A * dt, with a short causal convolution before the scan
+            whose last inputs are part of the state. Parameter names, initialisation and the order of operations
+            follow the official Mamba2 module (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj). Differences:
+            the convolution state holds the last W - 1 inputs (the official one keeps W), and the defaults
+            chunk_size 64 and vocabulary padding 64 (official: 256 and 16).
     gla     gated linear attention: q, k, v projections and a data-dependent forget gate per head
             (log_decay = logsigmoid(.) / temperature); gate="none" gives plain linear attention (log_decay = 0),
             whose state only grows: a model that fails beyond its training length by construction.
 
+The file reads top to bottom: the configuration, the State, the layers, the two mixers, the LM; then checkpoints
+(saving and loading this project's models; pretrained.py loads the official ones).
+
 Shape letters: B batch, L length, D d_model, V vocabulary, H heads, P value width per head, N key width per head
 (Mamba-2's d_state), G q/k groups (Mamba-2's ngroups), W convolution width.
 """
-import argparse
 import math
 import os
-import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,56 +43,57 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from cli import UsageError, option
 from kernels import BACKENDS, chunked_scan, scan_step, triton_refusal
 
 MIXERS = {}  # --mixer NAME -> its class; filled in below the mixer classes (adding a mixer adds one entry)
-GATES = ("data", "none")
-
-
-def flag(default, help, **extra):
-    """A ModelConfig field that train.py offers as the flag --NAME, of the field's type, with this help (and choices,
-    when given). runtime=True marks fields that say how the model is computed, not what it is: they may differ from
-    a checkpoint's. Fields made without flag() are not flags."""
-    return field(default=default, metadata={"help": help, **extra})
+GATES = ("channel", "head", "none")
+MAMBA2, GLA, MAMBAS = ("mixer", ("mamba2",)), ("mixer", ("gla",)), ("mixer", ("mamba2", "mamba1"))  # only=: the
+# mixers an option belongs to (cli.option)
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to build an LM. vocab_size, d_model, n_layer and mixer are required."""
+    """Everything needed to build an LM; vocab_size, d_model, n_layer and mixer are required. The fields made with
+    option() are train.py's model flags; those marked resume=True say how the model is computed, not what it is,
+    so they may differ from a checkpoint's."""
     vocab_size: int
-    d_model: int = flag(MISSING, "width of the residual stream")
-    n_layer: int = flag(MISSING, "number of blocks")
-    mixer: str = flag(MISSING, "the sequence mixer of every block", choices=MIXERS)
-    # mamba2 (defaults of the official Mamba-2 language models)
-    d_state: int = flag(128, "mamba2: N, the state size per head")
+    d_model: int = option(MISSING, "width of the residual stream")
+    n_layer: int = option(MISSING, "number of blocks")
+    mixer: str = option(MISSING, "the sequence mixer of every block", choices=MIXERS)
+    # mamba2 and mamba1 (defaults of the official Mamba-2 language models; Mamba-1's are d_state 16)
+    d_state: int = option(128, "mamba: N, the state size per head (mamba2) or per channel (mamba1)", only=MAMBAS)
     d_conv: int = 4  # W
-    expand: int = flag(2, "mamba2: inner width / d_model")
-    headdim: int = flag(64, "mamba2: P, the value width per head")
+    expand: int = option(2, "mamba: inner width / d_model", only=MAMBAS)
+    headdim: int = option(64, "mamba2: P, the value width per head", only=MAMBA2)
     ngroups: int = 1  # G
-    dt_min: float = flag(0.001, "mamba2: smallest initial step dt; a head remembers about 1 / (A dt) tokens, so "
-                                "smaller dt means longer memories")
-    dt_max: float = flag(0.1, "mamba2: largest initial step dt")
+    dt_min: float = option(0.001, "mamba: smallest initial step dt; a head remembers about 1 / (A dt) tokens, so "
+                                  "smaller dt means longer memories", only=MAMBAS)
+    dt_max: float = option(0.1, "mamba: largest initial step dt", only=MAMBAS)
     dt_init_floor: float = 1e-4
     A_init_range: tuple = (1.0, 16.0)
     # gla
-    n_heads: int = flag(4, "gla: number of heads")
+    n_heads: int = option(4, "gla: number of heads", only=GLA)
     expand_k: float = 0.5  # key width = expand_k * d_model, split over the heads
     expand_v: float = 1.0  # value width = expand_v * d_model
-    gate: str = flag("data", "gla: data-dependent forget gate, or none (plain linear attention)", choices=GATES)
-    gate_temperature: float = flag(16.0, "gla: log_decay = logsigmoid(.) / temperature; higher means decays stay "
-                                         "closer to 1 (slower forgetting)")
+    gate: str = option("channel", "gla: the forget gate: per key channel (GLA's), one per head, or none (plain "
+                                  "linear attention)", choices=GATES, only=GLA)
+    gate_temperature: float = option(16.0, "gla: log_decay = logsigmoid(.) / temperature; higher means decays stay "
+                                           "closer to 1 (slower forgetting)", only=GLA)
     # blocks
     mlp: Optional[bool] = None  # a SwiGLU MLP after each mixer; None means the mixer's default (off for mamba2)
     norm_eps: float = 1e-5
     pad_vocab_multiple: int = 64
-    # the scan
-    chunk_size: int = flag(64, "scan chunk size", runtime=True)
-    backend: str = flag("auto", "scan implementation (see kernels.chunked_scan)", choices=BACKENDS, runtime=True)
-    # training memory: keep only each block's input for the backward pass and compute the rest again there
-    recompute: bool = flag(False, "recompute each block's activations in the backward pass instead of keeping them: "
-                                  "a fraction of the memory for about a third more compute", runtime=True)
+    tie_embeddings: bool = True  # the output layer is the embedding matrix (False: a weight of its own)
+    # how the model is computed
+    chunk_size: int = option(64, "scan chunk size", resume=True, inherit=True)
+    backend: str = option("auto", "scan implementation (see kernels.chunked_scan)", choices=BACKENDS, resume=True)
+    recompute: bool = option(False, "recompute each block's activations in the backward pass instead of keeping "
+                                    "them: a fraction of the memory for about a third more compute", resume=True)
 
     def __post_init__(self):
+        if self.gate == "data":  # what checkpoints written before the per-channel gate call the per-head one
+            self.gate = "head"
         for f in fields(self):
             value = getattr(self, f.name)
             if "choices" in f.metadata and value not in f.metadata["choices"]:
@@ -106,102 +115,13 @@ class ModelConfig:
         m = self.pad_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 
+    def architecture(self):
+        """The fields that say what the model computes (all but those marked resume): post-training keeps them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("resume")}
+
     def to_dict(self):
         return asdict(self)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
-
-
-class UsageError(Exception):
-    """A problem with the user's options or files, told in one line that says what to do."""
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that cannot be read or written."""
-
-
-def checkpoint_path(path):
-    """The file a checkpoint argument stands for: a run folder (or a name without a suffix) means its ckpt.pt."""
-    path = Path(path)
-    return path / "ckpt.pt" if path.is_dir() or not path.suffix else path
-
-
-def first_nonfinite(tensors):
-    """The name of the first floating-point tensor of a {name: tensor} dict holding a NaN or an infinity, or None."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
-    return None
-
-
-def save_checkpoint(path, payload):
-    """Write payload (a dict with the weights under "model") to path atomically: to a temporary file, synced to disk,
-    then renamed, so a reader or a crash never sees half a file. Weights that are not finite are refused, so a good
-    checkpoint is never replaced by a broken one."""
-    path = checkpoint_path(path)
-    broken = first_nonfinite(payload["model"])
-    if broken:
-        raise CheckpointError(f"not saving {path}: the weight {broken} is not finite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_abandoned_temporaries(path):
-    """Delete the temporary files of saves whose process died (killed while writing): .ckpt.pt.tmp-PID."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists but belongs to someone else
-        return True
-    return True
-
-
-def load_checkpoint(path, require=("model_config", "model")):
-    """A checkpoint of this project as a dict, read with weights_only=True (loading it cannot run code).
-    require: keys it must hold. Raises CheckpointError with what to do."""
-    path = checkpoint_path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py) or give another path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated files and foreign pickles fail in many ways
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}): it may be truncated "
-                              f"or not from this project; delete it or give another path")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT})")
-    missing = [key for key in require if key not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is incomplete (no {', '.join(missing)}): it was not written by train.py; "
-                              f"give another checkpoint")
-    return ckpt
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The recurrent state
-# ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class State:
@@ -406,10 +326,20 @@ class Mamba2(nn.Module):
 
 
 class GatedLinearAttention(nn.Module):
-    """Gated linear attention with a scalar forget gate per head.  (B, L, D) -> (B, L, D), plus the new state."""
+    """Gated linear attention (Yang et al. 2024), as the paper trains it.  (B, L, D) -> (B, L, D), plus the state.
+
+    S_t = S_{t-1} diag(alpha_t) + v_t k_t^T,  y_t = S_t q_t,  out = o_proj(RMSNorm(y) * silu(g_proj(x)))  per head,
+    with the forget gate log alpha_t = logsigmoid(x_t W_1 W_2 + b) / gate_temperature (flash-linear-attention's
+    gate_logit_normalizer, 16). --gate says what the gate is:
+        channel  GLA's: a vector over the key channels from a low-rank (16) projection  log_decay (B, L, H, N)
+        head     one scalar per head (the recurrence of Mamba-2 and of "simple GLA")    log_decay (B, L, H)
+        none     plain linear attention: nothing is ever forgotten, the state only grows
+    Parameter names are flash-linear-attention's GatedLinearAttention layer's (q_proj, k_proj, v_proj, gk_proj,
+    g_proj, g_norm, o_proj), so that a reader can compare."""
 
     residual_projections = ("o_proj",)
     mlp_by_default = True
+    gate_rank = 16  # the low-rank dimension of the per-channel gate
 
     @staticmethod
     def head_sizes(cfg):
@@ -429,21 +359,27 @@ class GatedLinearAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, self.key_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.key_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.value_dim, bias=False)
-        self.gk_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=True) if cfg.gate == "data" else None
+        if cfg.gate == "channel":
+            self.gk_proj = nn.Sequential(nn.Linear(cfg.d_model, self.gate_rank, bias=False),
+                                         nn.Linear(self.gate_rank, self.key_dim, bias=True))
+        else:
+            self.gk_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=True) if cfg.gate == "head" else None
         self.g_proj = nn.Linear(cfg.d_model, self.value_dim, bias=False)  # output gate
         self.g_norm = RMSNorm(self.head_v_dim, eps=cfg.norm_eps)  # per head, shared across heads
         self.o_proj = nn.Linear(self.value_dim, cfg.d_model, bias=False)
 
     def forward(self, x, ssm_state=None, conv_state=None, one_step=False):
         """x (B, L, D); ssm_state (B, H, P, N) or None; conv_state is unused (None)."""
-        H = self.cfg.n_heads
-        q = self.q_proj(x).unflatten(-1, (H, self.head_k_dim)) * self.head_k_dim ** -0.5  # (B, L, H, N)
-        k = self.k_proj(x).unflatten(-1, (H, self.head_k_dim))
+        H, N = self.cfg.n_heads, self.head_k_dim
+        q = self.q_proj(x).unflatten(-1, (H, N)) * N ** -0.5  # (B, L, H, N)
+        k = self.k_proj(x).unflatten(-1, (H, N))
         v = self.v_proj(x).unflatten(-1, (H, self.head_v_dim))  # (B, L, H, P)
         if self.gk_proj is None:  # plain linear attention: nothing is ever forgotten
             log_decay = torch.zeros(*x.shape[:2], H, device=x.device)
         else:  # the temperature keeps initial decays close to 1 (long memories), as in GLA
             log_decay = F.logsigmoid(self.gk_proj(x).float()) / self.cfg.gate_temperature
+            if self.cfg.gate == "channel":
+                log_decay = log_decay.unflatten(-1, (H, N))  # (B, L, H, N): a decay per key channel
         y, ssm_state = _scan(self.cfg, q, k, v, log_decay, ssm_state, one_step)
         y = self.g_norm(y) * F.silu(self.g_proj(x)).unflatten(-1, (H, self.head_v_dim))
         return self.o_proj(y.flatten(-2)), ssm_state, None
@@ -452,7 +388,71 @@ class GatedLinearAttention(nn.Module):
         return (torch.zeros(batch_size, self.cfg.n_heads, self.head_v_dim, self.head_k_dim, device=device), None)
 
 
-MIXERS.update(mamba2=Mamba2, gla=GatedLinearAttention)
+class Mamba1(nn.Module):
+    """The Mamba-1 mixer (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
+    Algorithm 2), with the official module's parameter names.  (B, L, D) -> (B, L, D), plus the new state.
+
+    Per inner channel d (of E = expand * d_model) and state element n (of N = d_state):
+        h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] x_t[d],   y_t[d] = C_t . h_t[d] + D[d] x_t[d]
+    with x the convolved input, dt = softplus(dt_proj(x_proj(x)_dt)) from a low-rank projection (rank ceil(D/16)),
+    and B_t, C_t (N) shared by all channels. That is kernels.chunked_scan with a head per channel (H = E, P = 1),
+    q = C, k = B, v = dt * x and a decay per key channel, log_decay[d, n] = dt[d] A[d, n]."""
+
+    residual_projections = ("out_proj",)
+    mlp_by_default = False
+
+    @staticmethod
+    def head_sizes(cfg):
+        return 1, cfg.d_state
+
+    @staticmethod
+    def check(cfg):
+        if cfg.dt_min > cfg.dt_max:
+            raise ValueError(f"dt_min = {cfg.dt_min} is above dt_max = {cfg.dt_max}")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d_inner, N = cfg.expand * cfg.d_model, cfg.d_state
+        self.dt_rank = math.ceil(cfg.d_model / 16)
+        self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, cfg.d_conv, groups=self.d_inner, bias=True)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # dt_proj's weight keeps the variance of dt_rank inputs; its bias makes softplus(bias) log-uniform in
+        # [dt_min, dt_max] (bias = softplus^-1(dt)), as in the official initialisation
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias.keep_init = True  # LM._init_weights zeroes other biases
+        # A = -exp(A_log) = -(1, 2, ..., N) in every channel: S4D's real initialisation
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))  # skip connection around the scan
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+
+    def forward(self, u, ssm_state=None, conv_state=None, one_step=False):
+        """u (B, L, D); ssm_state (B, E, 1, N) or None; conv_state (B, E, W - 1) or None."""
+        N = self.cfg.d_state
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, E) each
+        x, conv_state = causal_conv(x, self.conv1d.weight, self.conv1d.bias, conv_state)
+        x = F.silu(x)
+        dt, k, q = self.x_proj(x).split([self.dt_rank, N, N], dim=-1)  # the paper's dt, B and C
+        dt = F.softplus(self.dt_proj(dt).float())  # (B, L, E), float32: it sets the decay
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        y, ssm_state = _scan(self.cfg, q[:, :, None], k[:, :, None], (x * dt).to(x.dtype)[..., None],
+                             dt[..., None] * A, ssm_state, one_step)
+        y = y[..., 0] + x * self.D.to(x.dtype)  # (B, L, E)
+        return self.out_proj(y * F.silu(z)), ssm_state, conv_state
+
+    def zero_state(self, batch_size, device):
+        """(ssm (B, E, 1, N) float32, conv (B, E, W - 1))"""
+        return (torch.zeros(batch_size, self.d_inner, 1, self.cfg.d_state, device=device),
+                torch.zeros(batch_size, self.d_inner, self.cfg.d_conv - 1, device=device))
+
+
+MIXERS.update(mamba2=Mamba2, mamba1=Mamba1, gla=GatedLinearAttention)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,7 +481,8 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    """Embedding, n_layer blocks, final norm and a tied output layer.  idx (B, L) -> logits (B, L, V)."""
+    """Embedding, n_layer blocks, final norm and an output layer (tied to the embedding unless
+    cfg.tie_embeddings is False).  idx (B, L) -> logits (B, L, V)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -492,7 +493,8 @@ class LM(nn.Module):
             norm_f=RMSNorm(cfg.d_model, eps=cfg.norm_eps),
         ))
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.backbone.embedding.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
         self._init_weights()
 
     def _init_weights(self):
@@ -502,7 +504,7 @@ class LM(nn.Module):
         nn.init.normal_(self.backbone.embedding.weight, std=0.02)
         writes = 2 if self.cfg.mlp else 1
         for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
+            if isinstance(module, nn.Linear) and module.bias is not None and not hasattr(module.bias, "keep_init"):
                 nn.init.zeros_(module.bias)
             for name in getattr(module, "residual_projections", ()):
                 weight = getattr(module, name).weight
@@ -565,9 +567,10 @@ class LM(nn.Module):
                 logits, state = self.step(next_token, state)
         return torch.cat(out, dim=1)
 
-    def read(self, tokens, chunk_len, state=None, stops=()):
+    def read(self, tokens, chunk_len, state=None, stops=(), progress=None):
         """Read tokens (B, L) chunk_len at a time from state (None: the zero state), handing the State on, so memory
-        does not grow with L. Pieces also end at every position in stops (to look at the state there).
+        does not grow with L. Pieces also end at every position in stops (to look at the state there); progress
+        (a tqdm bar, say) is told the tokens of each piece.
         Yields (start, end, logits (B, end - start, V), State after token end - 1) for each piece in order; a
         consumer that keeps only what it needs of each piece's logits holds one piece at a time."""
         ends = sorted({*range(chunk_len, tokens.shape[1], chunk_len), *(s for s in stops if 0 < s < tokens.shape[1]),
@@ -575,15 +578,20 @@ class LM(nn.Module):
         start = 0
         for end in ends:
             logits, _, state = self(tokens[:, start:end], state=state)
+            if progress is not None:
+                progress.update(tokens.shape[0] * (end - start))
             yield start, end, logits, state
             start = end
 
-    def loss_per_position(self, tokens, chunk_len, state=None):
+    def loss_per_position(self, tokens, chunk_len, state=None, progress=None):
         """Next-token loss at every position of tokens (B, L + 1), read chunk_len tokens at a time from state (None:
-        zero).  Returns (B, L) float32."""
-        losses = [F.cross_entropy(logits.float().transpose(1, 2), tokens[:, start + 1:end + 1], reduction="none")
-                  for start, end, logits, _ in self.read(tokens[:, :-1], chunk_len, state)]
-        return torch.cat(losses, dim=1)
+        zero).  Returns (B, L) float32 on the CPU, filled in place: small pieces kept alive between the large
+        temporaries of each pass would fragment the heap, and the process would grow with L."""
+        losses = torch.empty(tokens.shape[0], tokens.shape[1] - 1)
+        for start, end, logits, _ in self.read(tokens[:, :-1], chunk_len, state, progress=progress):
+            losses[:, start:end] = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, start + 1:end + 1],
+                                                   reduction="none")
+        return losses
 
     def num_parameters(self):
         """Trainable parameters, the tied embedding counted once."""
@@ -597,35 +605,30 @@ class LM(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cpu", **overrides):
         """The LM a checkpoint of this project holds, in eval mode. checkpoint: a path (file or run folder) or a dict
-        from load_checkpoint. overrides: non-architectural config fields (backend, chunk_size); None keeps the saved
+        from load_checkpoint. overrides: fields marked resume (backend, chunk_size, recompute); None keeps the saved
         value. model.trained_on says what it was trained on (tokenizer, training length T, corpus)."""
-        source = checkpoint if isinstance(checkpoint, dict) else None
-        ckpt = source or load_checkpoint(checkpoint)
-        config = {**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}}
+        ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         try:
-            model = cls(ModelConfig(**config))
-            model.load_state_dict(ckpt["model"])
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"the checkpoint's model does not match this code ({str(error).splitlines()[0]})")
-        broken = first_nonfinite(ckpt["model"])
-        if broken:
-            raise CheckpointError(f"the weight {broken} of this checkpoint is not finite: it cannot be used")
+            cfg = ModelConfig(**{**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}})
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"the checkpoint's model does not match this code ({error})") from None
+        model = build(cfg, ckpt["model"], "the checkpoint")
         corpus, args = ckpt.get("corpus") or {}, ckpt.get("args") or {}
         model.trained_on = {"tokenizer": corpus.get("tokenizer"), "tokenizer_sha256": corpus.get("tokenizer_sha256"),
                             "seq_len": args.get("seq_len"), "corpus": corpus.get("name"),
-                            "source": "a checkpoint" if source else str(checkpoint_path(checkpoint))}
+                            "source": str(checkpoint_path(checkpoint)) if ckpt is not checkpoint else "a checkpoint"}
         return model.to(device).eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_folder, device="cpu", **overrides):
+    def from_pretrained(cls, name_or_path, device="cpu", **overrides):
         """A trained LM in eval mode, from any of: a checkpoint of this project (file or run folder); a Hugging Face
-        hub name of an official Mamba-2 model (state-spaces/mamba2-370m); a folder with config.json and the weights
-        in either public layout (see pretrained.py, imported only here)."""
-        if checkpoint_path(name_or_folder).is_file():
-            return cls.from_checkpoint(name_or_folder, device, **overrides)
+        hub name of an official Mamba-2 (state-spaces/mamba2-370m); a folder with config.json and the weights in
+        either public layout (pretrained.py, imported only here). is_checkpoint() decides which."""
+        if is_checkpoint(name_or_path):
+            return cls.from_checkpoint(name_or_path, device, **overrides)
         import pretrained
 
-        return pretrained.load_pretrained(str(name_or_folder), device, **overrides)
+        return pretrained.load_pretrained(str(name_or_path), device, **overrides)
 
 
 def sample(logits, temperature=1.0, top_k=None):
@@ -640,41 +643,177 @@ def sample(logits, temperature=1.0, top_k=None):
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]
 
 
+def training_memory(cfg, tokens, compute_dtype=torch.float32):
+    """Bytes that training cfg on micro-batches of `tokens` tokens needs, at least: 16 per parameter (float32
+    weights, gradients and AdamW's two moments) and 1.5 times the activations autograd keeps for the backward pass
+    (the factor covers what the backward pass holds on top; RESULTS.md gives its calibration). The activations are
+    measured, not modelled, on the meta device, where nothing is allocated: what autograd saves while models of one
+    and of two blocks read a short sequence, extrapolated to n_layer blocks (every block is alike), so even a model
+    far too large for the machine is estimated in a moment. Under bfloat16 autocast the meta models are bfloat16,
+    plus the 2 bytes per parameter of the weights' bfloat16 copies that autocast keeps."""
+    length = 2 * cfg.chunk_size
+    (params_1, saved_1), (params_2, saved_2) = (_saved_by(cfg, n, length, compute_dtype) for n in (1, 2))
+    params, per_layer = params_1 + (params_2 - params_1) * (cfg.n_layer - 1), (saved_2 - saved_1) / length
+    outside = saved_1 / length - per_layer  # embedding, final norm, logits
+    if cfg.recompute:  # kept: each block's input; live in the backward pass: one block's activations
+        per_token = outside + 4 * cfg.d_model * cfg.n_layer + 2 * per_layer
+    else:
+        per_token = outside + per_layer * cfg.n_layer
+    copies = 2 * params if compute_dtype == torch.bfloat16 else 0
+    return 16 * params + copies + 1.5 * per_token * tokens
+
+
+def _saved_by(cfg, n_layer, length, compute_dtype):
+    """(parameters, bytes autograd saves) of a model like cfg with n_layer blocks reading one sequence of length
+    tokens, on the meta device."""
+    from torch.multiprocessing.reductions import StorageWeakRef  # names a storage, even on the meta device
+
+    with torch.device("meta"):
+        model = LM(replace(cfg, n_layer=n_layer, recompute=False, backend="torch")).to(compute_dtype)
+    weights = {StorageWeakRef(p.untyped_storage()).cdata for p in model.parameters()}
+    saved = {}
+
+    def keep(tensor):
+        key = StorageWeakRef(tensor.untyped_storage()).cdata
+        if key not in weights:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    tokens = torch.zeros(1, length, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(tokens, tokens)
+    return model.num_parameters(), sum(saved.values())
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Running a model: what train.py and eval.py share
+# Checkpoints: written atomically, never with a number that is not finite, read without running code
 # ----------------------------------------------------------------------------------------------------------------
 
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (no usage block), like every other error of the scripts."""
-
-    def error(self, message):
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
+CHECKPOINT_FORMAT = "lengen-checkpoint-v1"
 
 
-def pick_device(name):
-    """The torch.device for a --device flag ("auto": CUDA when available), with one-line errors."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read or written; the message says what to do."""
+
+
+def is_checkpoint(spec):
+    """The one rule for what a model argument names: a checkpoint of this project (a .pt file or a run folder,
+    existing or not, whenever the path or its parent folder exists here), or else something for pretrained.py (a
+    folder with config.json, or a Hugging Face hub name such as state-spaces/mamba2-370m)."""
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return False
+    return path.exists() or path.parent.is_dir()
+
+
+def checkpoint_path(path):
+    """The file a checkpoint argument stands for: a run folder (or a name without a suffix) means its ckpt.pt."""
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() or not path.suffix else path
+
+
+def first_nonfinite(obj, name=""):
+    """The dotted name of the first floating-point tensor inside obj (nested dicts, lists, tuples) that holds a NaN
+    or an infinity, or None. Checks the weights, and also the optimizer's moments and the intervention's states:
+    a non-finite moment would silently freeze its parameter after a resume."""
+    if isinstance(obj, torch.Tensor):
+        return name or "tensor" if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = first_nonfinite(value, f"{name}.{key}" if name else str(key))
+        if found:
+            return found
+    return None
+
+
+def save_checkpoint(path, payload):
+    """Write payload (a dict with the weights under "model") to path atomically: to a temporary file, synced to disk,
+    then renamed, so a reader or a crash never sees half a file. A payload holding a number that is not finite is
+    refused, so a good checkpoint is never replaced by a broken one."""
+    path = checkpoint_path(path)
+    broken = first_nonfinite(payload)
+    if broken:
+        raise CheckpointError(f"not saving {path}: {broken} is not finite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
+        if not process_alive(stale.name.rsplit("-", 1)[-1]):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise UsageError(f"--device {name}: no such device is usable here; use --device cpu"
-                         + (" or cuda" if available["cuda"] else ""))
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return device
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def autocast_for(device, dtype="auto"):
-    """(autocast context, the dtype the scan then computes in) for a --dtype flag: bfloat16 autocast on CUDA unless
-    told otherwise, float32 on the CPU."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), compute_dtype
+def process_alive(pid):
+    """Whether the process with this id (an int or a string of digits) is running; anything else counts as alive,
+    so that nothing is taken from a process that might still use it."""
+    pid = str(pid)
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        pass
+    return True
+
+
+def load_checkpoint(path, require=("model_config", "model")):
+    """A checkpoint of this project as a dict, read with weights_only=True (loading it cannot run code) and
+    checked: its format, the keys in require, and that every number in it is finite."""
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py) or give another path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated files and foreign pickles fail in many ways
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}): it may be truncated "
+                              f"or not from this project; delete it or give another path") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected format {CHECKPOINT_FORMAT})")
+    missing = [key for key in require if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete (no {', '.join(missing)}): it was not written by train.py; "
+                              f"give another checkpoint")
+    broken = first_nonfinite(ckpt)
+    if broken:
+        raise CheckpointError(f"{path}: {broken} is not finite, so the checkpoint cannot be used; give another")
+    return ckpt
+
+
+def build(cfg, weights, where):
+    """An LM of configuration cfg holding weights ({name: tensor}), float32 on the CPU; where names the weights'
+    source in errors. Nothing is allocated before the weights are known to fit cfg: the layer count is compared
+    first (a config can claim a million layers), then the model is built on the meta device, its tensor names and
+    shapes compared with the weights, and the weights adopted (load_state_dict(assign=True))."""
+    layers = {int(name.split(".")[2]) for name in weights if name.startswith("backbone.layers.")}
+    if layers != set(range(cfg.n_layer)):
+        raise CheckpointError(f"{where} holds {len(layers)} layers but its configuration says n_layer = "
+                              f"{cfg.n_layer}: it is damaged or not what it claims to be")
+    with torch.device("meta"):
+        model = LM(cfg)
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if name not in expected:
+            raise CheckpointError(f"{where}: unexpected tensor {name} (model.py has no such part)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, its configuration "
+                                  f"implies {tuple(expected[name].shape)}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}: tensor {name} holds values that are not finite floating-point numbers")
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}")
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
+    if cfg.tie_embeddings:  # assign gave the output layer a parameter of its own: tie it again
+        model.lm_head.weight = model.backbone.embedding.weight
+    return model
 
 
 def check_backend(cfg, device, compute_dtype):
@@ -683,7 +822,6 @@ def check_backend(cfg, device, compute_dtype):
         return
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--backend triton needs a CUDA device; use --backend torch (or auto) on the CPU")
-    P, N = cfg.head_sizes()
-    refusal = triton_refusal(P, N, cfg.chunk_size, compute_dtype, device)
+    refusal = triton_refusal(*cfg.head_sizes(), cfg.chunk_size, compute_dtype, device)
     if refusal:
         raise UsageError(f"--backend triton: {refusal}; or use --backend auto")

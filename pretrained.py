@@ -13,7 +13,7 @@ interventions and the diagnostics of this project apply to these models as to an
 Two public layouts are read:
     mamba_ssm     config.json {d_model, n_layer, vocab_size, ssm_cfg: {layer: "Mamba2", ...}, ...}; tensors
                   backbone.embedding.weight, backbone.layers.N.{norm.weight, mixer.*}, backbone.norm_f.weight and
-                  lm_head.weight (absent when tied). The embedding has vocab_size rounded up to
+                  lm_head.weight (absent or equal to the embedding when tied). The embedding has vocab_size rounded up to
                   pad_vocab_size_multiple rows.
     transformers  config.json {model_type: "mamba2", hidden_size, num_hidden_layers, state_size, ...}; the same
                   tensors except backbone.embeddings.weight; vocab_size is the number of rows.
@@ -24,25 +24,35 @@ PretrainedError (a model.UsageError) with a one-line message that the scripts pr
 """
 import hashlib
 import json
+import math
 import os
 import re
 
 import torch
 
-from model import LM, ModelConfig, UsageError
+from model import CheckpointError, ModelConfig, UsageError, build
 
 NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"
-# The official Mamba-2 language models (Dao & Gu, 2024): all of them use d_state 128, headdim 64, expand 2, one
-# group, a width-4 convolution and the GPT-NeoX-20B vocabulary of 50277 tokens padded to 50288 embedding rows.
+# The official language models, all trained at T = 2048 on the Pile with the GPT-NeoX-20B vocabulary of 50277 tokens:
+# Mamba-2 (Dao & Gu, 2024): d_state 128, headdim 64, expand 2, one group, a width-4 convolution, 50288 embedding rows;
+# Mamba-1 (Gu & Dao, 2023): d_state 16, expand 2, a width-4 convolution, dt_rank ceil(d_model / 16), 50280 rows.
 OFFICIAL = {
-    "state-spaces/mamba2-130m": dict(d_model=768, n_layer=24),
-    "state-spaces/mamba2-370m": dict(d_model=1024, n_layer=48),
-    "state-spaces/mamba2-780m": dict(d_model=1536, n_layer=48),
-    "state-spaces/mamba2-1.3b": dict(d_model=2048, n_layer=48),
-    "state-spaces/mamba2-2.7b": dict(d_model=2560, n_layer=64),
+    "state-spaces/mamba2-130m": dict(mixer="mamba2", d_model=768, n_layer=24),
+    "state-spaces/mamba2-370m": dict(mixer="mamba2", d_model=1024, n_layer=48),
+    "state-spaces/mamba2-780m": dict(mixer="mamba2", d_model=1536, n_layer=48),
+    "state-spaces/mamba2-1.3b": dict(mixer="mamba2", d_model=2048, n_layer=48),
+    "state-spaces/mamba2-2.7b": dict(mixer="mamba2", d_model=2560, n_layer=64),
+    "state-spaces/mamba-130m": dict(mixer="mamba1", d_model=768, n_layer=24),
+    "state-spaces/mamba-370m": dict(mixer="mamba1", d_model=1024, n_layer=48),
+    "state-spaces/mamba-790m": dict(mixer="mamba1", d_model=1536, n_layer=48),
+    "state-spaces/mamba-1.4b": dict(mixer="mamba1", d_model=2048, n_layer=48),
+    "state-spaces/mamba-2.8b": dict(mixer="mamba1", d_model=2560, n_layer=64),
 }
-OFFICIAL_SHARED = dict(vocab_size=50277, pad_vocab_multiple=16, d_state=128, d_conv=4, expand=2, headdim=64,
-                       ngroups=1, norm_eps=1e-5)
+OFFICIAL_SHARED = {
+    "mamba2": dict(vocab_size=50277, pad_vocab_multiple=16, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1,
+                   norm_eps=1e-5),
+    "mamba1": dict(vocab_size=50277, pad_vocab_multiple=8, d_state=16, d_conv=4, expand=2, norm_eps=1e-5),
+}
 OFFICIAL_TRAINING = dict(tokenizer=NEOX_TOKENIZER, seq_len=2048, corpus="the Pile")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first one present is read
 OVERRIDABLE = ("backend", "chunk_size")  # how the scan runs, not what it computes
@@ -59,7 +69,7 @@ def official_config(name, **overrides):
     full = name if name in OFFICIAL else f"state-spaces/{name}"
     if full not in OFFICIAL:
         raise PretrainedError(f"unknown official model {name!r}; choose one of {', '.join(OFFICIAL)}")
-    return ModelConfig(mixer="mamba2", mlp=False, **OFFICIAL_SHARED, **OFFICIAL[full], **overrides)
+    return ModelConfig(mlp=False, **OFFICIAL_SHARED[OFFICIAL[full]["mixer"]], **OFFICIAL[full], **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,7 +82,6 @@ MAMBA_SSM_FIXED = {
     "attn_layer_idx": ([], [], "attention layers"),
     "d_intermediate": (0, 0, "an MLP after each mixer"),
     "rms_norm": (True, True, "LayerNorm instead of RMSNorm"),
-    "tie_embeddings": (True, True, "an output layer untied from the embedding"),
 }
 MAMBA2_FIXED = {  # inside ssm_cfg; the defaults of mamba_ssm's Mamba2 module
     "D_has_hdim": (False, False, "a skip weight D per channel instead of per head"),
@@ -83,12 +92,21 @@ MAMBA2_FIXED = {  # inside ssm_cfg; the defaults of mamba_ssm's Mamba2 module
     "conv_bias": (True, True, "a convolution without bias"),
     "d_ssm": (None, None, "an SSM over part of the channels only"),
 }
+MAMBA1_FIXED = {  # inside ssm_cfg; the defaults of mamba_ssm's Mamba (Mamba-1) module
+    "bias": (False, False, "biases in in_proj and out_proj"),
+    "conv_bias": (True, True, "a convolution without bias"),
+}
+TRANSFORMERS_MAMBA1_FIXED = {  # defaults of transformers' MambaConfig
+    "use_bias": (False, False, "biases in in_proj and out_proj"),
+    "use_conv_bias": (True, True, "a convolution without bias"),
+    "rms_norm": (True, True, "LayerNorm instead of RMSNorm"),
+    "hidden_act": ("silu", "silu", "an activation other than silu"),
+}
 TRANSFORMERS_FIXED = {  # defaults of transformers' Mamba2Config
     "use_bias": (False, False, "biases in in_proj and out_proj"),
     "use_conv_bias": (True, True, "a convolution without bias"),
     "time_step_limit": ((0.0, INF), (0.0, INF), "dt clamped to a range"),
     "rms_norm": (True, True, "LayerNorm instead of RMSNorm"),
-    "tie_word_embeddings": (False, True, "an output layer untied from the embedding"),
     "hidden_act": ("silu", "silu", "an activation other than silu"),
     "norm_before_gate": (False, False, "the norm before the gate"),
 }
@@ -99,23 +117,39 @@ TRANSFORMERS_FIXED = {  # defaults of transformers' Mamba2Config
 #   attn_cfg, unused without attention layers; time_step_rank, a Mamba-1 field the Mamba-2 mixer never reads;
 #   and the bookkeeping that transformers writes (token ids, dtype, version, architectures, use_cache).
 MAMBA_SSM_FIELDS = {"d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "ssm_cfg", "attn_cfg",
-                    "residual_in_fp32", "fused_add_norm", *MAMBA_SSM_FIXED}
+                    "residual_in_fp32", "fused_add_norm", "tie_embeddings", *MAMBA_SSM_FIXED}
 MAMBA2_FIELDS = {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "dt_min", "dt_max", "dt_init_floor",
                  "A_init_range", "conv_init", "chunk_size", "use_mem_eff_path", *MAMBA2_FIXED}
+MAMBA1_FIELDS = {"layer", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
+                 "dt_init_floor", "use_fast_path", *MAMBA1_FIXED}
+TRANSFORMERS_MAMBA1_FIELDS = {"model_type", "hidden_size", "num_hidden_layers", "n_layer", "vocab_size", "state_size",
+                              "conv_kernel", "expand", "intermediate_size", "layer_norm_epsilon", "time_step_rank",
+                              "time_step_scale", "time_step_min", "time_step_max", "time_step_init_scheme",
+                              "time_step_floor", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                              "initializer_range", "rescale_prenorm_residual", "use_cache", "use_mambapy",
+                              "bos_token_id", "eos_token_id", "pad_token_id", "architectures", "torch_dtype", "dtype",
+                              "transformers_version", "_name_or_path", "tie_word_embeddings",
+                              *TRANSFORMERS_MAMBA1_FIXED}
 TRANSFORMERS_FIELDS = {"model_type", "hidden_size", "num_hidden_layers", "vocab_size", "state_size", "head_dim",
                        "num_heads", "n_groups", "conv_kernel", "expand", "layer_norm_epsilon", "time_step_min",
                        "time_step_max", "time_step_floor", "time_step_rank", "chunk_size", "residual_in_fp32",
                        "initializer_range", "rescale_prenorm_residual", "use_cache", "bos_token_id", "eos_token_id",
                        "pad_token_id", "architectures", "torch_dtype", "dtype", "transformers_version",
-                       "_name_or_path", *TRANSFORMERS_FIXED}
+                       "_name_or_path", "tie_word_embeddings", *TRANSFORMERS_FIXED}
+
+
+def _float(value):
+    """A number as config.json writes it: plain, or as transformers 5 encodes infinities, {"__float__": "Infinity"}."""
+    return float(value["__float__"] if isinstance(value, dict) else value)
 
 
 def _same(value, wanted):
-    """Config values compare as JSON gives them: [0.0, Infinity] equals (0.0, inf), "swish" is silu."""
+    """Config values compare as JSON gives them: [0.0, Infinity] and [0.0, {"__float__": "Infinity"}] equal
+    (0.0, inf), "swish" is silu."""
     if isinstance(wanted, tuple):
         try:
-            return tuple(float(v) for v in value) == wanted
-        except (TypeError, ValueError):
+            return tuple(_float(v) for v in value) == wanted
+        except (TypeError, ValueError, KeyError):
             return False
     if wanted == "silu":
         return value in ("silu", "swish")
@@ -141,22 +175,62 @@ def _from_mamba_ssm(config):
     ssm = config.get("ssm_cfg") or {}
     if not isinstance(ssm, dict):
         raise PretrainedError("config.json: ssm_cfg must be a JSON object")
-    layer = ssm.get("layer")
-    if layer in (None, "Mamba1"):
-        raise PretrainedError(f"config.json: ssm_cfg.layer={json.dumps(layer)} means Mamba-1, which is not "
-                              f"implemented (only Mamba-2)")
+    layer = ssm.get("layer", "Mamba1")  # mamba_ssm's default: the Mamba-1 checkpoints' ssm_cfg is empty
+    if layer == "Mamba1":
+        return _mamba1_from_mamba_ssm(config, ssm)
     if layer != "Mamba2":
-        raise PretrainedError(f"config.json: ssm_cfg.layer={json.dumps(layer)} is not implemented (only Mamba2)")
+        raise PretrainedError(f"config.json: ssm_cfg.layer={json.dumps(layer)} is not implemented (only Mamba1 and "
+                              f"Mamba2)")
     d_model, expand = config.get("d_model", 2560), ssm.get("expand", 2)
     if ssm.get("d_ssm") == expand * d_model:  # the whole width, which is what None means
         ssm = {k: v for k, v in ssm.items() if k != "d_ssm"}
     _check_fields(ssm, MAMBA2_FIELDS, MAMBA2_FIXED, prefix="ssm_cfg.")
-    return dict(vocab_size=config.get("vocab_size", 50277), pad_vocab_multiple=config.get("pad_vocab_size_multiple", 8),
+    return dict(mixer="mamba2", vocab_size=config.get("vocab_size", 50277),
+                pad_vocab_multiple=config.get("pad_vocab_size_multiple", 8),
                 d_model=d_model, n_layer=config.get("n_layer", 64), expand=expand, d_state=ssm.get("d_state", 128),
                 d_conv=ssm.get("d_conv", 4), headdim=ssm.get("headdim", 64), ngroups=ssm.get("ngroups", 1),
                 dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
                 dt_init_floor=ssm.get("dt_init_floor", 1e-4), A_init_range=tuple(ssm.get("A_init_range", (1, 16))),
-                norm_eps=1e-5)  # mamba_ssm's block norms and the mixer's gated norm all use 1e-5
+                norm_eps=1e-5,  # mamba_ssm's block norms and the mixer's gated norm all use 1e-5
+                tie_embeddings=config.get("tie_embeddings", True))
+
+
+def _dt_rank(value, d_model, field):
+    """Mamba-1's dt_rank: "auto" is ceil(d_model / 16), the only one model.py computes."""
+    if value not in ("auto", math.ceil(d_model / 16)):
+        raise PretrainedError(f"config.json: {field}={json.dumps(value)} asks for a dt rank other than "
+                              f"ceil(d_model / 16) = {math.ceil(d_model / 16)}, which model.py does not implement")
+
+
+def _mamba1_from_mamba_ssm(config, ssm):
+    """ModelConfig keyword arguments of a Mamba-1 model in mamba_ssm's layout (defaults: its Mamba module)."""
+    _check_fields(ssm, MAMBA1_FIELDS, MAMBA1_FIXED, prefix="ssm_cfg.")
+    d_model = config.get("d_model", 2560)
+    _dt_rank(ssm.get("dt_rank", "auto"), d_model, "ssm_cfg.dt_rank")
+    return dict(mixer="mamba1", vocab_size=config.get("vocab_size", 50277),
+                pad_vocab_multiple=config.get("pad_vocab_size_multiple", 8), d_model=d_model,
+                n_layer=config.get("n_layer", 64), expand=ssm.get("expand", 2), d_state=ssm.get("d_state", 16),
+                d_conv=ssm.get("d_conv", 4), dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
+                dt_init_floor=ssm.get("dt_init_floor", 1e-4), norm_eps=1e-5,
+                tie_embeddings=config.get("tie_embeddings", True))
+
+
+def _mamba1_from_transformers(config):
+    """ModelConfig keyword arguments of transformers' MambaForCausalLM (defaults: its MambaConfig)."""
+    _check_fields(config, TRANSFORMERS_MAMBA1_FIELDS, TRANSFORMERS_MAMBA1_FIXED)
+    hidden, expand = config.get("hidden_size", 768), config.get("expand", 2)
+    layers = config.get("num_hidden_layers", 32)
+    _dt_rank(config.get("time_step_rank", "auto"), hidden, "time_step_rank")
+    for field, value, wanted in (("intermediate_size", config.get("intermediate_size"), expand * hidden),
+                                 ("n_layer", config.get("n_layer"), layers)):
+        if value not in (None, wanted):
+            raise PretrainedError(f"config.json: {field}={json.dumps(value)} contradicts the other sizes "
+                                  f"({wanted})")
+    return dict(mixer="mamba1", vocab_size=config.get("vocab_size", 50280), pad_vocab_multiple=1, d_model=hidden,
+                n_layer=layers, expand=expand, d_state=config.get("state_size", 16), d_conv=config.get("conv_kernel", 4),
+                dt_min=config.get("time_step_min", 0.001), dt_max=config.get("time_step_max", 0.1),
+                dt_init_floor=config.get("time_step_floor", 1e-4), norm_eps=config.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=config.get("tie_word_embeddings", True))
 
 
 def _from_transformers(config):
@@ -164,21 +238,23 @@ def _from_transformers(config):
 
     With n_groups > 1 the gated norm is taken per group, as mamba_ssm and transformers' CUDA path compute it
     (transformers' pure-torch path normalises over all channels at once)."""
+    if config.get("model_type") == "mamba":
+        return _mamba1_from_transformers(config)
     if config.get("model_type") != "mamba2":
         raise PretrainedError(f"config.json: model_type={json.dumps(config.get('model_type'))} is not "
-                              f"implemented (only mamba2)")
+                              f"implemented (only mamba and mamba2)")
     _check_fields(config, TRANSFORMERS_FIELDS, TRANSFORMERS_FIXED)
     hidden, expand = config.get("hidden_size", 4096), config.get("expand", 2)
     heads, head_dim = config.get("num_heads", 128), config.get("head_dim", 64)
     if heads * head_dim != expand * hidden:
         raise PretrainedError(f"config.json: num_heads * head_dim = {heads * head_dim} differs from expand * "
                               f"hidden_size = {expand * hidden}")
-    return dict(vocab_size=config.get("vocab_size", 32768), pad_vocab_multiple=1,  # rows = vocab_size
+    return dict(mixer="mamba2", vocab_size=config.get("vocab_size", 32768), pad_vocab_multiple=1,  # rows = vocab
                 d_model=hidden, n_layer=config.get("num_hidden_layers", 64), expand=expand, headdim=head_dim,
                 d_state=config.get("state_size", 128), d_conv=config.get("conv_kernel", 4),
                 ngroups=config.get("n_groups", 8), dt_min=config.get("time_step_min", 0.001),
                 dt_max=config.get("time_step_max", 0.1), dt_init_floor=config.get("time_step_floor", 1e-4),
-                norm_eps=config.get("layer_norm_epsilon", 1e-5))
+                norm_eps=config.get("layer_norm_epsilon", 1e-5), tie_embeddings=config.get("tie_word_embeddings", False))
 
 
 def config_from_json(config, **overrides):
@@ -197,7 +273,7 @@ def config_from_json(config, **overrides):
         raise PretrainedError("config.json: neither the mamba_ssm layout (d_model, n_layer, ssm_cfg) nor the "
                               "transformers one (model_type)")
     try:  # values of the wrong type end here too
-        return ModelConfig(mixer="mamba2", mlp=False, **read(config), **overrides), layout
+        return ModelConfig(mlp=False, **read(config), **overrides), layout
     except (TypeError, ValueError) as e:
         raise PretrainedError(f"config.json: {_one_line(e)}") from None
 
@@ -206,8 +282,8 @@ def official_name_of(cfg):
     """The official model whose architecture cfg is, or None. A folder holding one of them (downloaded elsewhere,
     or converted to the transformers layout) is taken to hold that model."""
     def arch(c):
-        return (c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.headdim, c.ngroups, c.norm_eps,
-                c.padded_vocab_size)
+        return (c.mixer, c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.norm_eps, c.padded_vocab_size,
+                *((c.headdim, c.ngroups) if c.mixer == "mamba2" else ()))
     return next((name for name in OFFICIAL if arch(official_config(name)) == arch(cfg)), None)
 
 
@@ -338,48 +414,28 @@ def _sha256(path):
 # Weights -> LM
 # ----------------------------------------------------------------------------------------------------------------
 
-def _official_names(state, layout):
-    """The tensors under model.LM's names: transformers calls the embedding backbone.embeddings; a missing
-    lm_head.weight is the tied embedding."""
+def _official_names(state, layout, tied):
+    """The tensors under model.LM's names: transformers calls the embedding backbone.embeddings. With a tied output
+    layer (tied: what config.json says) a missing lm_head.weight is the embedding, and a different one is
+    refused: the official libraries would ignore it."""
     state = dict(state)
     if layout == "transformers" and "backbone.embeddings.weight" in state:
         state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
-    if "lm_head.weight" not in state and "backbone.embedding.weight" in state:
-        state["lm_head.weight"] = state["backbone.embedding.weight"]
+    embedding = state.get("backbone.embedding.weight")
+    if tied and embedding is not None:
+        head = state.setdefault("lm_head.weight", embedding)
+        if head.shape != embedding.shape or not torch.equal(head, embedding):
+            raise PretrainedError("lm_head.weight differs from the embedding, but config.json says the output layer "
+                                  "is the embedding (tied); the official code would ignore it, so it is not loaded")
     return state
 
 
-def check_tensors(state, expected, where):
-    """Refuse, naming the first offending tensor, unless state has exactly the expected names and shapes, holds
-    finite floating-point numbers only, and its lm_head is the embedding.  expected: name -> shape."""
-    for name, shape in expected.items():
-        if name not in state:
-            raise PretrainedError(f"{where}: missing tensor {name}")
-        if tuple(state[name].shape) != tuple(shape):
-            raise PretrainedError(f"{where}: tensor {name} has shape {tuple(state[name].shape)} but config.json "
-                                  f"implies {tuple(shape)}")
-    for name, tensor in state.items():
-        if name not in expected:
-            raise PretrainedError(f"{where}: unexpected tensor {name} (model.py has no such part)")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise PretrainedError(f"{where}: tensor {name} holds non-finite or non-float values")
-    if not torch.equal(state["lm_head.weight"], state["backbone.embedding.weight"]):
-        raise PretrainedError(f"{where}: lm_head.weight differs from the embedding; an untied output layer is not "
-                              f"implemented")
-
-
-def build_model(cfg, state, where="weights"):
-    """An LM (float32, on the CPU) holding state, a dict under model.LM's names.
-
-    The model is first built on the meta device, so no memory goes to a random initialisation that would be
-    overwritten; load_state_dict(assign=True) then adopts the tensors, and the output layer is tied again (assigning
-    gave it a parameter of its own)."""
-    with torch.device("meta"):
-        model = LM(cfg)
-    check_tensors(state, {k: v.shape for k, v in model.state_dict().items()}, where)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    model.lm_head.weight = model.backbone.embedding.weight
-    return model
+def is_tied(state):
+    """Whether the output layer is a copy of the embedding (transformers 5 saves untied models by default, often
+    with such a copy): then the tied model computes the same function."""
+    head, embedding = state.get("lm_head.weight"), state.get("backbone.embedding.weight")
+    return head is not None and embedding is not None and head.shape == embedding.shape and torch.equal(head,
+                                                                                                         embedding)
 
 
 def _trained_on(source, official, layout, vocab_size, tokenizer_file):
@@ -387,7 +443,7 @@ def _trained_on(source, official, layout, vocab_size, tokenizer_file):
     T = 2048, the Pile. Otherwise a tokenizer.json beside the weights names the tokenizer (path and sha256 of its
     bytes); a mamba_ssm model with vocab_size 50277 has the GPT-NeoX-20B vocabulary; the rest is unknown (None)."""
     training = dict(OFFICIAL_TRAINING) if official else dict(tokenizer=None, seq_len=None, corpus=None)
-    if layout == "mamba_ssm" and vocab_size == OFFICIAL_SHARED["vocab_size"]:
+    if layout == "mamba_ssm" and vocab_size == OFFICIAL_SHARED["mamba2"]["vocab_size"]:  # (Mamba-1's too)
         training["tokenizer"] = NEOX_TOKENIZER
     training["tokenizer_sha256"] = None
     if tokenizer_file is not None:
@@ -407,12 +463,16 @@ def load_pretrained(name_or_folder, device="cpu", **overrides):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     files, source = _locate(name_or_folder)
     cfg, layout = config_from_json(_read_json(files["config"]), **overrides)
-    official = official_name_of(cfg)
+    state = _official_names(read_weights(files["weights"]), layout, cfg.tie_embeddings)
+    cfg.tie_embeddings = cfg.tie_embeddings or is_tied(state)
+    official = official_name_of(cfg) if cfg.tie_embeddings else None
     vocab_size = cfg.vocab_size
     if official is not None:  # the same model in both layouts: logits over the real tokens only
         cfg = official_config(official, **overrides)
-    state = _official_names(read_weights(files["weights"]), layout)
-    model = build_model(cfg, state, where=files["weights"])
+    try:
+        model = build(cfg, state, where=files["weights"])
+    except CheckpointError as error:
+        raise PretrainedError(str(error)) from None
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError, ValueError) as e:

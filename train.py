@@ -3,30 +3,27 @@
     python train.py                                   pre-train the demo model from the zero state -> out/zero
     python train.py --init state_passing              post-train out/zero with state passing -> out/state_passing
                                                       (pre-training out/zero first if it does not exist yet)
-    python train.py --init tbptt --init_from PATH     post-train any checkpoint (a file or a run folder), or an
-                                                      official Mamba-2 (state-spaces/mamba2-370m, see pretrained.py)
-    python train.py --task copy                       a synthetic task of tasks.py instead of text -> out/copy/zero
-    python train.py --task passkey --init fitted_noise --init_from state-spaces/mamba2-370m
-                                                      the paper's passkey fine-tuning (1000 steps at T = 2048) in
-                                                      the model's own tokenizer -> out/passkey/fitted_noise
+    python train.py --init tbptt --init_from PATH     post-train a checkpoint, or an official Mamba model
+                                                      (state-spaces/mamba2-370m; pretrained.py)
+    python train.py --task copy                       the synthetic copying task of tasks.py -> out/copy/zero
     torchrun --nproc_per_node=4 train.py --preset paper ...      data-parallel on 4 GPUs (or CPU processes)
 
-This is the paper's recipe: train as usual (zero initial state), then continue for a few hundred steps at the same
-training length T with a fresh optimizer, every batch starting from a state chosen by the intervention (--init,
-see interventions.py): the three marked lines of train_step(). Every flag is listed by --help; --preset picks the
-defaults of a whole configuration (PRESETS):
-    demo    a small byte-level Mamba-2 on the default corpus (the Python standard library's source), for a laptop CPU
-    paper   a 129M-parameter Mamba-2 (the size of the official mamba2-130m) at T = 2048 with GPT-2 tokens, for GPUs
-    mamba2-130m, mamba2-370m, mamba2-780m, mamba2-1.3b
-            post-train that official Mamba-2 model at its T = 2048 on a corpus of its GPT-NeoX tokens (for GPUs)
+The paper's recipe (Buitrago Ruiz & Gu, arXiv 2507.02782, Section 4): train as usual from the zero state, then
+continue for a few hundred steps at the same training length T with a fresh optimizer, every batch starting from a
+state the intervention chooses (--init, interventions.py): the three marked lines of train_step().
 
-Outputs in --out_dir (default out/INIT): ckpt.pt (model, optimizer, step, random states, the intervention's state
-and the arguments; written atomically, never with weights that are not finite) and log.jsonl (train and validation
-losses). --resume continues a run exactly where it stopped; Ctrl-C stops at the end of the current step with a
-checkpoint. Validation reads fixed held-out sequences of 8 T tokens from the zero state and logs the loss within the
-training length (val_loss) and beyond it (val_loss_beyond_T). A run that would not fit in memory is refused before
-its first step.
+Read top to bottom: the loop, the options (TrainConfig, PRESETS and resolve(), which says in what order they
+combine), what a run is built from (Run), its output folder, and main(). `python train.py --help` lists every flag.
+A run folder (--out_dir, default out/INIT) holds ckpt.pt (everything needed to continue exactly: --resume; written
+atomically, never with a number that is not finite), log.jsonl (training and validation losses: val_loss within T
+and val_loss_beyond_T over [T, 8T), read from the zero state) and, with --save_every, ckpt_STEP.pt copies. Ctrl-C
+stops at the end of the current step with a checkpoint; a second Ctrl-C stops at once.
 """
+if __name__ == "__main__":  # a Ctrl-C while the imports below load ends quietly, not with a traceback
+    import signal
+    import sys
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import contextlib
 import dataclasses
@@ -36,18 +33,21 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import DEFAULT_CORPUS, DATA_DIR, DataError, StreamBatcher, get_tokenizer, load_corpus, tokenizer_mismatch
+import cli
+from cli import UsageError, option
+from data import DATA_DIR, DEFAULT_CORPUS, CorpusBatches, get_tokenizer, load_corpus
 from interventions import INITS, make_intervention
-from model import (LM, ModelConfig, OneLineParser, UsageError, autocast_for, check_backend, checkpoint_path,
-                   first_nonfinite, load_checkpoint, pick_device)
+from model import (LM, ModelConfig, check_backend, checkpoint_path, first_nonfinite, is_checkpoint,
+                   load_checkpoint, process_alive, training_memory)
 from pretrained import OFFICIAL
-from tasks import TASKS, make_task
+from tasks import TASKS, TaskBatches, make_task
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,29 +78,29 @@ def train_step(run):
     return run.mean_over_processes(total / args.grad_accum), lr
 
 
-def train(args, rank=0, world=1, device=torch.device("cpu"), base=None):
-    """Train to args.max_steps (or --stop_at), validating and saving every eval_interval steps; base: the model that
-    --init_from names (resolve_args loads it). Returns the checkpoint path. Raises UsageError when the run cannot go
-    on, Stopped at a Ctrl-C."""
-    run = Run(args, rank, world, device, base)
-    last_step = min(args.max_steps, args.stop_at or args.max_steps)
-    with Progress(run, last_step) as progress, StopRequests(run) as stop:
-        while run.step < last_step:
+def train(run):
+    """Train to max_steps (or --stop_at), validating and saving every eval_interval steps. Raises UsageError when
+    the run cannot go on, Stopped at a Ctrl-C."""
+    args = run.args
+    run.last_step = min(args.max_steps, args.stop_at or args.max_steps)
+    with run.out as out, StopRequests(run) as stop:
+        while run.step < run.last_step:
             started = time.perf_counter()
             loss, lr = train_step(run)
             if not math.isfinite(loss):
                 raise UsageError(f"the training loss became {loss} at step {run.step}; stopped without saving: "
                                  f"{run.what_survives()}; start again with a lower --lr or --grad_clip")
-            progress.step(loss, lr, seconds=time.perf_counter() - started)
-            if run.step % args.eval_interval == 0 or run.step == last_step:
-                run.checkpoint(progress.validation(run.validate()))
-            if stop.requested() and run.step < last_step:  # Ctrl-C: stop here, at the end of a whole step
+            out.step(loss, lr, seconds=time.perf_counter() - started)
+            if run.step % args.eval_interval == 0 or run.step == run.last_step:
+                run.checkpoint(out.validation(run.validate()))
+            elif args.save_every and run.step % args.save_every == 0:
+                run.checkpoint()
+            if stop.requested() and run.step < run.last_step:  # Ctrl-C: stop here, at the end of a whole step
                 if run.saved_step != run.step:
                     run.checkpoint()
                 raise Stopped(f"stopped at step {run.step}; continue with python train.py --resume --out_dir "
                               f"{args.out_dir}")
-    progress.finish()
-    return checkpoint_path(args.out_dir)
+    out.finish()
 
 
 def lr_at(step, args):
@@ -121,202 +121,228 @@ def make_optimizer(model, args, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configurations and flags
+# The options
 # ----------------------------------------------------------------------------------------------------------------
 
-# Defaults of whole configurations; flags given on the command line override them. "model" holds ModelConfig fields
-# (the others keep ModelConfig's defaults), "train" the other flags; "post" replaces some of those when
-# post-training (--init_from, or an --init other than zero).
+POST_TRAINING = ("init", tuple(i for i in INITS if i != "zero"))  # cli.option's only=: for these --init values
+COPY, LANGUAGE = ("task", ("copy",)), ("task", ("lm",))
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, written once: its default (the demo's), its help and its marks (cli.option). The
+    model's options are ModelConfig's; the command line has both."""
+    # what to train
+    init: str = option("zero", "initial-state intervention (interventions.py)", choices=INITS, post=True)
+    preset: str = option("demo", "defaults of a whole configuration (PRESETS)", choices=(
+        "demo", "paper", "copy", "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b"))
+    task: str = option("lm", "lm: language modelling on --data; or a synthetic task of tasks.py (copy), or "
+                             "passkey: fine-tune --init_from on passkey examples in its own tokenizer",
+                       choices=("lm", *TASKS), inherit=True)
+    init_from: str = option(None, "post-train this with a fresh optimizer: a checkpoint (file or run folder), an "
+                                  "official Mamba-2 (state-spaces/mamba2-370m) or a folder with its config.json and "
+                                  "weights; default for --init other than zero: out/zero (pre-trained first if "
+                                  "missing)", type=str, post=True)
+    base_steps: int = option(None, "steps of the automatic pre-training of out/zero when it is missing (default: "
+                                   "the preset's)", type=int, post=True)
+    from_scratch: bool = option(False, "train from random weights even with --init other than zero (the "
+                                       "intervention during pre-training)", post=True)
+    resume: bool = option(False, "continue the run in --out_dir exactly where it stopped", post=True, resume=True)
+    overwrite: bool = option(False, "start over in an --out_dir that already holds a run or other files (they "
+                                    "stay until the new run's first checkpoint)", post=True)
+    out_dir: str = option(None, "where the checkpoint and log go (default: out/INIT, out/TASK/INIT)", type=str,
+                          post=True, resume=True)
+    # interventions
+    noise_std: float = option(0.1, "random_noise: std of the states", zero_ok=True, post=True,
+                              only=("init", ("random_noise",)))
+    p_zero: float = option(0.0, "fraction of rows that start from the zero state instead", zero_ok=True, below=1,
+                           post=True, only=POST_TRAINING)
+    ssm_only: bool = option(False, "state_passing/tbptt: pass the SSM state only, not the convolution state",
+                            post=True, only=("init", ("state_passing", "tbptt")))
+    # the copy task (tasks.CopyTask)
+    alphabet_size: int = option(10, "copy: characters in the alphabet", inherit=True, only=COPY)
+    n_train: int = option(16, "copy: training strings have lengths 1 .. n_train", inherit=True, only=COPY)
+    context: int = option(0, "copy: 0: one example per row, each read from the zero state; C: rows of C tokens "
+                             "packed with examples back to back (the original task's layout)", zero_ok=True,
+                          inherit=True, only=COPY)
+    # data and optimisation
+    data: str = option(DEFAULT_CORPUS, "a prepared corpus name under --data_dir, or its folder (data.py)",
+                       inherit=True, only=LANGUAGE)
+    data_dir: str = option(str(DATA_DIR), "where corpora live", inherit=True)
+    seq_len: int = option(64, "training length T", inherit=True, only=LANGUAGE, most=2 ** 24)
+    batch_size: int = option(16, "sequences per micro-batch, per process", inherit=True, most=2 ** 20)
+    grad_accum: int = option(1, "micro-batches per optimizer step", inherit=True, most=2 ** 20)
+    max_steps: int = option(3000, "optimizer steps of this run", post=True, resume=True, most=10 ** 9)
+    lr: float = option(3e-3, "peak learning rate", post=True)
+    min_lr: float = option(3e-4, "learning rate at the end of the cosine decay (at most --lr)", zero_ok=True,
+                           post=True)
+    warmup_steps: int = option(100, "linear warm-up steps (at most --max_steps)", zero_ok=True, post=True)
+    weight_decay: float = option(0.1, "AdamW weight decay of matrices", zero_ok=True)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", zero_ok=True)
+    seed: int = option(0, "random seed of the weights, the data and the intervention", zero_ok=True,
+                       most=2 ** 31 - 1)
+    # running
+    device: str = option("auto", "cpu, cuda, cuda:1, mps (default: cuda when available)", resume=True)
+    dtype: str = option("auto", "autocast dtype (auto: bfloat16 on CUDA, float32 on the CPU)",
+                        choices=("auto", "float32", "bfloat16"))
+    compile: bool = option(False, "torch.compile the model", resume=True)
+    eval_interval: int = option(250, "steps between validations and checkpoints", post=True, resume=True)
+    eval_seqs: int = option(16, "validation sequences of 8 T tokens (--task: held-out batches)", most=2 ** 20)
+    log_interval: int = option(10, "steps between log lines", resume=True)
+    save_every: int = option(None, "also keep a copy of the checkpoint every N steps (ckpt_STEP.pt), to look at "
+                                   "the model along its training", type=int, resume=True)
+    stop_at: int = option(None, "stop after this step with a checkpoint (continue with --resume)", type=int,
+                          post=True, resume=True)
+
+
+# Presets: defaults of whole configurations, over TrainConfig's and ModelConfig's (any field of either); "post"
+# holds what changes when post-training (--init_from, or an --init other than zero); "init_from" names the model
+# a preset post-trains.
 PRESETS = {
-    "demo": dict(
-        model=dict(mixer="mamba2", d_model=128, n_layer=4, d_state=64, headdim=32),
-        train=dict(data=DEFAULT_CORPUS, seq_len=64, batch_size=16, grad_accum=1, max_steps=3000, lr=3e-3,
-                   min_lr=3e-4, warmup_steps=100, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_seqs=16),
-        post=dict(max_steps=500, lr=1e-3, warmup_steps=20),
-    ),
-    "paper": dict(
-        model=dict(mixer="mamba2", d_model=768, n_layer=24, recompute=True),  # the official mamba2-130m's size
-        train=dict(data=DEFAULT_CORPUS + "-gpt2", seq_len=2048, batch_size=16, grad_accum=4, max_steps=20000,
-                   lr=3e-3, min_lr=3e-4, warmup_steps=1000, weight_decay=0.1, grad_clip=1.0, eval_interval=1000,
-                   eval_seqs=16),
-        post=dict(max_steps=500, lr=3e-4, warmup_steps=50),
-    ),
+    # a 0.5M-parameter byte-level Mamba-2 on the Python standard library's source, for a laptop CPU
+    "demo": dict(mixer="mamba2", d_model=128, n_layer=4, d_state=64, headdim=32,
+                 post=dict(max_steps=500, lr=1e-3, warmup_steps=20)),
+    # a 129M-parameter Mamba-2 (the size of the official mamba2-130m) at T = 2048 with GPT-2 tokens, for GPUs
+    "paper": dict(mixer="mamba2", d_model=768, n_layer=24, recompute=True, data=DEFAULT_CORPUS + "-gpt2",
+                  seq_len=2048, grad_accum=4, max_steps=20000, warmup_steps=1000, eval_interval=1000,
+                  post=dict(max_steps=500, lr=3e-4, warmup_steps=50)),
+    # the copy task at CPU size (tasks.CopyTask; RESULTS.md, "Synthetic copying")
+    "copy": dict(task="copy", mixer="mamba2", d_model=128, n_layer=2, d_state=32, headdim=32, max_steps=1000,
+                 post=dict(max_steps=200, lr=1e-3, min_lr=1e-4, warmup_steps=10)),
 }
-# Post-training the official Mamba-2 language models (pretrained.py) at their training length T = 2048, on a corpus
-# prepared with their tokenizer (python data.py --input PATH --tokenizer EleutherAI/gpt-neox-20b --name pile-neox).
-# A step is 256 sequences of 2048 tokens (0.5M tokens, the batch of Mamba-2's pre-training) as batch_size x
-# grad_accum on one process (under torchrun, divide --grad_accum by the number of processes); 500 steps read 262M
-# tokens. --from_scratch trains the same architecture from random weights instead.
-for _name, _batch_size in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780m", 4), ("mamba2-1.3b", 2)):
-    PRESETS[_name] = dict(
-        init_from=f"state-spaces/{_name}",
-        model=dict(mixer="mamba2", **OFFICIAL[f"state-spaces/{_name}"], recompute=True),  # or they do not fit
-        train=dict(data="pile-neox", seq_len=2048, batch_size=_batch_size, grad_accum=256 // _batch_size,
-                   max_steps=500, lr=3e-4, min_lr=3e-5, warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
-                   eval_interval=100, eval_seqs=16),
-        post={})
-# --task copy: the CPU-sized setting where the zero-init model copies strings up to n_train = 16 almost perfectly and
-# fails on longer ones (tasks.CopyTask's defaults; README, "Synthetic copying"); post-training adds 20% more steps.
-PRESETS["copy"] = dict(
-    model=dict(mixer="mamba2", d_model=128, n_layer=2, d_state=32, headdim=32),
-    train=dict(batch_size=16, grad_accum=1, max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=100,
-               weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_seqs=16),
-    post=dict(max_steps=200, lr=1e-3, min_lr=1e-4, warmup_steps=10))
-# --task passkey fine-tunes the --init_from model with its preset (an official model's, else demo's post-training)
-# for the paper's 1000 steps; T is the task's 2048
-TASK_DEFAULTS = {"passkey": dict(max_steps=1000)}
-TASK_OPTIONS = {name: help for task in TASKS.values() for name, help in task.options.items()}
-MODEL_FLAGS = [f for f in dataclasses.fields(ModelConfig) if "help" in f.metadata]
-ARCHITECTURE = [f.name for f in MODEL_FLAGS if not f.metadata.get("runtime")]  # what post-training cannot change
-# what may change on --resume (max_steps: a finished run can be extended; the schedule follows the new length)
-RESUMABLE = {"resume", "out_dir", "device", "compile", "backend", "recompute", "eval_interval", "log_interval",
-             "stop_at", "max_steps"}
-# what post-training takes from the checkpoint it starts from, unless given: the paper's recipe keeps T and the data
-INHERITED = ("seq_len", "batch_size", "grad_accum", "task", "data", "data_dir", "chunk_size", *TASK_OPTIONS)
-# what the automatic pre-training of out/zero does not take from the command line that asked for it
-POST_ONLY = {"init", "init_from", "base_steps", "from_scratch", "resume", "overwrite", "out_dir", "noise_std",
-             "p_zero", "ssm_only", "max_steps", "lr", "min_lr", "warmup_steps", "eval_interval", "stop_at"}
-CAN_BE_ZERO = {"min_lr", "weight_decay", "grad_clip", "noise_std", "p_zero", "context"}  # others must be above 0
+# Post-training the official Mamba-2 models at their T = 2048 on a corpus of their GPT-NeoX tokens (python data.py
+# --input PATH --tokenizer EleutherAI/gpt-neox-20b --name pile-neox): a step is 256 sequences of 2048 tokens (0.5M
+# tokens) as batch_size x grad_accum on one process (under torchrun, divide --grad_accum by the processes).
+for _name, _batch in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780m", 4), ("mamba2-1.3b", 2)):
+    PRESETS[_name] = dict(init_from=f"state-spaces/{_name}", **OFFICIAL[f"state-spaces/{_name}"],
+                          recompute=True, data="pile-neox", seq_len=2048,
+                          batch_size=_batch, grad_accum=256 // _batch, max_steps=500, lr=3e-4, min_lr=3e-5,
+                          warmup_steps=50, eval_interval=100)
+TASK_DEFAULTS = {"passkey": dict(max_steps=1000)}  # the paper fine-tunes on passkeys for 1000 steps
 
 
-def build_parser():
-    p = OneLineParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      allow_abbrev=False)
-    g = p.add_argument_group("what to train")
-    g.add_argument("--init", default="zero", choices=INITS, help="initial-state intervention (default: zero)")
-    g.add_argument("--preset", default="demo", choices=PRESETS, help="defaults of a whole configuration")
-    g.add_argument("--task", default="lm", choices=["lm", *TASKS], help="lm: language modelling on --data "
-                   "(default); or a synthetic task of tasks.py, whose own held-out batches validate; passkey "
-                   "fine-tunes --init_from on examples in the tokenizer it was trained with")
-    g.add_argument("--init_from", help="post-train this with a fresh optimizer: a checkpoint (file or run folder), "
-                   "an official Mamba-2 (state-spaces/mamba2-370m) or a folder with its config.json and weights "
-                   "(see pretrained.py); default for --init other than zero: out/zero (pre-trained first if missing)")
-    g.add_argument("--base_steps", type=int, help="steps of the automatic pre-training of out/zero when it is "
-                                                   "missing (default: the preset's pre-training steps)")
-    g.add_argument("--from_scratch", action="store_true", help="train from random weights even with --init "
-                                                               "other than zero (the intervention during pre-training)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir exactly where it stopped")
-    g.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that already holds a run")
-    g.add_argument("--out_dir", help="where the checkpoint and log go (default: out/INIT)")
-    g = p.add_argument_group("interventions")
-    g.add_argument("--noise_std", type=float, help="random_noise: std of the states (default 0.1)")
-    g.add_argument("--p_zero", type=float, help="fraction of rows that start from zero instead (default 0)")
-    g.add_argument("--ssm_only", action="store_true", help="state_passing/tbptt: pass the SSM state only, "
-                                                          "not the convolution state")
-    g = p.add_argument_group("model (from the preset unless given; see ModelConfig in model.py)")
-    for f in MODEL_FLAGS:
-        if f.type is bool:  # --recompute / --no-recompute
-            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            g.add_argument(f"--{f.name}", type=f.type, choices=f.metadata.get("choices"), help=f.metadata["help"])
-    g = p.add_argument_group("synthetic tasks (with --task; see tasks.py)")
-    for name, help in TASK_OPTIONS.items():
-        g.add_argument(f"--{name}", type=int, help=help)
-    g = p.add_argument_group("data and optimisation (from the preset unless given)")
-    g.add_argument("--data", help="a prepared corpus name under --data_dir, or its folder (see data.py)")
-    g.add_argument("--data_dir", default=str(DATA_DIR), help="where corpora live")
-    g.add_argument("--seq_len", type=int, help="training length T")
-    g.add_argument("--batch_size", type=int, help="sequences per micro-batch, per process")
-    g.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step")
-    g.add_argument("--max_steps", type=int, help="optimizer steps of this run")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup_steps", type=int, help="linear warm-up steps")
-    g.add_argument("--weight_decay", type=float)
-    g.add_argument("--grad_clip", type=float, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("running")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--eval_interval", type=int, help="steps between validations (and checkpoints)")
-    g.add_argument("--eval_seqs", type=int, help="validation sequences of 8 T tokens (--task: held-out batches)")
-    g.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
-    g.add_argument("--stop_at", type=int, help="stop after this step with a checkpoint (continue with --resume)")
-    return p
+def parse(argv):
+    """{option: value} of the flags given on the command line (both dataclasses' options)."""
+    parser = cli.OneLineParser("train.py", __doc__)
+    cli.add_options(parser, TrainConfig, "training (TrainConfig)")
+    cli.add_options(parser, ModelConfig, "model (model.ModelConfig; from the preset, or from --init_from)")
+    namespace = parser.parse_args(argv)
+    return {**cli.given(namespace, TrainConfig), **cli.given(namespace, ModelConfig)}
 
 
-def check_numbers(args, parser):
-    """Every integer flag but --seed counts something (at least 1); every float is finite and above zero, or at
-    least zero where zero means off."""
-    for action in parser._actions:
-        value, name = getattr(args, action.dest, None), action.dest
-        if value is None or name == "seed":
-            continue
-        if action.type is int and value < (0 if name in CAN_BE_ZERO else 1):
-            raise UsageError(f"--{name} must be at least {0 if name in CAN_BE_ZERO else 1}")
-        if action.type is float and not (math.isfinite(value) and (value > 0 or value == 0 and name in CAN_BE_ZERO)):
-            raise UsageError(f"--{name} must be a finite number {'of at least' if name in CAN_BE_ZERO else 'above'} "
-                             f"0; got {value}")
-    if args.p_zero is not None and not 0 <= args.p_zero <= 1:
-        raise UsageError(f"--p_zero must be in [0, 1]; got {args.p_zero}")
+def marked(mark):
+    """The names of the options (of both dataclasses) that carry this mark."""
+    return {f.name for cls in (TrainConfig, ModelConfig) for f in cli.options(cls) if f.metadata.get(mark)}
 
 
-def resolve_args(args, explicit):
-    """Fill what the command line left open from the preset, the checkpoint being resumed or post-trained, and
-    the mode (pre- or post-training). explicit: the flags the user gave. Returns (args, the model --init_from names,
-    loaded on the CPU, or None). Raises UsageError on conflicts."""
-    if args.resume and (args.init_from or args.from_scratch):
-        raise UsageError("--resume continues a run as it was started; drop --init_from/--from_scratch")
-    if args.init_from and args.from_scratch:
-        raise UsageError("--init_from and --from_scratch contradict each other; give one")
-    for name in ("noise_std", "ssm_only"):
-        takers = [init for init, cls in INITS.items() if name in cls.options]
-        if getattr(args, name) and args.init not in takers:
-            raise UsageError(f"--{name} only applies to --init {' or '.join(takers)}")
-    if args.p_zero and args.init == "zero":
-        raise UsageError("--p_zero does not apply to --init zero, whose rows all start from zero")
-    args.out_dir = args.out_dir or default_out_dir(args.task, args.init)
-    if Path(args.out_dir).is_file():
-        raise UsageError(f"--out_dir {args.out_dir} is a file: give a folder (it will hold ckpt.pt and log.jsonl)")
-    if args.resume:
-        return resume_args(args, explicit), None
-    if checkpoint_path(args.out_dir).exists() and not args.overwrite:
-        raise UsageError(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to start over, "
-                         f"or choose another --out_dir")
-    if "preset" not in explicit:  # --init_from state-spaces/mamba2-370m alone means that model's preset,
-        implied = [name for name, p in PRESETS.items() if args.init_from and p.get("init_from") == args.init_from]
-        args.preset = (implied + [args.task if args.task in PRESETS else args.preset])[0]  # --task copy: "copy"
-    preset, base = PRESETS[args.preset], None
-    if not args.from_scratch:
-        args.init_from = args.init_from or preset.get("init_from")
-    if reads_text(args.task) and not args.init_from:
-        raise UsageError(f"--task {args.task} fine-tunes a language model on examples in its own tokenizer: give "
-                         f"--init_from (a checkpoint trained on a corpus, or an official Mamba-2 such as "
-                         f"state-spaces/mamba2-370m)")
-    if args.init != "zero" and not args.init_from and not args.from_scratch:
-        args.init_from = default_out_dir(args.task, "zero")  # the paper's recipe: post-train the zero-init model
-    defaults = {**preset["model"], **preset["train"], **(preset["post"] if args.init_from else {}),
-                **TASK_DEFAULTS.get(args.task, {})}
-    if args.init_from:
-        if checkpoint_path(args.init_from).resolve() == checkpoint_path(args.out_dir).resolve():
-            raise UsageError(f"post-training {args.init_from} into itself would overwrite it: give another --out_dir")
-        base, trained_with = load_base(args.init_from)
-        differ = [f"--{k} {getattr(args, k)}" for k in ARCHITECTURE
-                  if k in explicit and getattr(args, k) != getattr(base.cfg, k)]
-        if differ:
-            raise UsageError(f"{args.init_from} holds a {base.cfg.mixer} model that {', '.join(differ)} would "
-                             f"change: drop the flags or post-train another checkpoint")
-        inherited = {k: v for k, v in trained_with.items() if k in INHERITED and k not in explicit and v is not None}
-        vars(args).update({k: getattr(base.cfg, k) for k in ARCHITECTURE}, **inherited)
-        if reads_text(args.task):  # (the task may be inherited: fine-tuning a passkey run further)
-            args.tokenizer = base_tokenizer(base, args)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+def defaults():
+    return {f.name: f.default for cls in (TrainConfig, ModelConfig) for f in cli.options(cls)
+            if f.default is not dataclasses.MISSING}
+
+
+def resolve(given):
+    """A run's options from those given on the command line. Each option takes the last of these that sets it:
+        1. the defaults of TrainConfig and ModelConfig
+        2. the preset: --preset, else the one an official --init_from or the --task names, else demo
+        3. the preset's "post" values, when post-training
+        4. TASK_DEFAULTS of the task
+        5. what the model it starts from was trained with: its architecture, and the options marked inherit
+        6. the command line
+    On --resume: the saved run's options, then the flags marked resume. Returns (options as a namespace, the model
+    post-training starts from or None). Raises UsageError."""
+    check_given(given)
+    if given.get("resume"):
+        return resume_options(given), None
+    official = {p.get("init_from"): name for name, p in PRESETS.items() if p.get("init_from")}
+    preset_name = given.get("preset") or official.get(given.get("init_from")) or (
+        given.get("task") if given.get("task") in PRESETS else "demo")
+    preset = PRESETS[preset_name]
+    init, task = given.get("init", "zero"), given.get("task", preset.get("task", "lm"))
+    init_from = None if given.get("from_scratch") else (
+        given.get("init_from") or preset.get("init_from") or (default_out_dir(task, "zero") if init != "zero"
+                                                                and not reads_text(task) else None))
+    values = {**defaults(), **{k: v for k, v in preset.items() if k not in ("post", "init_from")}}
+    values.update(preset.get("post", {}) if init_from else {})
+    values.update(TASK_DEFAULTS.get(task, {}))
+    values.update(preset=preset_name, init_from=init_from, task=task)
+    base = None
+    if init_from:
+        base, trained_with = load_base(init_from, given)
+        values.update({k: v for k, v in trained_with.items() if k in marked("inherit") and v is not None})
+        values.update({k: v for k, v in base.cfg.architecture().items() if k in values})
+    values.update(given)
+    args = argparse.Namespace(**values)
+    check_resolved(args, given, base)
     if args.task != "lm":
-        if explicit & {"data", "seq_len"}:
-            raise UsageError(f"--task {args.task} makes its own examples; drop --data and --seq_len")
+        args.tokenizer = base_tokenizer(base, args) if reads_text(args.task) else None
         args.seq_len = build_task(args).train_tokens  # T: the longest training example
-    args.noise_std = 0.1 if args.noise_std is None else args.noise_std
-    args.p_zero = 0.0 if args.p_zero is None else args.p_zero
+    args.out_dir = args.out_dir or default_out_dir(args.task, args.init)
     return args, base
 
 
+def check_given(given):
+    """One-line errors for flags that make no sense whatever else is set, so that nothing (not even the automatic
+    pre-training) starts before they are fixed. --init is never inherited: its options can be checked now."""
+    for cls in (TrainConfig, ModelConfig):
+        cli.check(cls, given)
+    cli.check_applies(TrainConfig, given, {"init": given.get("init", "zero")})
+    if given.get("resume") and (given.get("init_from") or given.get("from_scratch")):
+        raise UsageError("--resume continues a run as it was started; drop --init_from/--from_scratch")
+    if given.get("init_from") and given.get("from_scratch"):
+        raise UsageError("--init_from and --from_scratch contradict each other; give one")
+    if given.get("out_dir") and Path(given["out_dir"]).is_file():
+        raise UsageError(f"--out_dir {given['out_dir']} is a file: give a folder (it will hold ckpt.pt and log.jsonl)")
+
+
+def check_resolved(args, given, base):
+    """One-line errors for options that contradict each other once every layer has been applied."""
+    values = vars(args)
+    for cls in (TrainConfig, ModelConfig):
+        cli.check(cls, {k: v for k, v in values.items() if k not in given})  # what a checkpoint said, too
+        cli.check_applies(cls, given, values)
+    if reads_text(args.task) and not args.init_from:
+        raise UsageError(f"--task {args.task} fine-tunes a language model on examples in its own tokenizer: give "
+                         f"--init_from (a checkpoint trained on a corpus, or an official Mamba-2)")
+    if base is not None:
+        differ = [f"--{k} {given[k]}" for k in base.cfg.architecture() if k in given and given[k] != getattr(base.cfg, k)]
+        if differ:
+            raise UsageError(f"{args.init_from} holds a {base.cfg.mixer} model that {', '.join(differ)} would "
+                             f"change: drop the flags or post-train another checkpoint")
+    for name, limit in (("warmup_steps", "max_steps"), ("min_lr", "lr")):  # a preset's value yields to the limit
+        if values[name] > values[limit]:
+            if name in given:
+                raise UsageError(f"--{name} {values[name]} is above --{limit} {values[limit]}: lower it")
+            values[name] = values[limit]
+
+
+def resume_options(given):
+    """On --resume the run continues with its own options; flags that would change it are refused, except those
+    marked resume (how it runs: device, backend, max_steps, ...)."""
+    out_dir = given.get("out_dir") or default_out_dir(given.get("task", "lm"), given.get("init", "zero"))
+    saved = load_checkpoint(out_dir, require=("args",))["args"]
+    changed = [k for k in given if k not in marked("resume") and k in saved and given[k] != saved[k]]
+    if changed:
+        raise UsageError(f"--resume continues the run in {out_dir} as it was started; "
+                         f"{', '.join('--' + k for k in changed)} differ from it: drop them or use another --out_dir")
+    resumable = {k: v for k, v in given.items() if k in marked("resume")}
+    return argparse.Namespace(**{**defaults(), **saved, **resumable, "resume": True, "out_dir": out_dir,
+                                 "stop_at": given.get("stop_at")})  # a stop belongs to one invocation only
+
+
+def load_base(init_from, given):
+    """(model in train mode on the CPU, the options it was trained with) for --init_from: a checkpoint of this
+    project, or anything LM.from_pretrained loads, whose training length T is all that is known of its training."""
+    if checkpoint_path(init_from).resolve() == checkpoint_path(given.get("out_dir") or "-").resolve():
+        raise UsageError(f"post-training {init_from} into itself would overwrite it: give another --out_dir")
+    if is_checkpoint(init_from):
+        ckpt = load_checkpoint(init_from)
+        return LM.from_checkpoint(ckpt).train(), ckpt.get("args") or {}
+    model = LM.from_pretrained(init_from)
+    return model.train(), {"seq_len": model.trained_on.get("seq_len")}
+
+
 def base_tokenizer(base, args):
-    """The tokenizer (a data.get_tokenizer spec) that the text of the model --init_from names was in: an official
-    model's or a folder's (model.trained_on), a checkpoint's corpus's. Bytes are a tokenizer like any other."""
+    """The tokenizer (a data.get_tokenizer spec) that the model --init_from names read its text in."""
     spec = base.trained_on["tokenizer"]
     if spec is None:
         raise UsageError(f"--task {args.task} writes its examples in the tokens of the model it fine-tunes, but "
@@ -325,9 +351,13 @@ def base_tokenizer(base, args):
     return spec
 
 
+def reads_text(task):
+    """Whether --task is written in words, so that only a language model in its own tokenizer can learn it."""
+    return getattr(TASKS.get(task), "needs_tokenizer", False)
+
+
 def build_task(args):
-    """The synthetic task of args.task with its settings; a task in words (needs_tokenizer) in args.tokenizer, the
-    tokenizer of the model it fine-tunes. Raises UsageError, or DataError when that tokenizer cannot be had."""
+    """The synthetic task of args.task with the run's settings. Raises UsageError."""
     try:
         if reads_text(args.task):
             return TASKS[args.task](get_tokenizer(args.tokenizer))
@@ -336,61 +366,38 @@ def build_task(args):
         raise UsageError(f"--task {args.task}: {error}") from None
 
 
-def reads_text(task):
-    """Whether --task is written in words, so that only a language model in its own tokenizer can learn it."""
-    return getattr(TASKS.get(task), "needs_tokenizer", False)
-
-
-def load_base(init_from):
-    """(model in train mode on the CPU, the arguments it was trained with) for --init_from: a checkpoint of this
-    project (any local path but a folder with a config.json), or else what LM.from_pretrained loads (a Hugging Face
-    hub name, or a folder with config.json), whose training length T is all that is known of its training."""
-    path = Path(init_from)
-    if not (path / "config.json").is_file() and (path.exists() or path.parent.is_dir()):
-        ckpt = load_checkpoint(path)
-        return LM.from_checkpoint(ckpt).train(), ckpt.get("args") or {}
-    model = LM.from_pretrained(init_from)
-    return model.train(), {"seq_len": model.trained_on.get("seq_len")}
-
-
 def default_out_dir(task, init):
     """out/INIT, or out/TASK/INIT for a synthetic task."""
     return os.path.join("out", *([] if task == "lm" else [task]), init)
 
 
-def resume_args(args, explicit):
-    """On --resume the run continues with its own arguments; flags that would change it are refused."""
-    saved = load_checkpoint(args.out_dir, require=("args",))["args"]
-    changed = [k for k in explicit - RESUMABLE if k in saved and getattr(args, k) != saved[k]]
-    if changed:
-        raise UsageError(f"--resume continues the run in {args.out_dir} as it was started; "
-                         f"{', '.join('--' + k for k in changed)} differ from it: drop them or use another --out_dir")
-    defaults = vars(build_parser().parse_args([]))  # for flags newer than the checkpoint
-    given = {k: getattr(args, k) for k in explicit & RESUMABLE}
-    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True, "out_dir": args.out_dir,
-                                 "stop_at": args.stop_at})  # a stop belongs to one invocation only
+def needs_base_run(given):
+    """The one-command recipe (python train.py --init state_passing) post-trains out/zero: True when out/zero must
+    be pre-trained first; an unfinished out/zero is an error."""
+    preset = PRESETS[given.get("preset", "demo")]
+    task = given.get("task", "lm")
+    if given.get("init", "zero") == "zero" or reads_text(task) or any(
+            given.get(k) for k in ("init_from", "from_scratch", "resume")) or preset.get("init_from"):
+        return False
+    base_run = default_out_dir(task, "zero")
+    if not checkpoint_path(base_run).exists():
+        return True
+    base = load_checkpoint(base_run, require=("step", "args"))
+    if base["step"] < base["args"]["max_steps"]:
+        raise UsageError(f"{base_run} stopped at step {base['step']} of {base['args']['max_steps']}: finish it "
+                         f"first with python train.py --resume --out_dir {base_run}")
+    return False
 
 
-def base_run_args(args, explicit):
-    """The arguments of the automatic pre-training of out/zero: the same command line with --init zero, without
-    the flags that only concern the post-training, and --base_steps as its --max_steps."""
-    shared = explicit - POST_ONLY
-    base = build_parser().parse_args([])
-    vars(base).update({k: getattr(args, k) for k in shared}, max_steps=args.base_steps)
-    return resolve_args(base, shared)[0]
-
-
-def model_config(args, vocab_size):
-    """The ModelConfig of the model flags (ModelConfig's defaults where they are None)."""
-    try:
-        return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in MODEL_FLAGS
-                                                     if getattr(args, f.name) is not None})
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"{error}: change the model flags")
+def base_run_options(given):
+    """The options of that automatic pre-training: the same flags without those that concern the post-training
+    only, and --base_steps as its --max_steps."""
+    shared = {k: v for k, v in given.items() if k not in marked("post")}
+    return {**shared, **({"max_steps": given["base_steps"]} if "base_steps" in given else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One training process
+# A run: what the loop reads from, built in this order
 # ----------------------------------------------------------------------------------------------------------------
 
 class Run:
@@ -399,52 +406,48 @@ class Run:
     def __init__(self, args, rank, world, device, base=None):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.is_main = rank == 0
-        self.autocast, compute_dtype = autocast_for(device, args.dtype)
+        self.autocast, compute_dtype = cli.autocast_for(device, args.dtype)
         seed = (args.seed * 1000 + rank) * 2  # the data and the intervention must not draw the same numbers
-        self.batches = (TaskBatches(build_task(args), args, seed) if args.task != "lm" else
-                        CorpusBatches(open_corpus(args, rank, world), args, rank, world, seed,
-                                      streams=INITS[args.init].uses_streams))
-        self.step, self.saved_step, self.tokens = 0, None, 0  # tokens: read by this process in this invocation
-        self.model, ckpt = self._build_model(base)
-        vars(args).update({f.name: getattr(self.model.cfg, f.name) for f in MODEL_FLAGS})  # recorded as built
-        check_backend(self.model.cfg, device, compute_dtype)
-        check_memory(self.model, args, device, self.autocast)
+        source = build_task(args) if args.task != "lm" else open_corpus(args, rank, world)
+        ckpt = load_checkpoint(args.out_dir, require=("model_config", "model", "optimizer", "step", "ranks")) \
+            if args.resume else None
+        cfg = model_config(args, source.vocab_size, base, ckpt)
+        check_backend(cfg, device, compute_dtype)
+        check_memory(cfg, args, device, compute_dtype, base)  # before anything large is allocated
+        self.batches = (TaskBatches(source, args, seed) if args.task != "lm" else
+                        CorpusBatches(source, args, rank, world, seed, streams=INITS[args.init].uses_streams))
+        self.model = self._model(cfg, base, ckpt)
+        vars(args).update({f.name: getattr(cfg, f.name) for f in cli.options(ModelConfig)})  # recorded as built
         self.optimizer = make_optimizer(self.model, args, device)
-        self.intervention = make_intervention(args.init, self.model, args.p_zero, seed + 1,
-                                              noise_std=args.noise_std, ssm_only=args.ssm_only)
+        self.intervention = make_intervention(args.init, self.model, seed + 1, **intervention_options(args))
+        self.step, self.saved_step, self.tokens = 0, None, 0  # tokens: read by this process in this invocation
         if ckpt is not None:
             self._restore(ckpt)
         self.trained = torch.compile(self.model) if args.compile else self.model
         if world > 1:
             self.trained = torch.nn.parallel.DistributedDataParallel(
                 self.trained, device_ids=[device.index] if device.type == "cuda" else None)
-        if self.is_main:
-            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-            print(self.describe(), file=sys.stderr)
+        self.out = Output(self)
 
-    def _build_model(self, base):
-        """(model, checkpoint to continue or None): resumed, post-trained from base, or fresh."""
-        args = self.args
-        if args.resume:
-            ckpt = load_checkpoint(args.out_dir, require=("model_config", "model", "optimizer", "step", "ranks"))
-            return LM.from_checkpoint(ckpt, self.device, backend=args.backend, recompute=args.recompute).train(), ckpt
-        if args.init_from:
+    def _model(self, cfg, base, ckpt):
+        """The model to train: resumed, post-trained from base, or fresh (the same weights on every process)."""
+        if ckpt is not None:
+            runtime = {f.name: getattr(cfg, f.name) for f in cli.options(ModelConfig) if f.metadata.get("resume")}
+            return LM.from_checkpoint(ckpt, self.device, **runtime).train()
+        if base is not None:
             refusal = self.batches.refusal(base)
             if refusal:
-                raise UsageError(f"cannot post-train {args.init_from} on {self.batches.describe()['name']}: "
+                raise UsageError(f"cannot post-train {self.args.init_from} on {self.batches.describe()['name']}: "
                                  f"{refusal}")
-            base.cfg.chunk_size = args.chunk_size or base.cfg.chunk_size  # how the scan runs, not what it computes
-            base.cfg.backend = args.backend or base.cfg.backend
-            base.cfg.recompute = base.cfg.recompute if args.recompute is None else args.recompute
-            return base.to(self.device), None
-        torch.manual_seed(args.seed)  # every process builds the same initial weights
-        return LM(model_config(args, self.batches.vocab_size)).to(self.device), None
+            base.cfg = cfg  # the same architecture; how the scan runs may differ
+            return base.to(self.device)
+        torch.manual_seed(self.args.seed)
+        return LM(cfg).to(self.device)
 
     def _restore(self, ckpt):
         """Continue a run: optimizer, step, and each process's random states, data position and intervention."""
-        out_dir = self.args.out_dir
-        saved, current = (ckpt.get("corpus") or {}).get("fingerprint"), self.batches.describe()["fingerprint"]
-        if saved and saved != current:
+        out_dir, saved = self.args.out_dir, (ckpt.get("corpus") or {}).get("fingerprint")
+        if saved and saved != self.batches.describe()["fingerprint"]:
             raise UsageError(f"corpus '{self.args.data}' was prepared again after the run in {out_dir} started, so "
                              f"resuming would continue on other data: put the original corpus back, or post-train "
                              f"the checkpoint into a new run with --init_from {out_dir} --out_dir NEW")
@@ -452,10 +455,10 @@ class Run:
             raise UsageError(f"the run in {out_dir} was trained by {len(ckpt['ranks'])} process(es); resume it with "
                              f"the same number (torchrun --nproc_per_node={len(ckpt['ranks'])})")
         mine = ckpt["ranks"][self.rank]
-        saved_device = mine["intervention"].get("generator_device")
-        if saved_device and torch.device(saved_device).type != self.device.type:
-            raise UsageError(f"the run in {out_dir} drew its random numbers on {saved_device}; resume it on a "
-                             f"{torch.device(saved_device).type} device to continue it exactly")
+        drawn_on = mine["intervention"].get("generator_device")
+        if drawn_on and torch.device(drawn_on).type != self.device.type:
+            raise UsageError(f"the run in {out_dir} drew its random numbers on {drawn_on}; resume it on a "
+                             f"{torch.device(drawn_on).type} device to continue it exactly")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = self.saved_step = ckpt["step"]
         torch.set_rng_state(mine["torch_rng"])
@@ -463,9 +466,8 @@ class Run:
         self.intervention.load_state_dict(_to_device(mine["intervention"], self.device))
 
     def describe(self):
-        args = self.args
+        args, per_step = self.args, self.args.batch_size * self.args.grad_accum * self.world
         mode = "resuming" if args.resume else ("post-training " + args.init_from if args.init_from else "training")
-        per_step = args.batch_size * args.grad_accum * self.world
         split = f" ({args.batch_size} x {args.grad_accum} micro-batches x {self.world} processes)" \
             if per_step != args.batch_size else ""
         return (f"{mode} with --init {args.init}: {self.model.num_parameters() / 1e6:.2f}M parameters, {args.mixer}, "
@@ -499,23 +501,23 @@ class Run:
         return losses
 
     def checkpoint(self, losses=None):
-        """Save the run: rank 0 writes, every process contributes its own random, data and intervention state.
-        Weights (or validation losses) that are not finite are refused with a UsageError, and nothing is saved."""
-        broken = first_nonfinite(self.model.state_dict())
-        broken = f"the weight {broken}" if broken else next((k for k, v in (losses or {}).items()
-                                                             if not math.isfinite(v)), None)
-        if broken:
-            raise UsageError(f"{broken} is not finite after step {self.step}; stopped without saving: "
-                             f"{self.what_survives()}; start again with a lower --lr or --grad_clip")
+        """Save the run: rank 0 writes, every process gives its own random, data and intervention state. A weight,
+        optimizer moment, intervention state or validation loss that is not finite is refused with a UsageError,
+        and nothing is saved."""
         mine = {"torch_rng": torch.get_rng_state(), "intervention": _to_device(self.intervention.state_dict(), "cpu"),
                 **self.batches.state_dict()}
         ranks = [mine]
         if self.world > 1:
             ranks = [None] * self.world
             dist.all_gather_object(ranks, mine)
+        extra = dict(optimizer=self.optimizer.state_dict(), step=self.step, args=vars(self.args), ranks=ranks,
+                     corpus=self.batches.describe(), losses=losses or {})
+        broken = first_nonfinite({"model": self.model.state_dict(), **extra})
+        if broken:
+            raise UsageError(f"{broken} is not finite after step {self.step}; stopped without saving: "
+                             f"{self.what_survives()}; start again with a lower --lr or --grad_clip")
         if self.is_main:
-            self.model.save(self.args.out_dir, optimizer=self.optimizer.state_dict(), step=self.step,
-                            args=vars(self.args), ranks=ranks, corpus=self.batches.describe())
+            self.out.save(self.model, extra)
         self.saved_step = self.step
         if self.world > 1:
             dist.barrier()  # nobody reads the checkpoint (a post-training that follows, say) before it exists
@@ -526,6 +528,69 @@ class Run:
         if checkpoint_path(self.args.out_dir).exists():
             return f"no checkpoint of this run was written ({self.args.out_dir} still holds the run it replaces)"
         return "no checkpoint was written"
+
+
+def intervention_options(args):
+    """The options of the --init in use: those of TrainConfig marked only=("init", (..., args.init, ...))."""
+    return {f.name: getattr(args, f.name) for f in cli.options(TrainConfig)
+            if f.metadata.get("only", ("",))[0] == "init" and args.init in f.metadata["only"][1]}
+
+
+def model_config(args, vocab_size, base, ckpt):
+    """The ModelConfig of the run: the resumed checkpoint's or the base model's, with the options marked resume
+    as args says; else one made of the model options in args."""
+    saved = ckpt["model_config"] if ckpt is not None else base.cfg.to_dict() if base is not None else None
+    runtime = {f.name: getattr(args, f.name) for f in cli.options(ModelConfig) if f.metadata.get("resume")}
+    try:
+        if saved is not None:
+            return ModelConfig(**{**saved, **runtime})
+        return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in cli.options(ModelConfig)})
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"{error}: change the model flags") from None
+
+
+def open_corpus(args, rank, world):
+    """load_corpus, with rank 0 preparing a missing default corpus while the other processes wait."""
+    if world > 1 and rank > 0:
+        dist.barrier()
+    corpus = load_corpus(args.data, args.data_dir)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return corpus
+
+
+def check_memory(cfg, args, device, compute_dtype, base=None):
+    """Refuse, before the first allocation, a run whose estimate (model.training_memory, plus the validation data)
+    exceeds 90% of what is available: the alternative is an out-of-memory error, or on Linux the kernel killing the
+    process without a word. A base model already in the CPU's memory is no longer available but will not be needed
+    twice."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type != "cuda" else 1  # sharing the RAM
+    validation = 16 * args.eval_seqs * (8 if args.task == "lm" else args.batch_size) * args.seq_len
+    held = 4 * base.num_parameters() if base is not None and device.type == "cpu" else 0
+    need = (training_memory(cfg, args.batch_size * args.seq_len, compute_dtype) + validation - held) * processes
+    free = cli.available_memory(device)
+    if free is not None and need > 0.9 * free:
+        raise UsageError(f"this run needs about {need / 2**30:.1f} GiB of memory on {device} but "
+                         f"{free / 2**30:.1f} GiB are available: lower --batch_size (raising --grad_accum keeps "
+                         f"the {args.batch_size * args.grad_accum} sequences per step), --seq_len or the model's size")
+
+
+def warn_if_slow(model, args, device):
+    """Say before the first step when a step will take far longer than a person waits for a first result: the
+    compute of a step (6 x parameters x tokens) over what this device just did in a short matrix product."""
+    size, started, repeats = 512, time.perf_counter(), 0
+    a = torch.randn(size, size, device=device)
+    while time.perf_counter() - started < 0.05:
+        a @ a
+        repeats += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    flops = 2 * size ** 3 * repeats / (time.perf_counter() - started)
+    seconds = 6 * model.num_parameters() * args.batch_size * args.grad_accum * args.seq_len / flops
+    if seconds > 30:
+        print(f"train.py: one step of this run will take about {seconds / 60:.0f} minutes on {device} (about "
+              f"{seconds * args.max_steps / 3600:.0f} hours for {args.max_steps} steps); on a CPU, start with the "
+              f"demo (python train.py) or a GPU", file=sys.stderr)
 
 
 def _to_device(obj, device):
@@ -540,269 +605,129 @@ def _to_device(obj, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
+# The output folder, and stopping on request
 # ----------------------------------------------------------------------------------------------------------------
 
-class CorpusBatches:
-    """Training batches from a prepared corpus, and its fixed validation sequences of 8 T tokens.
-
-    next() -> (inputs, targets, restarted) on the CPU: random windows, or with streams (tbptt) windows whose row i
-    continues row i of the previous batch. state_dict() holds where the data stands, for an exact resume."""
-
-    def __init__(self, corpus, args, rank, world, seed, streams):
-        self.corpus, self.batch_size, self.seq_len = corpus, args.batch_size, args.seq_len
-        self.vocab_size = corpus.vocab_size
-        self.rng = torch.Generator().manual_seed(seed)
-        self.streams = (StreamBatcher(corpus, "train", args.batch_size, args.seq_len, rank, world, seed=args.seed)
-                        if streams else None)
-        self.val_sequences = corpus.eval_sequences(8 * args.seq_len, args.eval_seqs,
-                                                   flags=("--eval_seqs", "--seq_len"))[0]
-
-    def next(self):
-        if self.streams is not None:
-            windows, restarted = self.streams.next()
-        else:
-            windows, restarted = self.corpus.random_windows("train", self.batch_size, self.seq_len, self.rng), None
-        return windows[:, :-1], windows[:, 1:], restarted
-
-    @torch.no_grad()
-    def validate(self, model, device, autocast):
-        """Mean loss from the zero state over positions [0, T) and [T, 8T) of the validation sequences (n, 8 T + 1),
-        read T tokens at a time (memory stays that of one training window)."""
-        T = self.seq_len
-        with autocast:
-            losses = torch.cat([model.loss_per_position(rows.to(device), T) for rows in self.val_sequences.split(4)])
-        per_position = losses.mean(0)
-        return {"val_loss": per_position[:T].mean().item(), "val_loss_beyond_T": per_position[T:].mean().item()}
-
-    def refusal(self, model):
-        """Why model cannot be trained on this corpus's tokens, or None."""
-        mismatch = tokenizer_mismatch(self.corpus.meta, getattr(model, "trained_on", None))
-        if mismatch:
-            return (f"{mismatch}: prepare the corpus with its tokenizer (python data.py --input PATH --tokenizer "
-                    f"{model.trained_on['tokenizer']})")
-        if model.cfg.vocab_size < self.vocab_size:
-            return (f"it was trained with a vocabulary of {model.cfg.vocab_size} tokens but the corpus has "
-                    f"{self.vocab_size}: use a corpus prepared with its tokenizer")
-        return None
-
-    def describe(self):
-        """What the checkpoint records of the data: the corpus and, to notice a re-preparation, its fingerprint."""
-        meta = self.corpus.meta
-        return {"name": self.corpus.name, "tokenizer": meta["tokenizer"], "vocab_size": self.vocab_size,
-                "tokenizer_sha256": meta.get("tokenizer_sha256"), "fingerprint": self.corpus.fingerprint}
-
-    def state_dict(self):
-        return {"data_rng": self.rng.get_state(), "streams": self.streams and self.streams.state_dict()}
-
-    def load_state_dict(self, state):
-        self.rng.set_state(state["data_rng"])
-        if self.streams is not None:
-            self.streams.load_state_dict(state["streams"])
+def check_out_dir(args):
+    """Refuse, before anything is created, a folder that holds a run (without --resume or --overwrite) or any other
+    file (without --overwrite): a run writes into a folder of its own."""
+    path = Path(args.out_dir)
+    if args.resume or args.overwrite or not path.is_dir():
+        return
+    if checkpoint_path(path).exists():
+        raise UsageError(f"{path} already holds a run: --resume to continue it, --overwrite to start over, or "
+                         f"choose another --out_dir")
+    files = sorted(p.name for p in path.iterdir() if p.name != ".lock" and not p.name.startswith(".ckpt.pt.tmp"))
+    if files:
+        raise UsageError(f"{path} is not empty (it holds {', '.join(files[:3])}): choose another --out_dir, or "
+                         f"--overwrite to train there (files that are not the run's are kept)")
 
 
-class TaskBatches:
-    """Training batches of a synthetic task (tasks.py), and fixed held-out batches whose masked loss (targets -1
-    do not count) is the validation loss. next() -> (inputs, targets, restarted = None): no example continues
-    another, so tbptt hands states on between examples as state_passing does. A task in words (passkey) records
-    its tokenizer as a corpus does (data.tokenizer_identity), so that eval.py's checks of tokens apply."""
+class Output:
+    """What rank 0 shows and writes (the other processes nothing): the progress bar, log.jsonl and the
+    checkpoints, in a folder held for the run's life by a lock file naming the process (a lock whose process is
+    gone is stale and taken over). A new run leaves the files of a run it replaces (--overwrite) as they are until
+    its first checkpoint: its log waits in memory until then."""
 
-    def __init__(self, task, args, seed):
-        self.task, self.batch_size, self.vocab_size = task, args.batch_size, task.vocab_size
-        text = getattr(task, "tokenizer", None)
-        self.tokenizer = {"tokenizer": text and text.name, "tokenizer_sha256": getattr(text, "sha256", None)}
-        self.rng = torch.Generator().manual_seed(seed)
-        held_out = torch.Generator().manual_seed(2 ** 40 + args.seed)  # the same on every process, unlike rng
-        self.val_batches = [task.batch(args.batch_size, held_out) for _ in range(args.eval_seqs)]
-
-    def next(self):
-        return (*self.task.batch(self.batch_size, self.rng), None)
-
-    @torch.no_grad()
-    def validate(self, model, device, autocast):
-        total, count = 0.0, 0
-        for inputs, targets in self.val_batches:
-            with autocast:
-                _, loss, _ = model(inputs.to(device), targets.to(device))
-            counted = (targets >= 0).sum().item()  # the positions whose loss counts
-            total, count = total + loss.item() * counted, count + counted
-        return {"val_loss": total / count}
-
-    def refusal(self, model):
-        mismatch = self.tokenizer["tokenizer"] and tokenizer_mismatch(self.tokenizer, model.trained_on)
-        if mismatch:  # a tokenizer.json replaced since the model was trained
-            return f"{mismatch}: put back the tokenizer the model was trained with"
-        if model.cfg.vocab_size < self.vocab_size:
-            return f"its vocabulary of {model.cfg.vocab_size} tokens is smaller than the task's {self.vocab_size}"
-        return None
-
-    def describe(self):
-        return {"name": f"task {self.task.name}", "task": self.task.name, "vocab_size": self.vocab_size,
-                **self.tokenizer, "fingerprint": None}
-
-    def state_dict(self):
-        return {"data_rng": self.rng.get_state(), "streams": None}
-
-    def load_state_dict(self, state):
-        self.rng.set_state(state["data_rng"])
-
-
-def open_corpus(args, rank, world):
-    """load_corpus, with rank 0 preparing a missing default corpus while the others wait; a default corpus whose
-    tokenizer cannot be downloaded is told in train.py's terms."""
-    if world > 1 and rank > 0:
-        dist.barrier()
-    try:
-        corpus = load_corpus(args.data, args.data_dir)
-    except DataError:
-        tokenizer = args.data[len(DEFAULT_CORPUS) + 1:]
-        if args.data.startswith(DEFAULT_CORPUS + "-") and not (Path(args.data_dir) / args.data).exists():
-            try:
-                get_tokenizer(tokenizer)
-            except DataError:
-                raise UsageError(f"the default corpus '{args.data}' needs tiktoken's {tokenizer} vocabulary, which "
-                                 f"could not be downloaded (offline?): set TIKTOKEN_CACHE_DIR to a folder holding "
-                                 f"tiktoken's cached files, or train on byte tokens (--data {DEFAULT_CORPUS}, as "
-                                 f"--preset demo does)") from None
-        raise
-    if world > 1 and rank == 0:
-        dist.barrier()
-    return corpus
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Memory
-# ----------------------------------------------------------------------------------------------------------------
-
-def estimate_memory(model, args, device, autocast):
-    """Bytes one training process needs, at least: 16 per parameter (float32 weights, gradients and AdamW's two
-    moments) plus 1.5 times the activations that a micro-batch keeps for its backward pass. Those are measured, not
-    modelled: the bytes of the tensors autograd saves while reading one short sequence, per token. The factor is
-    what the backward pass holds on top (gradients of activations, allocator slack): beyond the 16 bytes per
-    parameter, the peak resident memory of two-step CPU runs of 16 mamba2 and gla models (float32 and bfloat16,
-    0.5M to 85M parameters, vocabularies of 257 and 50257) was 1.5 to 2.8 times their saved activations, the most
-    with the large vocabulary."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    length = min(args.seq_len, 2 * model.cfg.chunk_size)
-    tokens = torch.zeros(1, length, dtype=torch.long, device=device)
-    recompute, model.cfg.recompute = model.cfg.recompute, False  # measure what every block would keep
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast:
-            model(tokens, tokens)
-    finally:
-        model.cfg.recompute = recompute
-    per_token = sum(saved.values()) / length
-    if recompute:  # kept: each block's input; live in the backward pass: one block's activations (and the head's)
-        per_token = 4 * model.cfg.d_model * model.cfg.n_layer + 2 * per_token / model.cfg.n_layer
-    return 16 * model.num_parameters() + 1.5 * per_token * args.batch_size * args.seq_len
-
-
-def available_memory(device):
-    """Bytes that device could still give: free GPU memory, else the system's available RAM, or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:  # no /proc (macOS): all of the physical memory, so only a run that could never fit is refused
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_memory(model, args, device, autocast):
-    """Refuse, before the first step, a run whose estimate exceeds 90% of what is available: the alternative is an
-    out-of-memory error, or on Linux the kernel killing the process without a word."""
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type != "cuda" else 1  # sharing the RAM
-    weights = 4 * model.num_parameters()  # already allocated, so no longer counted as available
-    need = (estimate_memory(model, args, device, autocast) - weights) * processes
-    free = available_memory(device)
-    if free is not None and need > 0.9 * free:
-        raise UsageError(f"this run needs about {need / 2**30:.1f} GiB more memory on {device} but "
-                         f"{free / 2**30:.1f} GiB are available: lower --batch_size (raising --grad_accum keeps "
-                         f"the {args.batch_size * args.grad_accum} sequences per step) or --seq_len")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Logging and stopping
-# ----------------------------------------------------------------------------------------------------------------
-
-class Progress:
-    """What rank 0 shows and keeps of a run: the progress bar, log.jsonl, and the training speed (validation time
-    excluded). The other processes keep nothing."""
-
-    def __init__(self, run, last_step):
-        args = run.args
-        self.run, self.last_step = run, last_step
-        self.started, self.train_seconds = time.time(), 0.0
-        self.log = open_log(args.out_dir, run.step) if run.is_main else None
-        self.bar = tqdm(total=last_step, initial=run.step, disable=not run.is_main, desc=args.init,
-                        dynamic_ncols=True)
+    def __init__(self, run):
+        self.run, self.args, self.started, self.train_seconds = run, run.args, time.time(), 0.0
+        self.path, self.pending = Path(run.args.out_dir), None if run.args.resume else []
+        self.lock = self.path / ".lock"
 
     def __enter__(self):
+        if self.run.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._take_lock()
+            if self.args.resume:  # the records up to the checkpoint (later steps were lost), not a torn line
+                log = self.path / "log.jsonl"
+                lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+                _write_atomically(log, "".join(line + "\n" for line in lines if _step_of(line) <= self.run.step))
+        self.bar = tqdm(total=self.run.last_step, initial=self.run.step, disable=not self.run.is_main,
+                        desc=self.args.init, dynamic_ncols=True)
         return self
+
+    def _take_lock(self):
+        try:
+            descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only one process can create it
+        except FileExistsError:
+            owner = self.lock.read_text().strip()
+            if process_alive(owner):
+                raise UsageError(f"another run (process {owner}) is using {self.path}: wait for it, stop it, or "
+                                 f"choose another --out_dir") from None
+            self.lock.unlink(missing_ok=True)  # stale: its process is gone
+            descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(str(os.getpid()))
 
     def __exit__(self, *exc):
         self.bar.close()
-        if self.log:
-            self.log.close()
+        if self.run.is_main:
+            self.lock.unlink(missing_ok=True)
 
     def step(self, loss, lr, seconds):
-        step, self.train_seconds = self.run.step, self.train_seconds + seconds
-        rate = self.run.tokens * self.run.world / self.train_seconds
+        self.train_seconds += seconds
+        rate, step = self.run.tokens * self.run.world / self.train_seconds, self.run.step
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
-        if step == self.last_step:
+        if step == self.run.last_step:
             self.bar.close()  # before the last validation, so the bar's final speed is the training speed
-        if self.log and (step % self.run.args.log_interval == 0 or step == self.last_step):
-            self._write(step=step, train_loss=loss, lr=lr, tokens_per_s=rate, time=time.time() - self.started)
+        if step % self.args.log_interval == 0 or step == self.run.last_step:
+            self.log(step=step, train_loss=loss, lr=lr, tokens_per_s=rate, time=time.time() - self.started)
 
     def validation(self, losses):
         """Log and show rank 0's validation losses; returns them."""
         if losses is not None:
-            self._write(step=self.run.step, **losses)
+            self.log(step=self.run.step, **losses)
             self.bar.write(f"step {self.run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
             self.bar.unpause()  # the time spent validating does not count in the bar's speed
         return losses
 
-    def finish(self):
-        args = self.run.args
+    def log(self, **record):
         if not self.run.is_main:
             return
-        if self.run.step < args.max_steps:
-            print(f"train.py: stopped at step {self.run.step} (--stop_at); continue with python train.py --resume "
-                  f"--out_dir {args.out_dir}")
+        if self.pending is not None:
+            self.pending.append(record)
         else:
-            print(f"train.py: done: {checkpoint_path(args.out_dir)} (step {self.run.step}); next: python eval.py "
-                  f"--ckpt {args.out_dir}")
+            with open(self.path / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    def _write(self, **record):
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
+    def save(self, model, extra):
+        """ckpt.pt, and a ckpt_STEP.pt copy with what eval.py reads (--save_every). The first checkpoint of a new run
+        also replaces the log and the copies of the run that was there."""
+        step, every = extra["step"], self.args.save_every
+        model.save(self.path, **extra)
+        if every and step % every == 0:
+            model.save(self.path / f"ckpt_{step}.pt", **{k: extra[k] for k in ("step", "args", "corpus")})
+        if self.pending is not None:
+            for old in self.path.glob("ckpt_*.pt"):
+                if old.name != f"ckpt_{step}.pt" or not (every and step % every == 0):
+                    old.unlink()
+            _write_atomically(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.pending))
+            self.pending = None
+
+    def finish(self):
+        if not self.run.is_main:
+            return
+        if self.run.step < self.args.max_steps:
+            print(f"train.py: stopped at step {self.run.step} (--stop_at); continue with python train.py --resume "
+                  f"--out_dir {self.args.out_dir}")
+        else:
+            print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); next: python eval.py "
+                  f"--ckpt {self.args.out_dir}")
 
 
-def open_log(out_dir, step):
-    """log.jsonl for appending. A fresh run starts a new log; a resumed one keeps only the records up to the
-    checkpoint it resumes from (steps trained after it were lost), and drops a line torn by a crash."""
-    path = Path(out_dir) / "log.jsonl"
-    kept = []
-    if step > 0 and path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-    return open(path, "a")
+def _step_of(line):
+    """The step of a log.jsonl line, or infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _write_atomically(path, text):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class Stopped(Exception):
@@ -832,6 +757,9 @@ class StopRequests:
         if self.first is not None and time.monotonic() - self.first > 1:  # torchrun repeats the signal at once
             raise KeyboardInterrupt
         self.first = self.first or time.monotonic()
+        if self.run.is_main:
+            print(f"\ntrain.py: stopping after step {self.run.step + 1} (Ctrl-C again to stop at once)",
+                  file=sys.stderr)
 
     def requested(self):
         if self.run.world == 1:
@@ -848,7 +776,7 @@ class StopRequests:
 def setup_distributed(device_arg):
     """(rank, world size, device). Under torchrun: one process per GPU with NCCL, or CPU processes with gloo.
     Called once per process: the pre-training that the one-command recipe may run first shares the group."""
-    device = pick_device(device_arg)
+    device = cli.pick_device(device_arg)
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -861,49 +789,40 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
+def run_training(given, rank, world, device):
+    """Resolve the options, build the run, train it."""
+    args, base = resolve(given)
+    check_out_dir(args)
+    run = Run(args, rank, world, device, base)
+    if run.is_main:
+        print(run.describe(), file=sys.stderr)
+        warn_if_slow(run.model, args, device)
+    train(run)
+
+
 def main(argv=None):
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    explicit = {a.dest for a in parser._actions
-                if any(x == opt or x.startswith(opt + "=") for opt in a.option_strings for x in argv)}
+    return cli.run("train.py", train_all, argv)
+
+
+def train_all(argv):
+    """Train what the command line asks for: first the automatic pre-training when the recipe needs one."""
+    given = parse(sys.argv[1:] if argv is None else argv)
+    check_given(given)
     world = 1
     try:
-        check_numbers(args, parser)
-        rank, world, device = setup_distributed(args.device)
-        if needs_base_run(args):  # the paper's recipe in one command: pre-train the zero-init model first
+        rank, world, device = setup_distributed(given.get("device", "auto"))
+        if needs_base_run(given):  # the paper's recipe in one command: pre-train the zero-init model first
             if rank == 0:
-                print(f"{default_out_dir(args.task, 'zero')} does not exist yet: pre-training it first",
-                      file=sys.stderr)
-            train(base_run_args(args, explicit), rank, world, device)
-        args, base = resolve_args(args, explicit)
-        train(args, rank, world, device, base)
-    except (UsageError, DataError) as error:
-        sys.exit(f"train.py: error: {error}")
-    except OSError as error:
-        where = f" ({error.filename})" if error.filename else ""
-        sys.exit(f"train.py: error: {error.strerror or error}{where}")
+                print(f"{default_out_dir(given.get('task', 'lm'), 'zero')} does not exist yet: pre-training it "
+                      f"first; the post-training follows", file=sys.stderr)
+            run_training(base_run_options(given), rank, world, device)
+        run_training(given, rank, world, device)
     except (Stopped, KeyboardInterrupt) as stop:
         print(f"train.py: {str(stop) or 'interrupted before training began'}", file=sys.stderr)
         sys.exit(130)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def needs_base_run(args):
-    """True when the one-command recipe must pre-train out/zero first; an unfinished out/zero is an error."""
-    base_run = default_out_dir(args.task, "zero")
-    if args.init == "zero" or args.init_from or PRESETS[args.preset].get("init_from") or args.from_scratch \
-            or args.resume or reads_text(args.task):
-        return False
-    if not checkpoint_path(base_run).exists():
-        return True
-    base = load_checkpoint(base_run, require=("step", "args"))
-    if base["step"] < base["args"]["max_steps"]:
-        raise UsageError(f"{base_run} stopped at step {base['step']} of {base['args']['max_steps']}: finish it "
-                         f"first with python train.py --resume --out_dir {base_run}")
-    return False
 
 
 if __name__ == "__main__":

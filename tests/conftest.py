@@ -14,9 +14,11 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed():
-    """Every test starts from the same random numbers, so a failure reproduces."""
+def _seed_and_folder(tmp_path, monkeypatch):
+    """Every test starts from the same random numbers, so a failure reproduces, and in a temporary folder of its
+    own, so that nothing a test runs (out/, eval/, data/) can land in the user's checkout."""
     torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

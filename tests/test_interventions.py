@@ -24,7 +24,7 @@ def test_zero_starts_from_zero(model):
 
 
 def test_state_passing_hands_over_the_previous_final_state_detached(model):
-    sp = StatePassing(model)
+    sp = StatePassing(model, ssm_only=False)
     assert sp.initial_state(3, "cpu") is None  # nothing seen yet: the first batch starts from zero
     final = final_state_after(model, 3)
     assert final.ssm[0].requires_grad  # the model's output carries gradient history ...
@@ -76,7 +76,7 @@ def test_random_noise_has_the_requested_std(model):
 
 
 def test_p_zero_zeroes_the_right_fraction(model):
-    sp = StatePassing(model, p_zero=0.3)
+    sp = StatePassing(model, ssm_only=False, p_zero=0.3)
     sp.observe(final_state_after(model, 2000, length=3).detach())
     handed = sp.initial_state(2000, "cpu")
     zero_rows = handed.ssm[0].flatten(1).abs().sum(1) == 0
@@ -87,7 +87,7 @@ def test_p_zero_zeroes_the_right_fraction(model):
 
 
 def test_tbptt_continues_each_row_and_resets_restarted_rows(model):
-    tb = TBPTT(model)
+    tb = TBPTT(model, ssm_only=False)
     final = final_state_after(model, 3).detach()
     tb.observe(final)
     handed = tb.initial_state(3, "cpu", restarted=torch.tensor([False, True, False]))
@@ -98,7 +98,7 @@ def test_tbptt_continues_each_row_and_resets_restarted_rows(model):
 def test_tbptt_reading_in_windows_equals_reading_the_stream(model):
     """With contiguous windows and the state carried, tbptt reads exactly what one long pass reads."""
     stream = torch.randint(0, VOCAB, (2, 60))
-    tb = TBPTT(model)
+    tb = TBPTT(model, ssm_only=False)
     with torch.no_grad():
         whole, _, _ = model(stream)
         pieces = []
@@ -111,32 +111,48 @@ def test_tbptt_reading_in_windows_equals_reading_the_stream(model):
 
 
 def test_interventions_round_trip_through_state_dict(model):
+    import argparse
+
+    import train
+
     for name in ("random_noise", "fitted_noise", "state_passing", "tbptt"):
-        a = make_intervention(name, model, p_zero=0.5, seed=3)
+        options = train.intervention_options(argparse.Namespace(init=name, noise_std=0.1, p_zero=0.5, ssm_only=False))
+        a = make_intervention(name, model, seed=3, **options)
         a.observe(final_state_after(model, 4).detach())
         a.initial_state(4, "cpu")  # advances the generator
-        b = make_intervention(name, model, p_zero=0.5, seed=99)
+        b = make_intervention(name, model, seed=99, **options)
         b.load_state_dict(a.state_dict())
         sa, sb = a.initial_state(4, "cpu"), b.initial_state(4, "cpu")
         assert all(torch.equal(x, y) for x, y in zip(sa.ssm, sb.ssm)), name
 
 
-def test_make_intervention_gives_each_class_its_own_options(model):
+def test_train_gives_each_intervention_exactly_its_own_options(model):
+    """The options of TrainConfig marked for an --init are that class's arguments: train.py builds every class
+    from them, and each keeps what it was given."""
+    import argparse
+
+    import train
+
     assert list(INITS) == ["zero", "random_noise", "fitted_noise", "state_passing", "tbptt"]
-    noise = make_intervention("random_noise", model, noise_std=0.25, ssm_only=True)
-    assert type(noise) is RandomNoise and noise.noise_std == 0.25
-    passing = make_intervention("tbptt", model, noise_std=0.25, ssm_only=True, p_zero=0.5, seed=7)
-    assert type(passing) is TBPTT and passing.ssm_only and passing.p_zero == 0.5 and passing.seed == 7
-    assert type(make_intervention("zero", model, noise_std=0.25, ssm_only=True)) is Zero
+    values = dict(noise_std=0.25, p_zero=0.5, ssm_only=True)
+    for name, cls in INITS.items():
+        options = train.intervention_options(argparse.Namespace(init=name, **values))
+        intervention = make_intervention(name, model, seed=7, **options)
+        assert type(intervention) is cls and intervention.seed == 7
+        assert all(getattr(intervention, k) == v for k, v in options.items())
+    assert train.intervention_options(argparse.Namespace(init="zero", **values)) == {}
+    assert set(train.intervention_options(argparse.Namespace(init="tbptt", **values))) == {"p_zero", "ssm_only"}
+    assert set(train.intervention_options(argparse.Namespace(init="random_noise", **values))) == {"p_zero",
+                                                                                                 "noise_std"}
 
 
 def test_unknown_intervention_is_a_clear_error(model):
-    with pytest.raises(ValueError, match="unknown --init 'warm'"):
+    with pytest.raises(ValueError, match="warm"):
         make_intervention("warm", model)
 
 
 def test_gradients_do_not_flow_into_passed_states(model):
-    sp = StatePassing(model)
+    sp = StatePassing(model, ssm_only=False)
     sp.observe(final_state_after(model, 2).detach())
     initial = sp.initial_state(2, "cpu")
     _, loss, _ = model(torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10)), state=initial)

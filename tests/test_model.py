@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernels import HAS_TRITON
 from model import LM, MIXERS, GatedLinearAttention, ModelConfig, State, sample
@@ -29,7 +30,8 @@ def require_backend(backend):
         pytest.skip("triton has no wheel for this platform")
 
 
-CONFIGS = [("mamba2", {}), ("mamba2", {"ngroups": 2, "mlp": True}), ("gla", {}), ("gla", {"gate": "none"})]
+CONFIGS = [("mamba2", {}), ("mamba2", {"ngroups": 2, "mlp": True}), ("gla", {}), ("gla", {"gate": "head"}),
+           ("gla", {"gate": "none"}), ("mamba1", {})]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -55,7 +57,7 @@ def test_whole_equals_pieces_equals_steps(backend, mixer, overrides):
         assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-4)
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+@pytest.mark.parametrize("mixer", ["mamba2", "gla", "mamba1"])
 def test_gradients_reach_every_parameter(mixer):
     model = LM(small_config(mixer, mlp=True))
     idx = torch.randint(0, VOCAB, (2, 24))
@@ -65,7 +67,7 @@ def test_gradients_reach_every_parameter(mixer):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+@pytest.mark.parametrize("mixer", ["mamba2", "gla", "mamba1"])
 def test_initial_state_changes_outputs(mixer):
     model = LM(small_config(mixer)).eval()
     idx = torch.randint(0, VOCAB, (2, 10))
@@ -78,7 +80,7 @@ def test_initial_state_changes_outputs(mixer):
     assert torch.allclose(from_zero, explicit_zero, atol=1e-5)
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+@pytest.mark.parametrize("mixer", ["mamba2", "gla", "mamba1"])
 def test_bf16_autocast_on_cpu(mixer):
     model = LM(small_config(mixer))
     idx = torch.randint(0, VOCAB, (2, 33))
@@ -103,9 +105,17 @@ def expected_parameters(cfg):
                  + 3 * H  # dt_bias, A_log, D
                  + d_inner  # gated norm
                  + d_inner * D)  # out_proj
+    elif cfg.mixer == "mamba1":
+        E, N, R = cfg.expand * D, cfg.d_state, -(-D // 16)  # dt_rank = ceil(D / 16)
+        mixer = (D * 2 * E  # in_proj: x, z
+                 + E * cfg.d_conv + E  # depthwise conv weight and bias
+                 + E * (R + 2 * N)  # x_proj: dt, B, C
+                 + R * E + E  # dt_proj and its bias
+                 + E * N + E  # A_log, D
+                 + E * D)  # out_proj
     else:
         key, value = int(cfg.expand_k * D), int(cfg.expand_v * D)
-        gate = (D * cfg.n_heads + cfg.n_heads) if cfg.gate == "data" else 0
+        gate = {"head": D * cfg.n_heads + cfg.n_heads, "channel": D * 16 + 16 * key + key, "none": 0}[cfg.gate]
         mixer = 2 * D * key + D * value + gate + D * value + value // cfg.n_heads + value * D
     hidden = (int(8 * D / 3) + 127) // 128 * 128
     mlp = (D + 3 * D * hidden) if cfg.mlp else 0  # norm2, fc1 (2 * hidden outputs), fc2
@@ -115,7 +125,9 @@ def expected_parameters(cfg):
 @pytest.mark.parametrize("kwargs", [dict(d_model=768, n_layer=24, mixer="mamba2"),
                                     dict(d_model=768, n_layer=12, mixer="gla", n_heads=8),
                                     dict(d_model=64, n_layer=3, mixer="mamba2", d_state=32, ngroups=2),
-                                    dict(d_model=64, n_layer=2, mixer="gla", gate="none", n_heads=4)])
+                                    dict(d_model=64, n_layer=2, mixer="gla", gate="none", n_heads=4),
+                                    dict(d_model=64, n_layer=2, mixer="gla", gate="head", n_heads=4),
+                                    dict(d_model=96, n_layer=2, mixer="mamba1", d_state=16)])
 def test_parameter_counts(kwargs):
     cfg = ModelConfig(vocab_size=50257, **kwargs)
     assert LM(cfg).num_parameters() == expected_parameters(cfg)
@@ -126,7 +138,11 @@ def test_mamba2_130m_has_the_official_size():
     129.0M parameters."""
     import train
 
-    assert LM(ModelConfig(vocab_size=50257, **train.PRESETS["paper"]["model"])).num_parameters() == 129_001_920
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    preset = {k: v for k, v in train.PRESETS["paper"].items() if k in fields}
+    assert LM(ModelConfig(vocab_size=50257, **preset)).num_parameters() == 129_001_920
 
 
 def test_mamba2_initialisation_follows_the_official_ranges():
@@ -248,3 +264,119 @@ def test_recomputed_blocks_give_the_same_loss_gradients_and_state():
     (loss_a, state_a, grads_a), (loss_b, state_b, grads_b) = results
     assert loss_a == loss_b and torch.equal(state_a, state_b)
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(grads_a, grads_b))
+
+
+def test_a_checkpoint_whose_config_claims_more_layers_than_its_weights_is_refused_at_once(tmp_path):
+    """eval.py reads checkpoints it did not write: a 2-layer checkpoint whose config says a million layers is
+    refused by comparing the config with the saved tensors, before any model of that size is built."""
+    import time
+
+    from model import CheckpointError, load_checkpoint
+
+    LM(small_config("mamba2")).save(tmp_path / "run", args={"seq_len": 16})
+    ckpt = load_checkpoint(tmp_path / "run")
+    ckpt["model_config"]["n_layer"] = 10 ** 6
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match="n_layer"):
+        LM.from_checkpoint(ckpt)
+    assert time.perf_counter() - started < 5
+    ckpt["model_config"]["n_layer"] = 2
+    ckpt["model"]["backbone.layers.0.mixer.D"] = torch.zeros(5)  # a tensor of the wrong shape
+    with pytest.raises(CheckpointError, match="backbone.layers.0.mixer.D"):
+        LM.from_checkpoint(ckpt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GLA with its per-channel gate, and Mamba-1, against float64 recurrences written from their papers' equations
+# ----------------------------------------------------------------------------------------------------------------
+
+def rms(x, weight, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def reference_gla(w, x, temperature=16.0, reverse_gate=False):
+    """GLA (Yang et al. 2024): S_t = S_{t-1} diag(alpha_t) + v_t k_t^T, y_t = S_t q_t, log alpha_t =
+    logsigmoid(x W1 W2 + b) / 16, then a per-head RMSNorm times silu(x W_g).  w: the mixer's float64 tensors;
+    x (B, L, D) float64.  reverse_gate: the gate's channels in reverse order (a bug the comparison must catch)."""
+    B, L, _ = x.shape
+    H = 2
+    q = (x @ w["q_proj.weight"].T).unflatten(-1, (H, -1))
+    N = q.shape[-1]
+    q = q * N ** -0.5
+    k = (x @ w["k_proj.weight"].T).unflatten(-1, (H, N))
+    v = (x @ w["v_proj.weight"].T).unflatten(-1, (H, -1))
+    gate = F.logsigmoid(x @ w["gk_proj.0.weight"].T @ w["gk_proj.1.weight"].T + w["gk_proj.1.bias"]) / temperature
+    gate = gate.unflatten(-1, (H, N))
+    if reverse_gate:
+        gate = gate.flip(-1)
+    S = torch.zeros(B, H, v.shape[-1], N, dtype=x.dtype)
+    ys = []
+    for t in range(L):
+        S = S * torch.exp(gate[:, t])[:, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append(S @ q[:, t, :, :, None])
+    y = rms(torch.stack(ys, 1)[..., 0], w["g_norm.weight"]) * F.silu(x @ w["g_proj.weight"].T).unflatten(-1, (H, -1))
+    return y.flatten(-2) @ w["o_proj.weight"].T
+
+
+def reference_mamba1(w, u, drop_D=False):
+    """Mamba-1's selective scan (Gu & Dao 2023), channel by channel: h_t[d] = exp(dt_t[d] A[d]) h_{t-1}[d] +
+    dt_t[d] B_t x_t[d], y_t[d] = C_t . h_t[d] + D[d] x_t[d], out = out_proj(y * silu(z)).  w: the mixer's float64
+    tensors; u (B, L, D) float64.  drop_D: without the skip connection (a bug the comparison must catch)."""
+    B, L, _ = u.shape
+    x, z = (u @ w["in_proj.weight"].T).chunk(2, dim=-1)
+    W = w["conv1d.weight"].shape[-1]
+    padded = F.pad(x, (0, 0, W - 1, 0))  # causal: W - 1 zeros before the first token
+    x = F.silu(w["conv1d.bias"] + sum(w["conv1d.weight"][:, 0, j] * padded[:, j:j + L] for j in range(W)))
+    N = w["A_log"].shape[1]
+    dt, Bm, Cm = (x @ w["x_proj.weight"].T).split([w["dt_proj.weight"].shape[1], N, N], dim=-1)
+    dt = F.softplus(dt @ w["dt_proj.weight"].T + w["dt_proj.bias"])  # (B, L, E)
+    A = -torch.exp(w["A_log"])  # (E, N)
+    h = torch.zeros(B, x.shape[-1], N, dtype=u.dtype)
+    ys = []
+    for t in range(L):
+        h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bm[:, t, None, :] * x[:, t, :, None]
+        ys.append((h * Cm[:, t, None, :]).sum(-1) + (0 if drop_D else w["D"] * x[:, t]))
+    return (torch.stack(ys, 1) * F.silu(z)) @ w["out_proj.weight"].T
+
+
+def mixer_weights(layer):
+    """A mixer's tensors in float64, by their (official) names."""
+    return {name: p.detach().double() for name, p in layer.named_parameters()}
+
+
+def randomise(model):
+    """Weights far from their initialisation, so that every gate and skip connection shows in the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.5))
+    return model
+
+
+@pytest.mark.parametrize("mixer,reference,bug", [("gla", reference_gla, {"reverse_gate": True}),
+                                                 ("mamba1", reference_mamba1, {"drop_D": True})])
+def test_the_mixer_is_the_recurrence_of_its_paper(mixer, reference, bug):
+    """float32 outputs of magnitude ~1 against a float64 step-by-step recurrence: 1e-4 relative covers float32
+    summation (measured ~1e-6); the comparison catches a reversed gate or a dropped D (off by ~1e-1 and more)."""
+    torch.manual_seed(0)
+    model = randomise(LM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, mixer=mixer, n_heads=2, d_state=8,
+                                     chunk_size=8, backend="torch")))
+    layer = model.backbone.layers[0].mixer
+    x = torch.randn(2, 29, 32)  # 29: not a multiple of the chunk
+    with torch.no_grad():
+        out, _, _ = layer(x)
+    expected = reference(mixer_weights(layer), x.double())
+    scale = expected.abs().max()
+    assert scale > 0.1 and (out.double() - expected).abs().max() / scale < 1e-4
+    wrong = reference(mixer_weights(layer), x.double(), **bug)
+    assert (wrong - expected).abs().max() / scale > 1e-2
+
+
+def test_mamba1_keeps_a_state_per_channel_and_its_official_initialisation():
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=48, n_layer=1, mixer="mamba1", d_state=16)
+    layer = LM(cfg).backbone.layers[0].mixer
+    assert layer.dt_rank == 3 and tuple(layer.A_log.shape) == (96, 16)
+    assert torch.allclose(torch.exp(layer.A_log[5]), torch.arange(1, 17, dtype=torch.float32))  # S4D-real
+    dt = F.softplus(layer.dt_proj.bias)
+    assert dt.min() >= cfg.dt_init_floor and dt.max() <= cfg.dt_max * 1.0001  # the bias was not zeroed
+    state = LM(cfg).init_state(3)
+    assert tuple(state.ssm[0].shape) == (3, 96, 1, 16) and tuple(state.conv[0].shape) == (3, 96, 3)

@@ -133,7 +133,8 @@ def reference_logits(state, idx):
         p = f"backbone.layers.{i}."
         mixer = {k[len(p + "mixer."):]: v for k, v in state.items() if k.startswith(p + "mixer.")}
         h = h + reference_mixer(mixer, rms_norm(h, state[p + "norm.weight"]))
-    return rms_norm(h, state["backbone.norm_f.weight"]) @ state["backbone.embedding.weight"].T
+    head = state.get("lm_head.weight", state["backbone.embedding.weight"])  # tied when there is none
+    return rms_norm(h, state["backbone.norm_f.weight"]) @ head.T
 
 
 def relative_error(a, b):
@@ -165,6 +166,37 @@ def test_both_layouts_compute_the_official_model(tmp_path, layout):
     assert relative_error(whole, expected) < 1e-5
     assert relative_error(torch.cat([first, rest], dim=1), expected) < 1e-5
     assert relative_error(torch.stack(steps, dim=1), expected) < 1e-5
+
+
+def test_an_untied_output_layer_and_transformers_5_configs_load(tmp_path):
+    """transformers 5 writes time_step_limit's infinity as {"__float__": "Infinity"} and tie_word_embeddings false;
+    real transformers-layout Mamba-2 models have an lm_head of their own. Both load and compute the reference."""
+    from safetensors.torch import save_file
+
+    state = random_weights()
+    head = torch.randn(PADDED_VOCAB, D_MODEL) * D_MODEL ** -0.5
+    config = {**TRANSFORMERS_CONFIG, "tie_word_embeddings": False, "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    folder = write_transformers(tmp_path / "untied", state, config)
+    save_file({**{k.replace("backbone.embedding.", "backbone.embeddings."): v.contiguous() for k, v in state.items()},
+               "lm_head.weight": head}, str(folder / "model.safetensors"))
+    model = load_pretrained(folder, **LOAD)
+    assert not model.cfg.tie_embeddings and model.lm_head.weight is not model.backbone.embedding.weight
+    idx = torch.randint(0, PADDED_VOCAB, (2, 21))
+    with torch.no_grad():
+        logits, _, _ = model(idx)
+    assert relative_error(logits, reference_logits({**state, "lm_head.weight": head}, idx)) < 1e-5
+    # an untied config whose lm_head is a copy of the embedding is the tied model
+    save_file({**{k.replace("backbone.embedding.", "backbone.embeddings."): v.contiguous() for k, v in state.items()},
+               "lm_head.weight": state["backbone.embedding.weight"].clone()}, str(folder / "model.safetensors"))
+    assert load_pretrained(folder, **LOAD).cfg.tie_embeddings
+    # mamba_ssm's layout says tie_embeddings false, and saves its lm_head
+    folder = write_mamba_ssm(tmp_path / "ssm", state, {**MAMBA_SSM_CONFIG, "tie_embeddings": False})
+    torch.save({**state, "lm_head.weight": head}, folder / "pytorch_model.bin")
+    model = load_pretrained(folder, **LOAD)
+    with torch.no_grad():
+        logits, _, _ = model(idx % VOCAB)
+    expected = reference_logits({**state, "lm_head.weight": head}, idx % VOCAB)[..., :VOCAB]
+    assert not model.cfg.tie_embeddings and relative_error(logits, expected) < 1e-5
 
 
 def test_both_layouts_load_the_same_numbers(tmp_path):
@@ -255,15 +287,10 @@ def with_ssm(**fields):
     return {**MAMBA_SSM_CONFIG, "ssm_cfg": {**MAMBA_SSM_CONFIG["ssm_cfg"], **fields}}
 
 
-def without_layer():
-    return {**MAMBA_SSM_CONFIG, "ssm_cfg": {k: v for k, v in MAMBA_SSM_CONFIG["ssm_cfg"].items() if k != "layer"}}
-
-
 MAMBA_SSM_REFUSALS = [
     ({**MAMBA_SSM_CONFIG, "attn_layer_idx": [1]}, "attn_layer_idx"),
     ({**MAMBA_SSM_CONFIG, "d_intermediate": 64}, "d_intermediate"),
     ({**MAMBA_SSM_CONFIG, "rms_norm": False}, "rms_norm"),
-    ({**MAMBA_SSM_CONFIG, "tie_embeddings": False}, "tie_embeddings"),
     ({**MAMBA_SSM_CONFIG, "n_mamba_heads": 3}, "n_mamba_heads"),
     (with_ssm(D_has_hdim=True), "D_has_hdim"),
     (with_ssm(norm_before_gate=True), "norm_before_gate"),
@@ -272,19 +299,17 @@ MAMBA_SSM_REFUSALS = [
     (with_ssm(bias=True), "bias"),
     (with_ssm(conv_bias=False), "conv_bias"),
     (with_ssm(d_ssm=32), "d_ssm"),
-    (with_ssm(layer="Mamba1"), "Mamba-1"),
-    (without_layer(), "Mamba-1"),
     (with_ssm(layer="Mamba3"), "Mamba3"),
     (with_ssm(headdim=24), "headdim"),  # 64 channels do not split into heads of 24
 ]
 TRANSFORMERS_REFUSALS = [
-    ({**TRANSFORMERS_CONFIG, "model_type": "mamba"}, "model_type"),
+    ({**TRANSFORMERS_CONFIG, "model_type": "mamba3"}, "model_type"),
     ({**TRANSFORMERS_CONFIG, "use_bias": True}, "use_bias"),
     ({**TRANSFORMERS_CONFIG, "use_conv_bias": False}, "use_conv_bias"),
     ({**TRANSFORMERS_CONFIG, "time_step_limit": [0.0, 5.0]}, "time_step_limit"),
     ({**TRANSFORMERS_CONFIG, "rms_norm": False}, "rms_norm"),
-    ({**TRANSFORMERS_CONFIG, "tie_word_embeddings": False}, "tie_word_embeddings"),
-    ({k: v for k, v in TRANSFORMERS_CONFIG.items() if k != "tie_word_embeddings"}, "tie_word_embeddings"),
+    ({**TRANSFORMERS_CONFIG, "tie_word_embeddings": False}, "lm_head.weight"),  # untied, but no head in the file
+    ({k: v for k, v in TRANSFORMERS_CONFIG.items() if k != "tie_word_embeddings"}, "lm_head.weight"),
     ({**TRANSFORMERS_CONFIG, "hidden_act": "gelu"}, "hidden_act"),
     ({**TRANSFORMERS_CONFIG, "norm_before_gate": True}, "norm_before_gate"),
     ({**TRANSFORMERS_CONFIG, "num_heads": 4}, "num_heads"),
@@ -388,7 +413,7 @@ def test_official_table_gives_the_official_sizes(name, nominal):
     cfg = official_config(name)
     with torch.device("meta"):  # counts parameters without allocating them
         count = LM(cfg).num_parameters()
-    assert count == official_parameters(**pretrained.OFFICIAL[name])
+    assert count == official_parameters(**{k: v for k, v in pretrained.OFFICIAL[name].items() if k != "mixer"})
     # the names round: 128.99M, 368.35M, 780.16M, 1343.76M (the 1.3b is 3.4% above its name), 2702.60M
     assert abs(count / nominal - 1) < 0.035
     assert official_name_of(cfg) == name and official_config(name.split("/")[1]) == cfg
@@ -401,3 +426,130 @@ def test_mamba2_130m_count_matches_the_model_preset():
         assert LM(official_config("mamba2-130m")).num_parameters() == 129_001_920 - 16 * 768 == 128_989_632
     with pytest.raises(PretrainedError, match="unknown official model"):
         official_config("mamba2-7b")
+
+
+def test_a_config_claiming_more_layers_than_the_weights_hold_is_refused_before_building(tmp_path):
+    """A config.json that says n_layer = 100000 beside the weights of 2 layers: refused at once, naming the field,
+    without building (or allocating) a model of 100000 layers first."""
+    import time
+
+    folder = write_mamba_ssm(tmp_path, random_weights(), {**MAMBA_SSM_CONFIG, "n_layer": 100000})
+    started = time.perf_counter()
+    assert "n_layer" in refusal(folder)
+    assert time.perf_counter() - started < 10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mamba-1: the official checkpoints (state-spaces/mamba-130m ... -2.8b) in both layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+M1_STATE, M1_INNER, M1_RANK = 8, 2 * D_MODEL, 2  # dt_rank = ceil(32 / 16)
+MAMBA1_SSM_CONFIG = {"d_model": D_MODEL, "n_layer": N_LAYER, "vocab_size": VOCAB, "ssm_cfg": {"d_state": M1_STATE},
+                     "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16}
+MAMBA1_TRANSFORMERS_CONFIG = {
+    "architectures": ["MambaForCausalLM"], "model_type": "mamba", "hidden_size": D_MODEL, "n_layer": N_LAYER,
+    "num_hidden_layers": N_LAYER, "vocab_size": PADDED_VOCAB, "state_size": M1_STATE, "expand": 2,
+    "intermediate_size": M1_INNER, "conv_kernel": D_CONV, "layer_norm_epsilon": 1e-5, "use_bias": False,
+    "use_conv_bias": True, "hidden_act": "silu", "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+    "time_step_rank": M1_RANK, "time_step_scale": 1.0, "time_step_min": 0.001, "time_step_max": 0.1,
+    "time_step_init_scheme": "random", "time_step_floor": 1e-4, "pad_vocab_size_multiple": 8,
+    "rescale_prenorm_residual": False, "initializer_range": 0.1, "bos_token_id": 0, "eos_token_id": 0,
+    "pad_token_id": 0, "torch_dtype": "float32", "transformers_version": "4.39.0.dev0", "use_cache": True,
+}
+
+
+def mamba1_weights():
+    """Official Mamba-1 tensor names and shapes, every parameter away from its initial value."""
+    g = torch.Generator().manual_seed(2)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    state = {"backbone.embedding.weight": rand(PADDED_VOCAB, D_MODEL)}
+    for i in range(N_LAYER):
+        p = f"backbone.layers.{i}."
+        state[p + "norm.weight"] = rand(D_MODEL, scale=0.2, shift=1.0)
+        state[p + "mixer.in_proj.weight"] = rand(2 * M1_INNER, D_MODEL, scale=D_MODEL ** -0.5)
+        state[p + "mixer.conv1d.weight"] = rand(M1_INNER, 1, D_CONV, scale=0.5)
+        state[p + "mixer.conv1d.bias"] = rand(M1_INNER, scale=0.3)
+        state[p + "mixer.x_proj.weight"] = rand(M1_RANK + 2 * M1_STATE, M1_INNER, scale=M1_INNER ** -0.5)
+        state[p + "mixer.dt_proj.weight"] = rand(M1_INNER, M1_RANK, scale=0.5)
+        state[p + "mixer.dt_proj.bias"] = rand(M1_INNER, scale=0.5, shift=-2.0)
+        state[p + "mixer.A_log"] = rand(M1_INNER, M1_STATE, scale=0.5, shift=0.5)
+        state[p + "mixer.D"] = rand(M1_INNER)
+        state[p + "mixer.out_proj.weight"] = rand(D_MODEL, M1_INNER, scale=M1_INNER ** -0.5)
+    state["backbone.norm_f.weight"] = rand(D_MODEL, scale=0.2, shift=1.0)
+    return state
+
+
+def mamba1_reference_logits(state, idx):
+    """The official Mamba-1 language model in float64: embedding, per layer x + mixer(RMSNorm(x)), final norm, tied
+    head; the mixer is test_model.reference_mamba1, written from the paper's recurrence."""
+    from test_model import reference_mamba1
+
+    state = {k: v.double() for k, v in state.items()}
+    h = state["backbone.embedding.weight"][idx]
+    for i in range(N_LAYER):
+        p = f"backbone.layers.{i}."
+        mixer = {k[len(p + "mixer."):]: v for k, v in state.items() if k.startswith(p + "mixer.")}
+        h = h + reference_mamba1(mixer, rms_norm(h, state[p + "norm.weight"]))
+    return rms_norm(h, state["backbone.norm_f.weight"]) @ state["backbone.embedding.weight"].T
+
+
+@pytest.mark.parametrize("layout", ["mamba_ssm", "transformers"])
+def test_both_mamba1_layouts_compute_the_official_model(tmp_path, layout):
+    state = mamba1_weights()
+    if layout == "mamba_ssm":
+        folder = write_mamba_ssm(tmp_path / layout, state, MAMBA1_SSM_CONFIG)
+    else:
+        folder = write_transformers(tmp_path / layout, state, MAMBA1_TRANSFORMERS_CONFIG)
+    model = load_pretrained(folder, **LOAD)
+    assert model.cfg.mixer == "mamba1" and model.lm_head.weight is model.backbone.embedding.weight
+    vocab = VOCAB if layout == "mamba_ssm" else PADDED_VOCAB
+    idx = torch.randint(0, vocab, (2, 37))
+    expected = mamba1_reference_logits(state, idx)[..., :vocab]
+    with torch.no_grad():
+        whole, _, _ = model(idx)
+        first, _, after = model(idx[:, :13])
+        rest, _, _ = model(idx[:, 13:], state=after)
+        steps, step_state = [], model.init_state(2)
+        for t in range(idx.shape[1]):
+            logits, step_state = model.step(idx[:, t], step_state)
+            steps.append(logits)
+    assert expected.abs().max() > 1.0
+    assert relative_error(whole, expected) < 1e-5
+    assert relative_error(torch.cat([first, rest], dim=1), expected) < 1e-5
+    assert relative_error(torch.stack(steps, dim=1), expected) < 1e-5
+
+
+def test_official_mamba1_configs_are_recognised_in_both_layouts():
+    """The config.json of state-spaces/mamba-130m (its ssm_cfg is empty: Mamba-1 is mamba_ssm's default layer) and
+    of state-spaces/mamba-130m-hf (transformers' MambaForCausalLM)."""
+    official = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {}, "rms_norm": True,
+                "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}
+    hf = {**MAMBA1_TRANSFORMERS_CONFIG, "hidden_size": 768, "n_layer": 24, "num_hidden_layers": 24,
+          "vocab_size": 50280, "state_size": 16, "intermediate_size": 1536, "time_step_rank": 48}
+    for config in (official, hf):
+        cfg, _ = pretrained.config_from_json(config)
+        assert official_name_of(cfg) == "state-spaces/mamba-130m" and cfg.mixer == "mamba1"
+    counts = {name: pretrained.official_config(name) for name in ("mamba-130m", "mamba-2.8b")}
+    with torch.device("meta"):
+        assert LM(counts["mamba-130m"]).num_parameters() == 129_135_360  # mamba_ssm's count of the 130m
+
+
+MAMBA1_REFUSALS = [
+    ({**MAMBA1_SSM_CONFIG, "ssm_cfg": {"bias": True}}, "bias"),
+    ({**MAMBA1_SSM_CONFIG, "ssm_cfg": {"conv_bias": False}}, "conv_bias"),
+    ({**MAMBA1_SSM_CONFIG, "ssm_cfg": {"dt_rank": 5}}, "dt_rank"),
+    ({**MAMBA1_SSM_CONFIG, "ssm_cfg": {"headdim": 8}}, "headdim"),  # a Mamba-2 field in a Mamba-1 config
+    ({**MAMBA1_TRANSFORMERS_CONFIG, "use_bias": True}, "use_bias"),
+    ({**MAMBA1_TRANSFORMERS_CONFIG, "time_step_rank": 7}, "time_step_rank"),
+    ({**MAMBA1_TRANSFORMERS_CONFIG, "intermediate_size": 100}, "intermediate_size"),
+    ({**MAMBA1_TRANSFORMERS_CONFIG, "hidden_act": "gelu"}, "hidden_act"),
+]
+
+
+@pytest.mark.parametrize("config,field", MAMBA1_REFUSALS, ids=[f for _, f in MAMBA1_REFUSALS])
+def test_mamba1_fields_not_implemented_are_refused(tmp_path, config, field):
+    write = write_transformers if "model_type" in config else write_mamba_ssm
+    assert field in refusal(write(tmp_path, mamba1_weights(), config))

@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 
 from model import LM, ModelConfig
-from tasks import make_task, TASKS, CopyTask, char_accuracy, copy_accuracy, greedy_copies
+from tasks import (TASKS, CopyTask, char_accuracy, copy_accuracy, copy_scores, greedy_copies, make_task,
+                   teacher_forced_accuracy)
 
 
 class CopyingStub(nn.Module):
@@ -119,7 +120,7 @@ def test_character_accuracy_on_hand_made_copies():
 
 
 def test_answers_stop_at_the_end_token():
-    task = CopyTask(alphabet_size=4)
+    task = CopyTask(alphabet_size=4, n_train=3)
     assert task.answer([1, 2, task.end, 3]) == [1, 2] and task.answer([1, 2, 3]) == [1, 2, 3]
 
 
@@ -128,10 +129,10 @@ def test_a_perfect_copier_scores_one_and_a_constant_one_scores_chance():
     lengths = [1, 2, 5, 13]
     perfect = copy_accuracy(CopyingStub(task), task, lengths, strings_per_length=6, seed=7)
     assert sorted(perfect) == lengths
-    assert all(r == (1.0, 0.0, 1.0) for r in perfect.values())
+    assert all(r == (1.0, 0.0, 1.0, 0.0) for r in perfect.values())
 
     constant = copy_accuracy(CopyingStub(task, constant=2), task, lengths, strings_per_length=6, seed=7)
-    for n, (greedy, stderr, forced) in constant.items():
+    for n, (greedy, stderr, forced, forced_stderr) in constant.items():
         strings = task.eval_strings(n, 6, seed=7)
         hits = (strings == 2).double().sum(1)  # it writes n + 1 twos, never the end token
         assert greedy == pytest.approx((hits / (n + 1)).mean().item(), abs=1e-12)
@@ -150,19 +151,35 @@ def test_greedy_copies_through_step_match_the_models_own_generation():
     assert greedy_copies(model, task, strings) == [task.answer(row) for row in generated.tolist()]
     model.train()
     result = copy_accuracy(model, task, [3, 7], strings_per_length=3)
-    assert model.training and all(0 <= g <= 1 and 0 <= f <= 1 for g, _, f in result.values())
+    assert model.training and all(0 <= g <= 1 and 0 <= f <= 1 for g, _, f, _ in result.values())
 
 
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="alphabet_size"):
-        CopyTask(alphabet_size=1)
+        CopyTask(alphabet_size=1, n_train=4)
     with pytest.raises(ValueError, match="n_train"):
-        CopyTask(n_train=0)
+        CopyTask(alphabet_size=4, n_train=0)
     with pytest.raises(ValueError, match="cannot hold the longest example"):
-        CopyTask(n_train=10, context=22)
+        CopyTask(alphabet_size=4, n_train=10, context=22)
 
 
 def test_make_task_takes_only_the_tasks_own_settings():
-    task = make_task("copy", {"alphabet_size": 7, "n_train": None, "context": 0, "lr": 1e-3})
-    assert (task.alphabet_size, task.n_train, task.context) == (7, 16, None)  # 0: one example per row
-    assert make_task("copy", {}).train_tokens == 64 and make_task("copy", {}).vocab_size == 13
+    task = make_task("copy", {"alphabet_size": 7, "n_train": 5, "context": None, "lr": 1e-3, "seed": 3})
+    assert (task.alphabet_size, task.n_train, task.context) == (7, 5, 0)  # None or 0: one example per row
+    assert task.train_tokens == 13 and task.vocab_size == 10
+    assert make_task("copy", {"alphabet_size": 7, "n_train": 5, "context": 20}).train_tokens == 20
+
+
+def test_copy_scores_read_once_what_the_definitions_read_twice():
+    """The fast path eval.py uses (each example read once, greedy decoding from the prompt's state) gives the
+    scores of the two definitions, greedy_copies and teacher_forced_accuracy."""
+    torch.manual_seed(0)
+    task = CopyTask(alphabet_size=6, n_train=4)
+    model = LM(ModelConfig(vocab_size=task.vocab_size, d_model=32, n_layer=2, mixer="mamba2", d_state=16,
+                           headdim=16, chunk_size=16)).eval()
+    for n in (1, 9):
+        strings = task.eval_strings(n, 5)
+        greedy, forced = copy_scores(model, task, strings)
+        copies = greedy_copies(model, task, strings)
+        assert greedy.tolist() == [char_accuracy(c, s) for c, s in zip(copies, strings.tolist())]
+        assert torch.allclose(forced, teacher_forced_accuracy(model, task, strings).double())
