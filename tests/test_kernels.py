@@ -1,11 +1,15 @@
-"""Tests of kernels.py: both backends against the step-by-step definition, split consistency, stability.
+"""Tests of kernels.py: both backends against the step-by-step definition, split consistency, stability, for the
+scalar decay (B, L, H) and the decay per key channel (B, L, H, N).
 
 Errors are measured as ||x - ref|| / ||ref|| against scan_reference, which computes in float64 from the same
 (possibly low-precision) inputs. Tolerances by input dtype:
-    float32   1e-5   sums of at most a few hundred products in float32 (unit roundoff 6e-8) stay below 1e-6;
+    float32   1e-5   sums of at most a few hundred products in float32 (unit roundoff 6e-8) stay below 1e-6
+                     (per-channel: measured up to 1.4e-6, its factors exp(A_i - A_r) carry the same roundoff);
     float16   3e-3   the triton path rounds decayed scores and states to float16 (roundoff 4.9e-4) before its
                      matrix products, and outputs and gradients are rounded to float16;
-    bfloat16  2e-2   the same roundings in bfloat16 (roundoff 3.9e-3), measured 4e-3 to 7e-3.
+    bfloat16  2e-2   the same roundings in bfloat16 (roundoff 3.9e-3), measured 4e-3 to 7e-3;
+    float64   1e-12  the torch path computes in float64 for float64 inputs: what remains is float64 roundoff (1e-16)
+                     over a few hundred operations, so anything above it is a wrong formula, not rounding.
 """
 import sys
 
@@ -14,7 +18,7 @@ import torch
 
 from kernels import HAS_TRITON, chunked_scan, scan_reference
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 BACKENDS = ["torch", "triton"]
 
 
@@ -30,12 +34,14 @@ def relative_error(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def make_inputs(B, L, G, H, N, P, dtype=torch.float32, with_initial=True, contiguous=True):
-    """Random inputs with realistic scales: unit-norm-ish q, k, decays from weak to strong."""
+def make_inputs(B, L, G, H, N, P, dtype=torch.float32, with_initial=True, contiguous=True, per_channel=False):
+    """Random inputs with realistic scales: unit-norm-ish q, k, decays from weak to strong; log_decay (B, L, H), or
+    (B, L, H, N) with per_channel."""
     q = torch.randn(B, L, G, N) / N ** 0.5
     k = torch.randn(B, L, G, N) / N ** 0.5
     v = torch.randn(B, L, H, P)
-    log_decay = -torch.rand(B, L, H) * torch.tensor([0.05, 0.5, 2.0])[torch.randint(0, 3, (B, L, H))]
+    decay_shape = (B, L, H, N) if per_channel else (B, L, H)
+    log_decay = -torch.rand(decay_shape) * torch.tensor([0.05, 0.5, 2.0])[torch.randint(0, 3, decay_shape)]
     initial = torch.randn(B, H, P, N) if with_initial else None
     if not contiguous:  # the model hands over slices of a wider projection, as Mamba-2 does
         q = torch.cat([q, torch.randn(B, L, G, 3)], dim=-1)[..., :N]
@@ -65,13 +71,23 @@ CASES = [
     (1, 20, 1, 2, 128, 128, 16, True, True),  # the widest heads: several P and N tiles per program
 ]
 
+# A decay per key channel. The triton kernels cut chunks into sub-chunks of 16 rows, so chunks of 32 and 64 are what
+# exercise the products between sub-chunks; the torch path picks its sub-chunks from the decays (make_inputs' reach
+# -2 per step: sub-chunks of 8), and takes the recurrence itself for P <= kernels.RECURRENT_MAX_P.
+PER_CHANNEL_CASES = [
+    # B, L, G, H, N,   P,  C,  initial, contiguous
+    (2, 37, 1, 2, 16, 16, 16, True, True),    # L not a multiple of the chunk
+    (1, 40, 2, 4, 20, 24, 32, True, False),   # batch 1, grouped heads, N and P not powers of two, sliced inputs
+    (2, 5, 1, 1, 16, 16, 16, False, True),    # shorter than one chunk, zero initial state
+    (1, 50, 1, 2, 16, 1, 64, True, True),     # Mamba-1's heads (P = 1, G = 1), four sub-chunks in a chunk
+]
+CASE_IDS = lambda c: "B{}-L{}-G{}-H{}-N{}-P{}-C{}-init{}-contig{}".format(*c)  # noqa: E731
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-L{}-G{}-H{}-N{}-P{}-C{}-init{}-contig{}".format(*c))
-def test_matches_reference_float32(backend, case):
-    require_backend(backend)
+
+def check_against_reference(backend, case, per_channel):
+    """Outputs, final state and every gradient of chunked_scan against scan_reference, in float32."""
     B, L, G, H, N, P, C, with_initial, contiguous = case
-    inputs = make_inputs(B, L, G, H, N, P, with_initial=with_initial, contiguous=contiguous)
+    inputs = make_inputs(B, L, G, H, N, P, with_initial=with_initial, contiguous=contiguous, per_channel=per_channel)
     expected = outputs_and_grads(scan_reference, inputs)
     got = outputs_and_grads(chunked_scan, inputs, chunk_size=C, backend=backend)
     names = ["y", "final_state", "dq", "dk", "dv", "dlog_decay", "dinitial_state"]
@@ -81,12 +97,27 @@ def test_matches_reference_float32(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_reference_float32(backend, case):
+    require_backend(backend)
+    check_against_reference(backend, case, per_channel=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", PER_CHANNEL_CASES, ids=CASE_IDS)
+def test_per_channel_matches_reference_float32(backend, case):
+    require_backend(backend)
+    check_against_reference(backend, case, per_channel=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", [(2, 50, 1, 2, 32, 16, 16), (1, 23, 2, 4, 16, 32, 16)], ids=str)
+@pytest.mark.parametrize("case", [(2, 50, 1, 2, 32, 16, 16, False), (1, 23, 2, 4, 16, 32, 16, False),
+                                  (1, 40, 1, 2, 16, 16, 32, True)], ids=str)
 def test_matches_reference_low_precision(backend, dtype, case):
     require_backend(backend)
-    B, L, G, H, N, P, C = case
-    inputs = make_inputs(B, L, G, H, N, P, dtype=dtype)
+    B, L, G, H, N, P, C, per_channel = case
+    inputs = make_inputs(B, L, G, H, N, P, dtype=dtype, per_channel=per_channel)
     expected = outputs_and_grads(scan_reference, inputs)
     got = outputs_and_grads(chunked_scan, inputs, chunk_size=C, backend=backend)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
@@ -94,23 +125,47 @@ def test_matches_reference_low_precision(backend, dtype, case):
         assert relative_error(x, ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("split", [1, 7, 16, 30, 44])
-def test_split_equals_whole(backend, split):
+@pytest.mark.parametrize("P", [16, 1], ids=["chunked", "recurrent"])
+@pytest.mark.parametrize("decay_scale", [0.01, 2.0, 1e3], ids=["one-sub-chunk", "sub-chunks-of-8", "step-by-step"])
+def test_per_channel_torch_float64_is_exact(P, decay_scale):
+    """In float64 the torch path must equal the definition to float64 roundoff, whatever sub-chunks the decays lead
+    it to (mild decays: one per chunk; -2 per step: sub-chunks of 8; -1e3: single positions) and for the recurrence
+    (P = 1), with grouped heads: a wrong factor or a missed pair shows as an O(1) error, not 1e-12."""
+    import kernels
+
+    B, L, G, H, N, C = 2, 45, 2, 4, 8, 16
+    inputs = make_inputs(B, L, G, H, N, P, per_channel=True)
+    inputs[3] = -torch.rand(B, L, H, N) * decay_scale
+    inputs = [x.detach().double().requires_grad_() for x in inputs]
+    expected = outputs_and_grads(scan_reference, inputs)
+    got = outputs_and_grads(chunked_scan, inputs, chunk_size=C, backend="torch")
+    for x, ref in zip(got, expected):
+        assert x.dtype == torch.float64 and relative_error(x, ref) < TOLERANCE[torch.float64]
+    expected_sub_chunk = {0.01: C, 2.0: 8, 1e3: 1}[decay_scale]
+    assert set(kernels._sub_chunk_sizes(inputs[3], C)) == {expected_sub_chunk}
+
+
+SPLITS = [("torch", False, s) for s in (1, 7, 16, 30, 44)] + [("triton", False, s) for s in (1, 16, 44)] + \
+         [("torch", True, s) for s in (1, 7, 30)] + [("triton", True, 30)]
+
+
+@pytest.mark.parametrize("backend,per_channel,split", SPLITS)
+def test_split_equals_whole(backend, per_channel, split):
     """Reading [0:L] at once equals reading [0:a], then [a:L] from the handed-over state; gradients too, so a
     gradient arriving on the first piece's final state flows back into the first piece's inputs."""
     require_backend(backend)
-    q, k, v, log_decay, initial = make_inputs(2, 45, 1, 2, 16, 16)
+    q, k, v, log_decay, initial = make_inputs(2, 45, 1, 2, 16, 16, per_channel=per_channel)
     inputs = [q, k, v, log_decay, initial]
+    C = 32 if per_channel else 16  # per channel: two sub-chunks per chunk in triton
 
     def whole(*xs):
-        return chunked_scan(*xs, chunk_size=16, backend=backend)
+        return chunked_scan(*xs, chunk_size=C, backend=backend)
 
     def in_two(q, k, v, log_decay, initial):
         y1, state = chunked_scan(q[:, :split], k[:, :split], v[:, :split], log_decay[:, :split], initial,
-                                 chunk_size=16, backend=backend)
+                                 chunk_size=C, backend=backend)
         y2, final = chunked_scan(q[:, split:], k[:, split:], v[:, split:], log_decay[:, split:], state,
-                                 chunk_size=16, backend=backend)
+                                 chunk_size=C, backend=backend)
         return torch.cat([y1, y2], dim=1), final
 
     for x, ref in zip(outputs_and_grads(in_two, inputs), outputs_and_grads(whole, inputs)):
@@ -118,9 +173,10 @@ def test_split_equals_whole(backend, split):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_token_at_a_time(backend):
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per-channel"])
+def test_one_token_at_a_time(backend, per_channel):
     require_backend(backend)
-    q, k, v, log_decay, initial = make_inputs(1, 9, 2, 4, 16, 16)
+    q, k, v, log_decay, initial = make_inputs(1, 9, 2, 4, 16, 16, per_channel=per_channel)
     with torch.no_grad():
         y_whole, final_whole = chunked_scan(q, k, v, log_decay, initial, chunk_size=16, backend=backend)
         state, pieces = initial, []
@@ -133,28 +189,35 @@ def test_one_token_at_a_time(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_very_negative_decay_is_finite_and_exact(backend):
-    """log_decay down to -1e3 (exp underflows to exactly 0) must neither overflow nor produce nan."""
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per-channel"])
+def test_very_negative_decay_is_finite_and_exact(backend, per_channel):
+    """log_decay down to -1e3 (exp underflows to exactly 0) must neither overflow nor produce nan. Per channel with
+    chunks of 64 (four triton sub-chunks), some channels at -1e3 or -300 and their neighbours mild, so that products
+    factored through a position in between would overflow."""
     require_backend(backend)
-    q, k, v, log_decay, initial = make_inputs(2, 100, 1, 2, 16, 16)
+    B, L, chunk = (2, 100, 16) if not per_channel else (1, 100, 64)
+    q, k, v, log_decay, initial = make_inputs(B, L, 1, 2, 16, 16, per_channel=per_channel)
     with torch.no_grad():
         log_decay[:, ::7] = -1e3
-        log_decay[:, 50:60] = -300.0
+        log_decay[:, 50:60, ..., ::2] = -300.0
     expected = outputs_and_grads(scan_reference, [q, k, v, log_decay, initial])
-    got = outputs_and_grads(chunked_scan, [q, k, v, log_decay, initial], chunk_size=16, backend=backend)
-    # exponents are differences of float32 cumulative sums that reach about -3e3 inside a chunk here, so each
-    # carries about 3e3 * 6e-8 = 2e-4 absolute error: relative errors up to 2e-4 are the format, not a bug
+    got = outputs_and_grads(chunked_scan, [q, k, v, log_decay, initial], chunk_size=chunk, backend=backend)
+    # exponents are differences of float32 cumulative sums that reach about -3e3 inside a chunk here (-1e4 in a
+    # chunk of 64), so each carries about 3e3 * 6e-8 = 2e-4 absolute error: relative errors up to 2e-4 are the
+    # format, not a bug (measured 1.5e-4 for the per-channel triton kernels)
     for x, ref in zip(got, expected):
         assert torch.isfinite(x).all()
         assert relative_error(x, ref) < 2e-4
 
 
-@pytest.mark.parametrize("backend,length", [("torch", 65536), ("triton", 16384)])
-def test_long_sequence(backend, length):
-    """A long sequence stays finite and equal to the definition (the interpreted triton run is shorter only to
-    keep CI fast; the addressing it exercises is the same)."""
+@pytest.mark.parametrize("backend,per_channel,length", [("torch", False, 65536), ("triton", False, 8192),
+                                                        ("torch", True, 16384), ("triton", True, 256)])
+def test_long_sequence(backend, per_channel, length):
+    """A long sequence stays finite and equal to the definition (the interpreted triton runs are shorter only to
+    keep CI fast: the per-channel kernels cost the interpreter about 15 ms per position; the addressing they
+    exercise is the same at any length)."""
     require_backend(backend)
-    q, k, v, log_decay, initial = make_inputs(1, length, 1, 1, 16, 16)
+    q, k, v, log_decay, initial = make_inputs(1, length, 1, 1, 16, 16, per_channel=per_channel)
     with torch.no_grad():
         log_decay[:, ::97] = -1e3
         y_ref, final_ref = scan_reference(q, k, v, log_decay, initial)
@@ -165,6 +228,33 @@ def test_long_sequence(backend, length):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, log_decay, initial))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per-channel"])
+def test_chunk_longer_than_the_sequence_is_shortened(backend, per_channel, monkeypatch):
+    """chunk_size far above L runs with a chunk of L (torch) or the smallest power of two >= 16 covering L (triton),
+    not with (C, C) tiles of the size asked for; the results are those of a chunk that fits."""
+    require_backend(backend)
+    import kernels
+
+    inputs = make_inputs(1, 20, 1, 2, 16, 16, per_channel=per_channel)
+    chunks = []  # the chunk each torch scan runs with, its last argument
+
+    def recording(scan):
+        return lambda *args: chunks.append(args[-1]) or scan(*args)
+
+    for name in ("_scan_torch_scalar", "_scan_torch_per_channel"):
+        monkeypatch.setattr(kernels, name, recording(getattr(kernels, name)))
+    asked = 8192 if backend == "torch" else 128  # triton refuses chunks above 128 whatever L
+    got = outputs_and_grads(chunked_scan, inputs, chunk_size=asked, backend=backend)
+    expected = outputs_and_grads(chunked_scan, inputs, chunk_size=16, backend=backend)
+    for x, ref in zip(got, expected):
+        assert relative_error(x, ref) < TOLERANCE[torch.float32]
+    if backend == "torch":
+        assert chunks[0] == 20
+    assert kernels._triton_chunk_size(128, 20) == 32 and kernels._triton_chunk_size(64, 5000) == 64
+    assert kernels._triton_chunk_size(128, 3) == 16
+
+
 def test_auto_uses_torch_on_cpu():
     inputs = make_inputs(1, 20, 1, 2, 16, 16)
     y_auto, s_auto = chunked_scan(*inputs, backend="auto")
@@ -172,8 +262,9 @@ def test_auto_uses_torch_on_cpu():
     assert torch.equal(y_auto, y_torch) and torch.equal(s_auto, s_torch)
 
 
-def test_state_is_float32_and_output_keeps_dtype():
-    inputs = make_inputs(1, 10, 1, 2, 16, 16, dtype=torch.bfloat16)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per-channel"])
+def test_state_is_float32_and_output_keeps_dtype(per_channel):
+    inputs = make_inputs(1, 10, 1, 2, 16, 16, dtype=torch.bfloat16, per_channel=per_channel)
     y, final = chunked_scan(*inputs, backend="torch")
     assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
 
@@ -182,6 +273,7 @@ def test_state_is_float32_and_output_keeps_dtype():
     (lambda x: x.__setitem__(1, x[1][..., :8]), "q and k must both be"),
     (lambda x: x.__setitem__(2, x[2][:, :, :3]), "multiple of the number of q/k groups"),
     (lambda x: x.__setitem__(3, x[3][:, :-1]), "log_decay must be"),
+    (lambda x: x.__setitem__(3, x[3][..., None].expand(-1, -1, -1, 15)), "log_decay must be"),
     (lambda x: x.__setitem__(4, x[4][:, :1]), "initial_state must be"),
 ])
 def test_bad_shapes_raise_clear_errors(change, message):
