@@ -1,9 +1,13 @@
 """bench.py: speed and memory of the chunked scan in kernels.py, printed as tables.
 
-    python bench.py                  CPU: torch backend vs the dense SSD formulation vs the step-by-step loop,
-                                     float32, (B=4, L=4096, H=8, P=64, N=64), then memory against L
-    python bench.py --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla vs causal
-                                     scaled_dot_product_attention, bfloat16, B=8, H=32, P=64, N=128, L up to 32768
+    python bench.py                  CPU: the torch backend, scalar and per-channel decays, against
+                                     flash-linear-attention's naive_chunk_simple_gla and naive_recurrent_gla, the
+                                     dense SSD formulation and the step-by-step loop, float32, (B=4, L=4096, H=8,
+                                     P=64, N=64); Mamba-1's scan (H=1536 heads of P=1, N=16, L=2048) against a
+                                     step-by-step loop; then memory against L
+    python bench.py --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla (scalar) and
+                                     chunk_gla (per channel) vs causal scaled_dot_product_attention, bfloat16, B=8,
+                                     H=32, P=64, N=128, L up to 32768; Mamba-1's scan vs mamba_ssm's selective scan
     python bench.py --eval           eval.py's default job (8 sequences, loss against position and its control) on
                                      a model of the demo size, at --len 16384 and 131072: time and peak memory
     python bench.py --eval --model mamba2-130m
@@ -18,7 +22,10 @@ CPU each measurement runs in its own process and peak memory is that process's p
 held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above the inputs.
 """
 import argparse
+import dataclasses
+import functools
 import json
+import math
 import os
 import resource
 import subprocess
@@ -28,7 +35,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import cli
+from cli import option
 from kernels import chunked_scan, scan_reference
+from model import LM, ModelConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,56 +81,119 @@ def dense_scan(q, k, v, log_decay, initial_state=None, chunk_size=64):
 # Measuring
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_inputs(B, L, G, H, N, P, dtype, device, requires_grad):
-    """Random scan inputs.  q, k (B, L, G, N); v (B, L, H, P); log_decay (B, L, H)."""
+CPU_SHAPE = dict(B=4, L=4096, G=1, H=8, N=64, P=64)  # the CPU table's heads: Mamba-2-like, scaled down
+GPU_SHAPE = dict(B=8, G=1, H=32, N=128, P=64)  # the paper preset's heads (headdim 64, d_state 128)
+MAMBA1_SHAPE = dict(B=1, L=2048, G=1, H=1536, N=16, P=1)  # Mamba-1 130m's scan: d_inner = 1536 heads of P = 1
+
+
+def make_inputs(B, L, G, H, N, P, dtype, device, requires_grad, decay="scalar"):
+    """Random scan inputs.  q, k (B, L, G, N); v (B, L, H, P); log_decay by decay:
+        "scalar"         (B, L, H), -U(0, 0.1) per step
+        "per channel"    (B, L, H, N), -U(0, 0.1) per step: GLA's gate at its usual temperature (logsigmoid / 16)
+        "strong"         (B, L, H, N), -U(0, 2) per step: the torch path then cuts its chunks into sub-chunks of 8
+        "mamba1"         (B, L, H, N), dt A with dt log-uniform in [0.001, 0.1] per step and head and A = -(1..N),
+                         Mamba-1's initialisation
+    """
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(B, L, G, N, generator=gen) / N ** 0.5
     k = torch.randn(B, L, G, N, generator=gen) / N ** 0.5
     v = torch.randn(B, L, H, P, generator=gen)
-    log_decay = -torch.rand(B, L, H, generator=gen) * 0.1
+    if decay == "mamba1":
+        dt = torch.exp(torch.empty(B, L, H, 1).uniform_(math.log(1e-3), math.log(0.1), generator=gen))
+        log_decay = -dt * torch.arange(1, N + 1)
+    else:
+        strength = 2.0 if decay == "strong" else 0.1
+        log_decay = -torch.rand(*(B, L, H) if decay == "scalar" else (B, L, H, N), generator=gen) * strength
     tensors = [q.to(dtype), k.to(dtype), v.to(dtype), log_decay]
     return [t.to(device).requires_grad_(requires_grad) for t in tensors]
 
 
+@functools.lru_cache(maxsize=None)  # once per process: what cannot be imported is said once
 def implementations(device):
-    """name -> function with chunked_scan's positional contract."""
-    impls = {
-        "torch": lambda *x: chunked_scan(*x, backend="torch"),
-        "dense": dense_scan,
-        "loop": scan_reference,
-    }
+    """name -> function with chunked_scan's positional contract (q, k, v, log_decay) -> (y, final state).  A
+    function's optional .prepare turns those inputs into its own, outside the timing."""
     if device == "cuda":
-        impls = {"triton": lambda *x: chunked_scan(*x, backend="triton"), "torch": impls["torch"]}
-        impls.update(_external_gpu_baselines())
+        impls = {"triton (ours)": lambda *x: chunked_scan(*x, backend="triton"),
+                 "torch (ours)": lambda *x: chunked_scan(*x, backend="torch")}
+    else:
+        impls = {"torch (ours)": lambda *x: chunked_scan(*x, backend="torch"), "dense SSD": dense_scan,
+                 "loop (scan_reference)": scan_reference}
+    impls.update(_external_baselines(device))
     return impls
 
 
-def _external_gpu_baselines():
-    """flash-linear-attention's chunk_simple_gla (the same recurrence) when installed, and causal attention."""
+def _per_head(q, k, v, g):
+    """Inputs for flash-linear-attention: q and k expanded to one per head, (B, L, H, N)."""
+    expand = [x.expand(-1, -1, v.shape[2], -1).contiguous().detach().requires_grad_(x.requires_grad) for x in (q, k)]
+    return expand + [v, g]
+
+
+def _external_baselines(device):
+    """flash-linear-attention's functions for the same recurrence (its naive PyTorch ones on the CPU, its Triton
+    kernels on CUDA), mamba_ssm's selective scan and causal attention on CUDA: those that import here."""
+    import warnings
+
     impls = {}
     try:
-        from fla.ops.simple_gla import chunk_simple_gla
+        with warnings.catch_warnings():  # on a CPU, fla warns that it falls back from Triton
+            warnings.simplefilter("ignore")
+            if device == "cuda":
+                from fla.ops.gla import chunk_gla as gla
+                from fla.ops.simple_gla import chunk_simple_gla as simple_gla
+                names = ("fla chunk_simple_gla", "fla chunk_gla")
+            else:
+                from fla.ops.gla.naive import naive_recurrent_gla as gla
+                from fla.ops.simple_gla.naive import naive_chunk_simple_gla as simple_gla
+                names = ("fla naive_chunk_simple_gla", "fla naive_recurrent_gla")
 
-        def fla_scan(q, k, v, log_decay):  # q, k expanded per head by prepare, outside the timing
-            y, final = chunk_simple_gla(q, k, v, log_decay, scale=1.0, output_final_state=True)
-            return y, final
+        def simple_gla_scan(q, k, v, g):  # g (B, L, H): a scalar decay per head
+            return simple_gla(q, k, v, g, scale=1.0, output_final_state=True)
 
-        fla_scan.prepare = lambda q, k, v, g: [x.expand(-1, -1, v.shape[2], -1).contiguous().detach()
-                                               .requires_grad_(x.requires_grad) for x in (q, k)] + [v, g]
-        impls["fla chunk_simple_gla"] = fla_scan
+        def gla_scan(q, k, v, g):  # g (B, L, H, N): a decay per key channel
+            return gla(q, k, v, g, output_final_state=True)  # the naive one has no scale argument (it uses N^-0.5)
+
+        simple_gla_scan.prepare = gla_scan.prepare = _per_head
+        impls.update({names[0]: simple_gla_scan, names[1]: gla_scan})
     except Exception as error:  # noqa: BLE001 - any import failure means "not available here"
-        print(f"(flash-linear-attention not available: {type(error).__name__}: {error})", file=sys.stderr)
+        print(f"(flash-linear-attention not available: {type(error).__name__}: {error}; "
+              f"pip install flash-linear-attention)", file=sys.stderr)
+    if device == "cuda":
+        impls.update(_mamba_ssm_baseline())
 
-    def causal_attention(q, k, v, log_decay):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return out, out.new_zeros(())
+        def causal_attention(q, k, v, log_decay):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return out, out.new_zeros(())
 
-    # a Transformer head of the same width: q, k, v all (B, H, L, P)
-    causal_attention.prepare = lambda q, k, v, g: [
-        torch.randn(v.shape[0], v.shape[2], v.shape[1], v.shape[3], dtype=v.dtype, device=v.device,
-                    requires_grad=v.requires_grad) for _ in range(3)] + [g]
-    impls["causal attention (sdpa)"] = causal_attention
+        # a Transformer head of the same width: q, k, v all (B, H, L, P)
+        causal_attention.prepare = lambda q, k, v, g: [
+            torch.randn(v.shape[0], v.shape[2], v.shape[1], v.shape[3], dtype=v.dtype, device=v.device,
+                        requires_grad=v.requires_grad) for _ in range(3)] + [g]
+        impls["causal attention (sdpa)"] = causal_attention
     return impls
+
+
+def _mamba_ssm_baseline():
+    """mamba_ssm's selective scan (Mamba-1's CUDA kernel), for heads of P = 1: with d = H channels,
+    h_t[d, n] = exp(delta_t[d] A[d, n]) h_{t-1}[d, n] + delta_t[d] B_t[n] u_t[d], y_t[d] = C_t . h_t[d]."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as error:  # noqa: BLE001
+        print(f"(mamba_ssm not available: {type(error).__name__}: {error})", file=sys.stderr)
+        return {}
+
+    def selective_scan(u, delta, A, B, C):
+        return selective_scan_fn(u, delta, A, B, C, return_last_state=True)
+
+    def prepare(q, k, v, log_decay):  # the same sizes, in its layout: u, delta (B, H, L); A (H, N); B, C (B, N, L)
+        u = v[..., 0].transpose(1, 2).contiguous().detach().requires_grad_(v.requires_grad)
+        delta = torch.rand_like(u).mul(0.1).detach().requires_grad_(v.requires_grad)
+        A = -torch.arange(1, q.shape[3] + 1, device=q.device).float().repeat(v.shape[2], 1).requires_grad_(
+            v.requires_grad)
+        B_, C_ = (x[:, :, 0].transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad) for x in (k, q))
+        return [u, delta, A, B_, C_]
+
+    selective_scan.prepare = prepare
+    return {"mamba_ssm selective_scan": selective_scan}
 
 
 def _resident_mb():
@@ -137,10 +210,22 @@ def _peak_resident_mb():
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KB on Linux
 
 
-def measure(impl, mode, B, L, G, H, N, P, dtype, device, repeats):
-    """Time one implementation in one mode ('fwd' or 'fwd+bwd').  Returns {seconds, tokens_per_s, peak_mb}."""
+def _reset_peak_resident():
+    """Restart this process's peak resident size from its current size (Linux: 5 written to /proc/self/clear_refs),
+    so that the peak read after a measurement is the measurement's, not that of making its inputs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def measure(impl, mode, B, L, G, H, N, P, dtype, device, repeats, decay="scalar"):
+    """Time one implementation in one mode ('fwd' or 'fwd+bwd').  Returns {seconds, tokens_per_s, peak_mb}.
+    repeats=0 times the first run itself (for baselines too slow to run twice)."""
     fn = implementations(device)[impl]
-    inputs = make_inputs(B, L, G, H, N, P, getattr(torch, dtype), device, requires_grad=(mode == "fwd+bwd"))
+    inputs = make_inputs(B, L, G, H, N, P, getattr(torch, dtype), device, requires_grad=(mode == "fwd+bwd"),
+                         decay=decay)
     if hasattr(fn, "prepare"):
         inputs = fn.prepare(*inputs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -159,15 +244,15 @@ def measure(impl, mode, B, L, G, H, N, P, dtype, device, repeats):
         torch.cuda.reset_peak_memory_stats()
         base_mb = torch.cuda.memory_allocated() / 2 ** 20
     else:
+        _reset_peak_resident()
         base_mb = _resident_mb()
-    once()  # warm-up: compilation, autotuning, allocator
-    sync()
     best = float("inf")
-    for _ in range(repeats):
+    for i in range(repeats + 1):  # the first run is a warm-up (compilation, autotuning, allocator) unless repeats=0
         start = time.perf_counter()
         once()
         sync()
-        best = min(best, time.perf_counter() - start)
+        if i > 0 or repeats == 0:
+            best = min(best, time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else _peak_resident_mb()
     return {"seconds": best, "tokens_per_s": B * L / best, "peak_mb": max(0.0, peak - base_mb)}
 
@@ -176,9 +261,7 @@ def measure_isolated(**spec):
     """On the CPU, measure in a fresh process so that its peak memory belongs to this measurement alone."""
     if spec["device"] == "cuda":
         return measure(**spec)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", json.dumps(spec)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _in_fresh_process("--_measure", spec)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,69 +277,211 @@ def print_table(title, header, rows):
             print("  ".join("-" * w for w in widths))
 
 
+# The CPU table's rows (implementation, decay), and the runs too slow to repeat: those are timed once, without a
+# warm-up. fla's naive_recurrent_gla backward copies its whole output at every step (about 90 s at this shape).
+CPU_ROWS = [("torch (ours)", "scalar"), ("torch (ours)", "per channel"), ("torch (ours)", "strong"),
+            ("fla naive_chunk_simple_gla", "scalar"), ("fla naive_recurrent_gla", "per channel"),
+            ("dense SSD", "scalar"), ("loop (scan_reference)", "scalar")]
+TIMED_ONCE = {("fla naive_recurrent_gla", "fwd+bwd"), ("loop (scan_reference)", "fwd"),
+              ("loop (scan_reference)", "fwd+bwd")}
+DECAY_NAMES = {"scalar": "scalar", "per channel": "per channel", "strong": "per channel, -U(0, 2)"}
+
+
 def cpu_tables(repeats):
-    shape = dict(B=4, L=4096, G=1, H=8, N=64, P=64, dtype="float32", device="cpu")
+    shape = dict(CPU_SHAPE, dtype="float32", device="cpu")
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}")
+    available = implementations("cpu")
     results, rows = {}, []
-    for impl in ["torch", "dense", "loop"]:
-        for mode in ["fwd", "fwd+bwd"]:
-            r = measure_isolated(impl=impl, mode=mode, repeats=1 if impl == "loop" else repeats, **shape)
-            results[impl, mode] = r
-            rows.append([impl, mode, f"{r['seconds'] * 1e3:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}"])
-    print_table("chunked scan on CPU", ["implementation", "mode", "ms", "tokens/s", "peak MB"], rows)
-    for mode in ["fwd", "fwd+bwd"]:
-        torch_s = results["torch", mode]["seconds"]
-        print(f"{mode}: torch backend is {results['dense', mode]['seconds'] / torch_s:.1f}x faster than dense, "
-              f"{results['loop', mode]['seconds'] / torch_s:.0f}x faster than the loop")
+    for impl, decay in CPU_ROWS:
+        if impl not in available:
+            continue
+        for mode in ("fwd", "fwd+bwd"):
+            results[impl, decay, mode] = measure_isolated(
+                impl=impl, mode=mode, repeats=0 if (impl, mode) in TIMED_ONCE else repeats, decay=decay, **shape)
+        fwd, both = results[impl, decay, "fwd"], results[impl, decay, "fwd+bwd"]
+        same_decay = "per channel" if decay == "per channel" else "scalar"
+        ours = [results["torch (ours)", same_decay, m] for m in ("fwd", "fwd+bwd")]
+        speedup = "" if impl == "torch (ours)" else \
+            f"{fwd['seconds'] / ours[0]['seconds']:.1f}x / {both['seconds'] / ours[1]['seconds']:.1f}x"
+        rows.append([impl, DECAY_NAMES[decay], f"{fwd['seconds'] * 1e3:,.0f}", f"{both['seconds'] * 1e3:,.0f}",
+                     f"{both['peak_mb']:.0f}", speedup])
+    print_table("chunked scan on CPU (ms, the best of the repetitions; peak MB of fwd+bwd above the inputs)",
+                ["implementation", "decay", "fwd ms", "fwd+bwd ms", "peak MB", "ours faster by (fwd / fwd+bwd)"],
+                rows)
+    for mode in ("fwd", "fwd+bwd"):
+        ours = [results["torch (ours)", decay, mode]["seconds"] for decay in ("scalar", "per channel", "strong")]
+        print(f"{mode}: a decay per key channel costs the torch backend {ours[1] / ours[0]:.2f}x the scalar decay's "
+              f"time ({ours[2] / ours[0]:.2f}x with decays of up to -2 per step)")
+    mamba1_table(repeats, available)
 
     rows = []
     for L in [1024, 4096, 16384]:
-        r = measure_isolated(impl="torch", mode="fwd+bwd", repeats=repeats, **{**shape, "L": L})
-        rows.append([L, f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}", f"{r['peak_mb'] / L * 1024:.1f}"])
+        row = [L]
+        for decay in ("scalar", "per channel"):
+            r = measure_isolated(impl="torch (ours)", mode="fwd+bwd", repeats=repeats, decay=decay,
+                                 **{**shape, "L": L})
+            row += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}", f"{r['peak_mb'] / L * 1024:.1f}"]
+        rows.append(row)
     print_table("torch backend, fwd+bwd, against L (memory per token should stay flat)",
-                ["L", "tokens/s", "peak MB", "MB per 1k tokens"], rows)
+                ["L", "scalar tokens/s", "peak MB", "MB per 1k tokens", "per channel tokens/s", "peak MB",
+                 "MB per 1k tokens"], rows)
+
+
+def mamba1_table(repeats, available):
+    """Mamba-1's scan at the 130m size, against a step-by-step loop: fla's naive_recurrent_gla, the loop that
+    transformers' MambaForCausalLM also runs without its CUDA kernels. The loop's backward is not run: it copies the
+    whole output at every step (minutes)."""
+    shape = dict(MAMBA1_SHAPE, dtype="float32", device="cpu")
+    rows, fwd_seconds = [], {}
+    for impl in ("torch (ours)", "fla naive_recurrent_gla"):
+        if impl not in available:
+            continue
+        row = [impl]
+        for mode in ("fwd", "fwd+bwd"):
+            if impl != "torch (ours)" and mode == "fwd+bwd":
+                row += ["not run", "-"]
+                continue
+            r = measure_isolated(impl=impl, mode=mode, repeats=repeats, decay="mamba1", **shape)
+            fwd_seconds[impl] = fwd_seconds.get(impl, r["seconds"])
+            row += [f"{r['seconds'] * 1e3:,.0f}", f"{r['peak_mb']:.0f}"]
+        rows.append(row)
+    print_table("Mamba-1's scan on CPU: B=1, L=2048, H=1536 heads of P=1, N=16, log_decay = dt A at Mamba-1's "
+                "initialisation", ["implementation", "fwd ms", "fwd peak MB", "fwd+bwd ms", "fwd+bwd peak MB"], rows)
+    if len(fwd_seconds) == 2:
+        ratio = fwd_seconds["fla naive_recurrent_gla"] / fwd_seconds["torch (ours)"]
+        print(f"fwd: the torch backend is {ratio:.1f}x faster than the step-by-step loop")
 
 
 def gpu_correctness():
     """Compiled Triton kernels against the torch path on awkward sizes (odd L, grouped heads, an initial state):
     outputs and all five gradients, as relative errors. Printed before any timing, so a fast wrong kernel shows."""
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        q, k, v, log_decay = make_inputs(2, 1000, 2, 8, 128, 64, dtype, "cuda", requires_grad=True)
-        initial = torch.randn(2, 8, 64, 128, device="cuda", requires_grad=True)
-        gy = torch.randn(2, 1000, 8, 64, device="cuda")
-        gs = torch.randn(2, 8, 64, 128, device="cuda")
-        results = {}
-        for backend in ("triton", "torch"):
-            y, final = chunked_scan(q, k, v, log_decay, initial, backend=backend)
-            grads = torch.autograd.grad((y.float() * gy).sum() + (final * gs).sum(), (q, k, v, log_decay, initial))
-            results[backend] = [y, final, *grads]
-        errors = [((a.double() - b.double()).norm() / b.double().norm()).item()
-                  for a, b in zip(results["triton"], results["torch"])]
-        rows.append([str(dtype).replace("torch.", "")] + [f"{e:.1e}" for e in errors])
+    for decay in ("scalar", "per channel"):
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v, log_decay = make_inputs(2, 1000, 2, 8, 128, 64, dtype, "cuda", requires_grad=True, decay=decay)
+            initial = torch.randn(2, 8, 64, 128, device="cuda", requires_grad=True)
+            gy = torch.randn(2, 1000, 8, 64, device="cuda")
+            gs = torch.randn(2, 8, 64, 128, device="cuda")
+            results = {}
+            for backend in ("triton", "torch"):
+                y, final = chunked_scan(q, k, v, log_decay, initial, backend=backend)
+                loss = (y.float() * gy).sum() + (final * gs).sum()
+                results[backend] = [y, final, *torch.autograd.grad(loss, (q, k, v, log_decay, initial))]
+            errors = [((a.double() - b.double()).norm() / b.double().norm()).item()
+                      for a, b in zip(results["triton"], results["torch"])]
+            rows.append([decay, str(dtype).replace("torch.", "")] + [f"{e:.1e}" for e in errors])
     print_table("triton vs torch on CUDA (relative error; expect ~1e-6 for float32, ~1e-2 for bfloat16)",
-                ["dtype", "y", "final", "dq", "dk", "dv", "dlog_decay", "dinitial"], rows)
+                ["decay", "dtype", "y", "final", "dq", "dk", "dv", "dlog_decay", "dinitial"], rows)
+
+
+# The GPU tables: (title, decay, shapes, implementations that take that decay)
+GPU_TABLES = [
+    ("scalar decay, bfloat16, B=8, H=32, P=64, N=128, G=1", "scalar",
+     [dict(GPU_SHAPE, L=L) for L in (2048, 8192, 32768)],
+     ("triton (ours)", "torch (ours)", "fla chunk_simple_gla", "causal attention (sdpa)")),
+    ("decay per key channel, bfloat16, B=8, H=32, P=64, N=128, G=1", "per channel",
+     [dict(GPU_SHAPE, L=L) for L in (2048, 8192, 32768)], ("triton (ours)", "torch (ours)", "fla chunk_gla")),
+    ("Mamba-1's scan, bfloat16, B=1, H=1536 heads of P=1, N=16", "mamba1",
+     [dict(MAMBA1_SHAPE, L=L) for L in (2048, 8192)], ("triton (ours)", "torch (ours)", "mamba_ssm selective_scan")),
+]
 
 
 def gpu_tables(repeats):
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}")
     gpu_correctness()
-    names = list(implementations("cuda"))
-    for mode in ["fwd", "fwd+bwd"]:
-        rows = []
-        for L in [2048, 8192, 32768]:
-            row = [L]
-            for impl in names:
-                try:
-                    r = measure(impl=impl, mode=mode, B=8, L=L, G=1, H=32, N=128, P=64, dtype="bfloat16",
-                                device="cuda", repeats=repeats)
-                    row.append(f"{r['seconds'] * 1e3:.2f} ms / {r['peak_mb']:.0f} MB")
-                except Exception as error:  # noqa: BLE001 - an out-of-memory baseline is a result, not a crash
-                    row.append(type(error).__name__)
-                torch.cuda.empty_cache()
-            rows.append(row)
-        print_table(f"{mode}, bfloat16, B=8, H=32, P=64, N=128, G=1 (time / peak memory above inputs)",
-                    ["L"] + names, rows)
+    available = implementations("cuda")
+    for title, decay, shapes, wanted in GPU_TABLES:
+        names = [name for name in wanted if name in available]
+        for mode in ["fwd", "fwd+bwd"]:
+            rows = []
+            for shape in shapes:
+                row = [shape["L"]]
+                for impl in names:
+                    try:
+                        r = measure(impl=impl, mode=mode, dtype="bfloat16", device="cuda", repeats=repeats,
+                                    decay=decay, **shape)
+                        row.append(f"{r['seconds'] * 1e3:.2f} ms / {r['peak_mb']:.0f} MB")
+                    except Exception as error:  # noqa: BLE001 - an out-of-memory baseline is a result, not a crash
+                        row.append(type(error).__name__)
+                    torch.cuda.empty_cache()
+                rows.append(row)
+            print_table(f"{mode}, {title} (time / peak memory above inputs)", ["L"] + names, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole models on the CPU: this project's against transformers' (what a user would pick instead)
+# ----------------------------------------------------------------------------------------------------------------
+
+def transformers_model(size):
+    """transformers' MambaForCausalLM or Mamba2ForCausalLM of an official size, random weights, in eval mode (its
+    PyTorch path: without mamba_ssm's CUDA kernels that is what runs on a CPU)."""
+    import transformers
+    from pretrained import official_config
+
+    transformers.logging.set_verbosity_error()  # it says, once per layer, that it falls back to PyTorch
+    cfg = official_config(size)
+    if cfg.mixer == "mamba1":
+        config = transformers.MambaConfig(vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model,
+                                          num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, expand=cfg.expand)
+        return transformers.MambaForCausalLM(config).eval()
+    config = transformers.Mamba2Config(vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model,
+                                       num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, head_dim=cfg.headdim,
+                                       num_heads=cfg.expand * cfg.d_model // cfg.headdim, n_groups=cfg.ngroups,
+                                       expand=cfg.expand)
+    return transformers.Mamba2ForCausalLM(config).eval()
+
+
+def model_measure(impl, size, length, repeats):
+    """Read one sequence of `length` random tokens with a model of an official size (random weights): seconds of
+    the best repetition after a warm-up, and the peak resident memory above the built model."""
+    from model import LM
+    from pretrained import official_config
+
+    torch.manual_seed(0)
+    model = LM(official_config(size, backend="torch")).eval() if impl == "ours" else transformers_model(size)
+    tokens = torch.randint(0, 50277, (1, length))
+    base_mb = _resident_mb()
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first is the warm-up
+            start = time.perf_counter()
+            model(tokens)
+            best = min(best, time.perf_counter() - start)
+    return {"seconds": best, "tokens_per_s": length / best, "peak_mb": max(0.0, _peak_resident_mb() - base_mb)}
+
+
+def model_table(repeats):
+    """Mamba-1 and Mamba-2 at the 130m size reading 2048 tokens: this project's LM against transformers' models,
+    each in a fresh process, side by side with the ratio."""
+    rows = []
+    for size in ("mamba-130m", "mamba2-130m"):
+        results = {}
+        for impl in ("ours", "transformers"):
+            try:
+                results[impl] = _in_fresh_process("--_model_measure", dict(impl=impl, size=size, length=2048,
+                                                                          repeats=repeats))
+            except RuntimeError as error:
+                print(f"({impl} {size}: {error}; pip install transformers)", file=sys.stderr)
+        if len(results) < 2:
+            continue
+        ours, theirs = results["ours"], results["transformers"]
+        rows.append([size, f"{ours['seconds']:.2f}", f"{theirs['seconds']:.2f}",
+                     f"{theirs['seconds'] / ours['seconds']:.1f}x", f"{ours['peak_mb']:.0f}",
+                     f"{theirs['peak_mb']:.0f}", f"{theirs['peak_mb'] / max(ours['peak_mb'], 1):.1f}x"])
+    print_table(f"whole models on the CPU, one sequence of 2048 tokens, forward, {torch.get_num_threads()} threads "
+                f"(random weights; peak memory above the built model)",
+                ["model", "ours s", "transformers s", "ours faster by", "ours MB", "transformers MB",
+                 "ours smaller by"], rows)
+
+
+def _in_fresh_process(flag, spec):
+    """Run bench.py FLAG SPEC in a new process (so that its peak memory is its own); its JSON answer, or a
+    RuntimeError with the child's last line of error."""
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), flag, json.dumps(spec)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError((result.stderr.strip().splitlines() or ["exit status %d" % result.returncode])[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,14 +511,14 @@ def eval_checkpoint(folder, size, num_tokens):
     tokenizer.  Returns (checkpoint folder, corpus name or folder)."""
     import train
     from data import load_corpus
-    from model import LM, ModelConfig
+    from model import LM
     from pretrained import NEOX_TOKENIZER, official_config
 
     if size == "demo":
-        p = train.PRESETS["demo"]
-        corpus = load_corpus(p["train"]["data"])
-        cfg, seq_len, data, tokenizer = (ModelConfig(vocab_size=corpus.vocab_size, **p["model"]),
-                                         p["train"]["seq_len"], p["train"]["data"], corpus.meta["tokenizer"])
+        args, _ = train.resolve({})
+        corpus = load_corpus(args.data, args.data_dir)
+        cfg = train.model_config(args, corpus.vocab_size, None, None)
+        seq_len, data, tokenizer = args.seq_len, args.data, corpus.meta["tokenizer"]
     else:
         cfg, seq_len, tokenizer = official_config(size), 2048, NEOX_TOKENIZER
         data = random_corpus(os.path.join(folder, "corpus"), cfg.vocab_size, tokenizer, num_tokens)
@@ -312,11 +537,11 @@ def eval_measure(ckpt, data, length, num_seqs):
     import eval as evaluation
 
     with tempfile.TemporaryDirectory() as out:
-        args = evaluation.build_parser().parse_args(["--ckpt", ckpt, "--data", data, "--len", str(length),
-                                                     "--num_seqs", str(num_seqs), "--device", "cpu", "--out", out])
+        args = evaluation.parse(["--ckpt", ckpt, "--data", data, "--len", str(length), "--num_seqs", str(num_seqs),
+                                 "--device", "cpu", "--out", out])
         base_mb = _resident_mb()
         start = time.perf_counter()
-        evaluation.run(args)
+        evaluation.evaluate(args)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens_per_s": length * num_seqs / seconds, "peak_mb": _peak_resident_mb() - base_mb}
 
@@ -330,10 +555,8 @@ def eval_table(size, lengths, num_seqs):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, data = eval_checkpoint(tmp, size, num_seqs * (max(lengths) + 1) + 1)
         for length in lengths:
-            spec = json.dumps(dict(ckpt=ckpt, data=data, length=length, num_seqs=num_seqs))
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_eval_measure", spec],
-                                 capture_output=True, text=True, check=True)
-            r = results[length] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = results[length] = _in_fresh_process("--_eval_measure", dict(ckpt=ckpt, data=data, length=length,
+                                                                           num_seqs=num_seqs))
             rows.append([length, f"{r['seconds']:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:.0f}"])
     print_table(f"python eval.py --len L --num_seqs {num_seqs} (with the control pass), {size} size, random weights, "
                 f"{torch.get_num_threads()} threads", ["L", "seconds", "tokens/s (model pass)", "peak MB"], rows)
@@ -356,16 +579,18 @@ def eval_table(size, lengths, num_seqs):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training the official sizes: estimates, not measurements
+# Training on a GPU: estimates, not measurements
 # ----------------------------------------------------------------------------------------------------------------
 
 GPU_MEMORY = 80 * 2 ** 30
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12}  # dense bfloat16 tensor-core peaks
 UTILISATION = 0.4  # an assumed sustained share of the peak, not a measured one
+ESTIMATED_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba-130m", "mamba-370m",
+                     "mamba-790m", "mamba-1.4b", "paper", "gla-paper")
 
 
 def parameters(size):
-    """Parameters of an official Mamba-2 size, counted on the meta device (nothing allocated)."""
+    """Parameters of an official size, counted on the meta device (nothing allocated)."""
     from model import LM
     from pretrained import official_config
 
@@ -378,89 +603,100 @@ def training_flops_per_token(cfg, num_parameters):
     scan: per layer and token the forward costs about 2 H (C N + C P + 2 N P) (within-chunk scores, their product
     with the values, the state's update and its read-out), the backward twice that."""
     P, N = cfg.head_sizes()
-    H, C = cfg.expand * cfg.d_model // P, cfg.chunk_size
+    H, C = cfg.expand * cfg.d_model // P if cfg.mixer != "gla" else cfg.n_heads, cfg.chunk_size
     return 6 * num_parameters + 3 * cfg.n_layer * 2 * H * (C * N + C * P + 2 * N * P)
 
 
-def largest_micro_batch(num_parameters, bytes_per_sequence):
-    """The largest batch_size that train.check_memory lets through on an empty GPU_MEMORY card: its estimate less
-    the float32 weights (already allocated) within 90% of what the weights leave free."""
-    room = 0.9 * (GPU_MEMORY - 4 * num_parameters) - 12 * num_parameters
-    return max(0, int(room // bytes_per_sequence))
+def preset_run(name):
+    """(ModelConfig, options) of the run `python train.py --preset NAME` starts, on the meta device: the official
+    models' architecture comes from pretrained.official_config, without downloading them."""
+    import train
+    from pretrained import official_config
+
+    preset = train.PRESETS[name]
+    values = {**train.defaults(), **{k: v for k, v in preset.items() if k not in ("post", "init_from")}}
+    args = argparse.Namespace(**values)
+    if "init_from" in preset:
+        runtime = {f.name: getattr(args, f.name) for f in cli.options(ModelConfig) if f.metadata.get("resume")}
+        return official_config(preset["init_from"], **runtime), args
+    return train.model_config(args, 50277, None, None), args  # the GPT-NeoX vocabulary, or GPT-2's 50257
 
 
 def estimate_table():
-    """For train.py's presets of the official sizes: memory from train.estimate_memory (activations measured on
-    the CPU under bfloat16 autocast with the torch scan; Triton's kernels keep somewhat different tensors) and time
-    per 500 steps from a FLOP count at an assumed utilisation."""
-    import gc
-    from types import SimpleNamespace
-
-    import train
-    from model import LM
-    from pretrained import official_config
+    """For train.py's GPU presets: memory from model.training_memory (activations measured on the meta device under
+    bfloat16, with block recomputation as the presets have it), and time per 500 steps from a FLOP count at an
+    assumed utilisation. The table a reader can check a preset against before renting a GPU."""
+    from model import training_memory
 
     rows = []
-    for size in OFFICIAL_SIZES:
-        t = train.PRESETS[size]["train"]
-        model = LM(official_config(size))  # float32 weights, as in training: the 1.3b takes 5.4 GB of RAM
-        n = model.num_parameters()
-        need = train.estimate_memory(model, SimpleNamespace(**t), "cpu", torch.autocast("cpu", dtype=torch.bfloat16))
-        per_sequence = (need - 16 * n) / t["batch_size"]
-        tokens = t["batch_size"] * t["grad_accum"] * t["seq_len"]
-        flops = 500 * tokens * training_flops_per_token(model.cfg, n)
+    for name in ESTIMATED_PRESETS:
+        cfg, args = preset_run(name)
+        with torch.device("meta"):
+            n = LM(cfg).num_parameters()
+        tokens_per_micro_batch = args.batch_size * args.seq_len
+        need = training_memory(cfg, tokens_per_micro_batch, torch.bfloat16)
+        per_sequence = (need - training_memory(cfg, 0, torch.bfloat16)) / args.batch_size
+        fits = need <= 0.9 * GPU_MEMORY
+        largest = int((0.9 * GPU_MEMORY - training_memory(cfg, 0, torch.bfloat16)) // per_sequence)
+        tokens = tokens_per_micro_batch * args.grad_accum
+        flops = 500 * tokens * training_flops_per_token(cfg, n) * (4 / 3 if cfg.recompute else 1)
         hours = [flops / (UTILISATION * peak) / 3600 for peak in GPU_PEAK_FLOPS.values()]
-        largest = largest_micro_batch(n, per_sequence)
-        rows.append([size, f"{n / 1e6:.0f}M", f"{tokens:,}", f"{t['batch_size']} x {t['grad_accum']}",
-                     f"{need / 2 ** 30:.1f}", "yes" if t["batch_size"] <= largest else "no", largest,
-                     *[f"{h:.1f}" for h in hours]])
-        del model
-        gc.collect()
+        rows.append([name, cfg.mixer, f"{n / 1e6:.0f}M", f"{tokens:,}", f"{args.batch_size} x {args.grad_accum}",
+                     f"{need / 2 ** 30:.1f}", "yes" if fits else "no", max(largest, 0), *[f"{h:.1f}" for h in hours]])
     peaks = ", ".join(f"{gpu} {flops / 1e12:.0f}" for gpu, flops in GPU_PEAK_FLOPS.items())
-    print_table(f"ESTIMATES, not measurements: train.py --preset SIZE on one {GPU_MEMORY // 2 ** 30} GiB GPU\n"
-                f"  memory: train.estimate_memory (16 B per parameter + 1.5 x the activations measured on the CPU "
-                f"under bfloat16 autocast, torch scan); fits: train.check_memory would let it start\n"
-                f"  time: 6 x parameters x tokens + the chunked scan (forward 2 H (C N + C P + 2 N P) per token and "
-                f"layer, C = 64, backward 2x) at an ASSUMED {UTILISATION:.0%} of the bfloat16 peak ({peaks} TFLOP/s)",
-                ["preset", "params", "tokens/step", "micro-batch x accum", "est. GiB", "fits", "largest micro-batch",
-                 *[f"est. h/500 steps {g}" for g in GPU_PEAK_FLOPS]], rows)
+    print_table(f"ESTIMATES, not measurements: train.py --preset NAME on one {GPU_MEMORY // 2 ** 30} GiB GPU, bfloat16\n"
+                f"  memory: model.training_memory (16 B per parameter + 1.5 x the activations autograd keeps, measured "
+                f"on the meta device; the presets recompute each block in the backward pass)\n"
+                f"  time per 500 steps: 6 x parameters x tokens + the chunked scan (forward 2 H (C N + C P + 2 N P) per "
+                f"token and layer, backward 2x), x 4/3 for the recomputation, at an ASSUMED {UTILISATION:.0%} of the "
+                f"bfloat16 peak ({peaks} TFLOP/s)",
+                ["preset", "mixer", "params", "tokens/step", "micro-batch x accum", "est. GiB", "fits",
+                 "largest micro-batch", *[f"est. h/500 steps {g}" for g in GPU_PEAK_FLOPS]], rows)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="which table to print")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions after the warm-up (best is kept)")
-    parser.add_argument("--eval", action="store_true", help="time eval.py's default job instead of the scan")
-    parser.add_argument("--model", default="demo", choices=("demo", *OFFICIAL_SIZES),
-                        help="--eval: the model size (random weights; official sizes read random tokens)")
-    parser.add_argument("--len", type=int, nargs="+", help="--eval: sequence lengths (default: 16384 131072 for "
-                                                           "demo, 8192 16384 for an official size)")
-    parser.add_argument("--num_seqs", type=int, help="--eval: sequences (default: 8 for demo, 1 otherwise)")
-    parser.add_argument("--estimate", action="store_true", help="print estimated GPU memory and time of training "
-                                                                "the official sizes (train.py's presets)")
-    parser.add_argument("--_measure", help=argparse.SUPPRESS)  # internal: one isolated CPU measurement
-    parser.add_argument("--_eval_measure", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclasses.dataclass
+class BenchConfig:
+    device: str = option("cpu", "which table to print: cpu (the scan, then whole models) or cuda",
+                         choices=("cpu", "cuda"))
+    repeats: int = option(5, "timed repetitions after the warm-up (the best is kept)", most=1000)
+    eval: bool = option(False, "time eval.py's default job instead of the scan")
+    model: str = option("demo", "--eval: the model size (random weights; official sizes read random tokens)",
+                        choices=("demo", *OFFICIAL_SIZES))
+    len: list = option(None, "--eval: sequence lengths (default: 16384 131072 for demo, 8192 16384 for an official "
+                             "size)", type=int, nargs="+", most=2 ** 24)
+    num_seqs: int = option(None, "--eval: sequences (default: 8 for demo, 1 otherwise)", type=int, most=4096)
+    estimate: bool = option(False, "print estimated GPU memory and time of train.py's GPU presets")
+
+
+def main(argv=None):
+    parser = cli.OneLineParser("bench.py", __doc__)
+    cli.add_options(parser, BenchConfig, "options")
+    for internal in ("--_measure", "--_eval_measure", "--_model_measure"):  # one measurement in a fresh process
+        parser.add_argument(internal, help=argparse.SUPPRESS)
+    namespace = parser.parse_args(argv)
+    given = cli.given(namespace, BenchConfig)
+    cli.check(BenchConfig, given)
+    args = BenchConfig(**given)
     official = args.model != "demo"
-    lengths = args.len or ([8192, 16384] if official else [16384, 131072])
-    num_seqs = args.num_seqs or (1 if official else 8)
-    if min(lengths) < 1 or num_seqs < 1:
-        parser.error("--len and --num_seqs must be positive")
-    if args._measure:
-        print(json.dumps(measure(**json.loads(args._measure))))
-    elif args._eval_measure:
-        print(json.dumps(eval_measure(**json.loads(args._eval_measure))))
+    if namespace._measure:
+        print(json.dumps(measure(**json.loads(namespace._measure))))
+    elif namespace._eval_measure:
+        print(json.dumps(eval_measure(**json.loads(namespace._eval_measure))))
+    elif namespace._model_measure:
+        print(json.dumps(model_measure(**json.loads(namespace._model_measure))))
     elif args.estimate:
         estimate_table()
     elif args.eval:
-        eval_table(args.model, sorted(lengths), num_seqs)
+        eval_table(args.model, sorted(args.len or ([8192, 16384] if official else [16384, 131072])),
+                   args.num_seqs or (1 if official else 8))
     elif args.device == "cuda":
         if not torch.cuda.is_available():
-            sys.exit("bench.py: --device cuda needs a CUDA GPU; run without it for the CPU table")
+            raise cli.UsageError("--device cuda needs a CUDA GPU; run without it for the CPU tables")
         gpu_tables(args.repeats)
     else:
         cpu_tables(args.repeats)
+        model_table(args.repeats)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("bench.py", main)
