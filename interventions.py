@@ -1,8 +1,8 @@
 """interventions.py: where the recurrent state of each training sequence starts.
 
 Read first: Buitrago Ruiz & Gu (arXiv 2507.02782), Section 3 for the hypothesis and Section 4 for these
-interventions. The unexplored-states hypothesis: a recurrent model trained only from the zero state on sequences of length
-T never sees the states that positions far beyond T produce, so its behaviour there is untrained. The remedy is to
+interventions. The unexplored-states hypothesis: a recurrent model trained only from the zero state on sequences of
+length T never sees the states that positions far beyond T produce, so its behaviour there is untrained. The remedy is to
 start training sequences from states like those: each class below decides the initial state of the next batch and
 may look at the (detached) final state of the batch just trained on.
 

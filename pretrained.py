@@ -1,9 +1,10 @@
-"""pretrained.py: the official Mamba-2 language models, loaded into this project's model.LM.
+"""pretrained.py: the official Mamba-1 and Mamba-2 language models, loaded into this project's model.LM.
 
-The paper's Figure 1 reads the official Mamba-2 checkpoints (state-spaces/mamba2-130m ... -2.7b, trained on the
-Pile at T = 2048 tokens with the GPT-NeoX-20B tokenizer) far beyond T. model.py's Mamba-2 block is the official one
-with the official parameter names, so loading is little more than checking; once loaded, the explicit State, the
-interventions and the diagnostics of this project apply to these models as to any other.
+The paper's Figure 1 reads the official checkpoints (state-spaces/mamba-130m ... -2.8b for Mamba-1, panel (a);
+state-spaces/mamba2-130m ... -2.7b for Mamba-2, panel (b); all trained on the Pile at T = 2048 tokens with the
+GPT-NeoX-20B tokenizer) far beyond T. model.py's mixers are the official ones with the official parameter names, so
+loading is little more than checking; once loaded, the explicit State, the interventions and the diagnostics of this
+project apply to these models as to any other.
 
     model = load_pretrained("state-spaces/mamba2-370m")          # through huggingface_hub and its cache
     model = load_pretrained("path/to/folder", device="cuda")     # config.json + model.safetensors or pytorch_model.bin
@@ -11,12 +12,13 @@ interventions and the diagnostics of this project apply to these models as to an
     official_config("state-spaces/mamba2-2.7b")                  # its ModelConfig, offline: sizes, memory estimates
 
 Two public layouts are read:
-    mamba_ssm     config.json {d_model, n_layer, vocab_size, ssm_cfg: {layer: "Mamba2", ...}, ...}; tensors
-                  backbone.embedding.weight, backbone.layers.N.{norm.weight, mixer.*}, backbone.norm_f.weight and
-                  lm_head.weight (absent or equal to the embedding when tied). The embedding has vocab_size rounded up to
-                  pad_vocab_size_multiple rows.
-    transformers  config.json {model_type: "mamba2", hidden_size, num_hidden_layers, state_size, ...}; the same
-                  tensors except backbone.embeddings.weight; vocab_size is the number of rows.
+    mamba_ssm     config.json {d_model, n_layer, vocab_size, ssm_cfg: {layer: "Mamba2", ...}, ...} (no layer, or
+                  "Mamba1": Mamba-1); tensors backbone.embedding.weight, backbone.layers.N.{norm.weight, mixer.*},
+                  backbone.norm_f.weight and lm_head.weight (absent, or equal to the embedding, when tied). The
+                  embedding has vocab_size rounded up to pad_vocab_size_multiple rows.
+    transformers  config.json {model_type: "mamba2" or "mamba", hidden_size, num_hidden_layers, state_size, ...};
+                  the same tensors except backbone.embeddings.weight; vocab_size is the number of rows; an output
+                  layer of its own when tie_word_embeddings is false (transformers 5 writes that by default).
 A config that asks for anything model.py does not compute (attention layers, an MLP, a clamp on dt, ...) is refused
 in one line naming the field: a model loaded approximately would give wrong numbers without a sign. Weights are read
 without running code from the file (safetensors, or torch.load(weights_only=True)). Every error is a
@@ -111,10 +113,11 @@ TRANSFORMERS_FIXED = {  # defaults of transformers' Mamba2Config
     "norm_before_gate": (False, False, "the norm before the gate"),
 }
 # Fields accepted with any value besides the ones above, because they do not change the function computed:
-#   sizes, read into the ModelConfig; initialisation ranges (dt_min..., A_init_range, conv_init, initializer_range,
-#   rescale_prenorm_residual, time_step_*), which only matter before training; how the computation runs
-#   (chunk_size: this project picks its own; use_mem_eff_path, fused_add_norm; residual_in_fp32, precision only);
-#   attn_cfg, unused without attention layers; time_step_rank, a Mamba-1 field the Mamba-2 mixer never reads;
+#   sizes, read into the ModelConfig; initialisation ranges (dt_min..., dt_init, dt_scale, A_init_range, conv_init,
+#   initializer_range, rescale_prenorm_residual, time_step_*), which only matter before training; how the
+#   computation runs (chunk_size: this project picks its own; use_mem_eff_path, use_fast_path, use_mambapy,
+#   use_associative_scan, fused_add_norm; residual_in_fp32, precision only); attn_cfg, unused without attention
+#   layers; time_step_rank, a Mamba-1 field the Mamba-2 mixer never reads (Mamba-1's must be ceil(d_model / 16));
 #   and the bookkeeping that transformers writes (token ids, dtype, version, architectures, use_cache).
 MAMBA_SSM_FIELDS = {"d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "ssm_cfg", "attn_cfg",
                     "residual_in_fp32", "fused_add_norm", "tie_embeddings", *MAMBA_SSM_FIXED}
@@ -127,6 +130,7 @@ TRANSFORMERS_MAMBA1_FIELDS = {"model_type", "hidden_size", "num_hidden_layers", 
                               "time_step_scale", "time_step_min", "time_step_max", "time_step_init_scheme",
                               "time_step_floor", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
                               "initializer_range", "rescale_prenorm_residual", "use_cache", "use_mambapy",
+                              "use_associative_scan",
                               "bos_token_id", "eos_token_id", "pad_token_id", "architectures", "torch_dtype", "dtype",
                               "transformers_version", "_name_or_path", "tie_word_embeddings",
                               *TRANSFORMERS_MAMBA1_FIXED}
@@ -227,7 +231,8 @@ def _mamba1_from_transformers(config):
             raise PretrainedError(f"config.json: {field}={json.dumps(value)} contradicts the other sizes "
                                   f"({wanted})")
     return dict(mixer="mamba1", vocab_size=config.get("vocab_size", 50280), pad_vocab_multiple=1, d_model=hidden,
-                n_layer=layers, expand=expand, d_state=config.get("state_size", 16), d_conv=config.get("conv_kernel", 4),
+                n_layer=layers, expand=expand, d_state=config.get("state_size", 16),
+                d_conv=config.get("conv_kernel", 4),
                 dt_min=config.get("time_step_min", 0.001), dt_max=config.get("time_step_max", 0.1),
                 dt_init_floor=config.get("time_step_floor", 1e-4), norm_eps=config.get("layer_norm_epsilon", 1e-5),
                 tie_embeddings=config.get("tie_word_embeddings", True))
@@ -254,7 +259,8 @@ def _from_transformers(config):
                 d_state=config.get("state_size", 128), d_conv=config.get("conv_kernel", 4),
                 ngroups=config.get("n_groups", 8), dt_min=config.get("time_step_min", 0.001),
                 dt_max=config.get("time_step_max", 0.1), dt_init_floor=config.get("time_step_floor", 1e-4),
-                norm_eps=config.get("layer_norm_epsilon", 1e-5), tie_embeddings=config.get("tie_word_embeddings", False))
+                norm_eps=config.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=config.get("tie_word_embeddings", False))
 
 
 def config_from_json(config, **overrides):

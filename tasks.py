@@ -207,7 +207,8 @@ def _stderr(values):
 
 class TaskBatches:
     """What train.py reads from a task: training batches, and fixed held-out batches whose masked loss (targets -1
-    do not count) is the validation loss. args: the run's options (batch_size, eval_seqs, seed). next() -> (inputs, targets, restarted = None): no example continues
+    do not count) is the validation loss. args: the run's options (batch_size, eval_seqs, seed).
+    next() -> (inputs, targets, restarted = None): no example continues
     another, so tbptt hands states on between examples as state_passing does. A task in words (passkey) records
     its tokenizer as a corpus does, so that eval.py's checks of tokens apply."""
 

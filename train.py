@@ -126,6 +126,7 @@ def make_optimizer(model, args, device):
 
 POST_TRAINING = ("init", tuple(i for i in INITS if i != "zero"))  # cli.option's only=: for these --init values
 COPY, LANGUAGE = ("task", ("copy",)), ("task", ("lm",))
+PRESETS = {}  # --preset NAME -> defaults of a whole configuration; filled in below TrainConfig
 
 
 @dataclass
@@ -134,8 +135,7 @@ class TrainConfig:
     model's options are ModelConfig's; the command line has both."""
     # what to train
     init: str = option("zero", "initial-state intervention (interventions.py)", choices=INITS, post=True)
-    preset: str = option("demo", "defaults of a whole configuration (PRESETS)", choices=(
-        "demo", "paper", "copy", "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b"))
+    preset: str = option("demo", "defaults of a whole configuration (PRESETS)", choices=PRESETS)
     task: str = option("lm", "lm: language modelling on --data; or a synthetic task of tasks.py (copy), or "
                              "passkey: fine-tune --init_from on passkey examples in its own tokenizer",
                        choices=("lm", *TASKS), inherit=True)
@@ -198,26 +198,36 @@ class TrainConfig:
 # Presets: defaults of whole configurations, over TrainConfig's and ModelConfig's (any field of either); "post"
 # holds what changes when post-training (--init_from, or an --init other than zero); "init_from" names the model
 # a preset post-trains.
-PRESETS = {
+PRESETS.update({
     # a 0.5M-parameter byte-level Mamba-2 on the Python standard library's source, for a laptop CPU
     "demo": dict(mixer="mamba2", d_model=128, n_layer=4, d_state=64, headdim=32,
                  post=dict(max_steps=500, lr=1e-3, warmup_steps=20)),
-    # a 129M-parameter Mamba-2 (the size of the official mamba2-130m) at T = 2048 with GPT-2 tokens, for GPUs
+    # the same size with GLA's per-channel gate (RESULTS.md, "Gated linear attention")
+    "gla": dict(mixer="gla", d_model=128, n_layer=4, n_heads=4, post=dict(max_steps=500, lr=1e-3, warmup_steps=20)),
+    # the copy task at CPU size, one example per row: a zero-init 0.48M Mamba-2 that copies every string of up to
+    # n_train = 16 characters and fails on longer ones (tasks.CopyTask; RESULTS.md, "Synthetic copying")
+    "copy": dict(task="copy", mixer="mamba2", d_model=128, n_layer=4, d_state=64, headdim=32, alphabet_size=16,
+                 batch_size=64, max_steps=3000, chunk_size=16, eval_interval=500, eval_seqs=8,
+                 post=dict(max_steps=600, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_interval=300)),
+    # for GPUs: a 129M-parameter Mamba-2 (the official mamba2-130m's size) at T = 2048 with GPT-2 tokens ...
     "paper": dict(mixer="mamba2", d_model=768, n_layer=24, recompute=True, data=DEFAULT_CORPUS + "-gpt2",
                   seq_len=2048, grad_accum=4, max_steps=20000, warmup_steps=1000, eval_interval=1000,
                   post=dict(max_steps=500, lr=3e-4, warmup_steps=50)),
-    # the copy task at CPU size (tasks.CopyTask; RESULTS.md, "Synthetic copying")
-    "copy": dict(task="copy", mixer="mamba2", d_model=128, n_layer=2, d_state=32, headdim=32, max_steps=1000,
-                 post=dict(max_steps=200, lr=1e-3, min_lr=1e-4, warmup_steps=10)),
-}
-# Post-training the official Mamba-2 models at their T = 2048 on a corpus of their GPT-NeoX tokens (python data.py
-# --input PATH --tokenizer EleutherAI/gpt-neox-20b --name pile-neox): a step is 256 sequences of 2048 tokens (0.5M
-# tokens) as batch_size x grad_accum on one process (under torchrun, divide --grad_accum by the processes).
-for _name, _batch in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780m", 4), ("mamba2-1.3b", 2)):
+    # ... and a GLA near the paper's (Figure 1c: trained at T = 512), 0.5M tokens a step, on GPT-NeoX tokens
+    "gla-paper": dict(mixer="gla", d_model=1024, n_layer=24, n_heads=4, recompute=True, data="pile-neox",
+                      seq_len=512, batch_size=32, grad_accum=32, max_steps=20000, lr=3e-4, min_lr=3e-5,
+                      warmup_steps=1000, eval_interval=1000, post=dict(max_steps=500, lr=1e-4, warmup_steps=50)),
+})
+# Post-training the official models at their T = 2048 on a corpus of their GPT-NeoX tokens (python data.py --input
+# PATH --tokenizer EleutherAI/gpt-neox-20b --name pile-neox), as the paper does: Mamba-2 for 500 steps, Mamba-1 for
+# 1000. A step is 256 sequences of 2048 tokens (0.5M tokens) as batch_size x grad_accum on one process (under
+# torchrun, divide --grad_accum by the processes).
+for _name, _batch in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780m", 4), ("mamba2-1.3b", 2),
+                      ("mamba-130m", 16), ("mamba-370m", 8), ("mamba-790m", 4), ("mamba-1.4b", 2)):
     PRESETS[_name] = dict(init_from=f"state-spaces/{_name}", **OFFICIAL[f"state-spaces/{_name}"],
-                          recompute=True, data="pile-neox", seq_len=2048,
-                          batch_size=_batch, grad_accum=256 // _batch, max_steps=500, lr=3e-4, min_lr=3e-5,
-                          warmup_steps=50, eval_interval=100)
+                          recompute=True, data="pile-neox", seq_len=2048, batch_size=_batch,
+                          grad_accum=256 // _batch, max_steps=500 if _name.startswith("mamba2") else 1000, lr=3e-4,
+                          min_lr=3e-5, warmup_steps=50, eval_interval=100)
 TASK_DEFAULTS = {"passkey": dict(max_steps=1000)}  # the paper fine-tunes on passkeys for 1000 steps
 
 
@@ -258,9 +268,8 @@ def resolve(given):
         given.get("task") if given.get("task") in PRESETS else "demo")
     preset = PRESETS[preset_name]
     init, task = given.get("init", "zero"), given.get("task", preset.get("task", "lm"))
-    init_from = None if given.get("from_scratch") else (
-        given.get("init_from") or preset.get("init_from") or (default_out_dir(task, "zero") if init != "zero"
-                                                                and not reads_text(task) else None))
+    own_base = default_out_dir(task, preset_name, "zero") if init != "zero" and not reads_text(task) else None
+    init_from = None if given.get("from_scratch") else given.get("init_from") or preset.get("init_from") or own_base
     values = {**defaults(), **{k: v for k, v in preset.items() if k not in ("post", "init_from")}}
     values.update(preset.get("post", {}) if init_from else {})
     values.update(TASK_DEFAULTS.get(task, {}))
@@ -276,7 +285,7 @@ def resolve(given):
     if args.task != "lm":
         args.tokenizer = base_tokenizer(base, args) if reads_text(args.task) else None
         args.seq_len = build_task(args).train_tokens  # T: the longest training example
-    args.out_dir = args.out_dir or default_out_dir(args.task, args.init)
+    args.out_dir = args.out_dir or default_out_dir(args.task, args.preset, args.init)
     return args, base
 
 
@@ -304,7 +313,8 @@ def check_resolved(args, given, base):
         raise UsageError(f"--task {args.task} fine-tunes a language model on examples in its own tokenizer: give "
                          f"--init_from (a checkpoint trained on a corpus, or an official Mamba-2)")
     if base is not None:
-        differ = [f"--{k} {given[k]}" for k in base.cfg.architecture() if k in given and given[k] != getattr(base.cfg, k)]
+        architecture = base.cfg.architecture()
+        differ = [f"--{k} {given[k]}" for k in architecture if k in given and given[k] != architecture[k]]
         if differ:
             raise UsageError(f"{args.init_from} holds a {base.cfg.mixer} model that {', '.join(differ)} would "
                              f"change: drop the flags or post-train another checkpoint")
@@ -318,7 +328,8 @@ def check_resolved(args, given, base):
 def resume_options(given):
     """On --resume the run continues with its own options; flags that would change it are refused, except those
     marked resume (how it runs: device, backend, max_steps, ...)."""
-    out_dir = given.get("out_dir") or default_out_dir(given.get("task", "lm"), given.get("init", "zero"))
+    out_dir = given.get("out_dir") or default_out_dir(given.get("task", "lm"), given.get("preset", "demo"),
+                                                      given.get("init", "zero"))
     saved = load_checkpoint(out_dir, require=("args",))["args"]
     changed = [k for k in given if k not in marked("resume") and k in saved and given[k] != saved[k]]
     if changed:
@@ -366,9 +377,9 @@ def build_task(args):
         raise UsageError(f"--task {args.task}: {error}") from None
 
 
-def default_out_dir(task, init):
-    """out/INIT, or out/TASK/INIT for a synthetic task."""
-    return os.path.join("out", *([] if task == "lm" else [task]), init)
+def default_out_dir(task, preset, init):
+    """out/INIT for the demo; out/TASK/INIT for a synthetic task, out/PRESET/INIT for another preset."""
+    return os.path.join("out", *([task] if task != "lm" else [preset] if preset != "demo" else []), init)
 
 
 def needs_base_run(given):
@@ -379,7 +390,7 @@ def needs_base_run(given):
     if given.get("init", "zero") == "zero" or reads_text(task) or any(
             given.get(k) for k in ("init_from", "from_scratch", "resume")) or preset.get("init_from"):
         return False
-    base_run = default_out_dir(task, "zero")
+    base_run = default_out_dir(task, given.get("preset", "demo"), "zero")
     if not checkpoint_path(base_run).exists():
         return True
     base = load_checkpoint(base_run, require=("step", "args"))
@@ -813,7 +824,8 @@ def train_all(argv):
         rank, world, device = setup_distributed(given.get("device", "auto"))
         if needs_base_run(given):  # the paper's recipe in one command: pre-train the zero-init model first
             if rank == 0:
-                print(f"{default_out_dir(given.get('task', 'lm'), 'zero')} does not exist yet: pre-training it "
+                print(f"{default_out_dir(given.get('task', 'lm'), given.get('preset', 'demo'), 'zero')} does not "
+                      f"exist yet: pre-training it "
                       f"first; the post-training follows", file=sys.stderr)
             run_training(base_run_options(given), rank, world, device)
         run_training(given, rank, world, device)

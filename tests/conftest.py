@@ -12,6 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+torch.set_num_threads(1)  # the tests' models are tiny: more threads only fight over the cores (and with CI's jobs)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_folder(tmp_path, monkeypatch):

@@ -38,6 +38,9 @@ CONFIGS = [("mamba2", {}), ("mamba2", {"ngroups": 2, "mlp": True}), ("gla", {}),
 @pytest.mark.parametrize("mixer,overrides", CONFIGS, ids=lambda x: str(x))
 def test_whole_equals_pieces_equals_steps(backend, mixer, overrides):
     require_backend(backend)
+    if mixer == "mamba1" and backend == "triton":
+        pytest.skip("Mamba-1's 64 one-channel heads take minutes in triton's interpreter; tests/test_kernels.py "
+                    "checks the per-channel kernels at P = 1 on smaller shapes")
     model = LM(small_config(mixer, backend, **overrides)).eval()
     idx = torch.randint(0, VOCAB, (2, 40))
     with torch.no_grad():
