@@ -21,6 +21,11 @@ Speed is the best of several repetitions after a warm-up, reported as tokens per
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
 held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above the inputs.
 """
+if __name__ == "__main__":  # a Ctrl-C while the imports below load ends quietly, not with a traceback
+    import signal
+    import sys
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import dataclasses
 import functools
@@ -460,7 +465,7 @@ def model_table(repeats):
             try:
                 results[impl] = _in_fresh_process("--_model_measure", dict(impl=impl, size=size, length=2048,
                                                                           repeats=repeats))
-            except RuntimeError as error:
+            except cli.UsageError as error:
                 print(f"({impl} {size}: {error}; pip install transformers)", file=sys.stderr)
         if len(results) < 2:
             continue
@@ -476,11 +481,12 @@ def model_table(repeats):
 
 def _in_fresh_process(flag, spec):
     """Run bench.py FLAG SPEC in a new process (so that its peak memory is its own); its JSON answer, or a
-    RuntimeError with the child's last line of error."""
+    UsageError (one line) with the child's last line of error."""
     result = subprocess.run([sys.executable, os.path.abspath(__file__), flag, json.dumps(spec)], capture_output=True,
                             text=True)
-    if result.returncode != 0:
-        raise RuntimeError((result.stderr.strip().splitlines() or ["exit status %d" % result.returncode])[-1])
+    if result.returncode != 0:  # the child's own last line says what went wrong
+        last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise cli.UsageError(f"a measurement in a fresh process failed: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

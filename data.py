@@ -32,6 +32,11 @@ Batches (torch int64 tensors):
                                          batch: truncated backpropagation through time
     Corpus.eval_sequences(length, n)     (n, length + 1) fixed, evenly spaced sequences of the validation split
 """
+if __name__ == "__main__":  # a Ctrl-C while the imports below load ends quietly, not with a traceback
+    import signal
+    import sys
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import contextlib
 import dataclasses
 import gzip

@@ -121,12 +121,14 @@ def scan_step(q, k, v, log_decay, state=None):
     dtype = _state_dtype(v)
     if state is None:
         state = torch.zeros(B, H, P, N, dtype=dtype, device=v.device)
-    q = q.to(dtype).repeat_interleave(H // G, dim=1)  # (B, H, N): head h reads group h // (H // G)
-    k = k.to(dtype).repeat_interleave(H // G, dim=1)
-    decay = torch.exp(log_decay.to(dtype))  # (B, H) or (B, H, N)
-    decay = decay[:, :, None, None] if decay.dim() == 2 else decay[:, :, None, :]  # scales the state or its columns
-    state = decay * state.to(dtype) + v.to(dtype)[:, :, :, None] * k[:, :, None, :]
-    y = (state @ q[:, :, :, None]).squeeze(-1)  # (B, H, P)
+    decay = torch.exp(log_decay.to(dtype)).view(B, H, 1, -1)  # (B, H, 1, 1) or (B, H, 1, N): the state or its columns
+    state = decay * state.to(dtype)  # a new tensor: the caller's state is left as it was
+    # the R = H // G heads of a group share its k and q, so a group's heads are the rows of one (R * P, N) matrix:
+    # += v k^T as one batched product per group, done in place (a second large temporary would cost far more on a
+    # CPU than the arithmetic, in fresh pages from the allocator)
+    grouped = state.view(B * G, H // G * P, N)
+    grouped.baddbmm_(v.to(dtype).reshape(B * G, H // G * P, 1), k.to(dtype).reshape(B * G, 1, N))
+    y = torch.bmm(grouped, q.to(dtype).reshape(B * G, N, 1)).view(B, H, P)
     return y.to(v.dtype), state
 
 

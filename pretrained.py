@@ -361,8 +361,8 @@ def _hub_files(repo):
             raise PretrainedError(f"{repo} on the Hugging Face Hub has no {' or '.join(WEIGHT_FILES)}")
     except ConnectionError:
         raise PretrainedError(f"could not download {repo} (offline?), and there is no folder {repo} here: download "
-                              f"config.json and pytorch_model.bin (or model.safetensors) elsewhere and pass their "
-                              f"folder") from None
+                              f"config.json and pytorch_model.bin (or model.safetensors) elsewhere and give their "
+                              f"folder; offline, HF_HUB_OFFLINE=1 stops the waiting for the network") from None
     try:
         tokenizer = fetch("tokenizer.json")  # the official models have none; a converted copy may
     except ConnectionError:

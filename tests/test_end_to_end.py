@@ -81,3 +81,45 @@ def test_a_user_tripping_gets_one_line(workdir):
                                 timeout=300)
         assert result.returncode != 0 and expected in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def interrupt(args, cwd, after=None, wait=0.2):
+    """Start a script, send it SIGINT (Ctrl-C) once `after` shows on its stderr (None: after `wait` seconds, while it
+    still imports), and return (exit status, stderr)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    seen = b""
+    if after is None:
+        time.sleep(wait)
+    else:
+        os.set_blocking(process.stderr.fileno(), False)
+        deadline = time.time() + 120
+        while after.encode() not in seen and time.time() < deadline and process.poll() is None:
+            try:
+                seen += os.read(process.stderr.fileno(), 65536)
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert after.encode() in seen, seen[-2000:]
+        os.set_blocking(process.stderr.fileno(), True)
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=120)[1] or b""
+    return process.returncode, (seen + rest).decode(errors="replace")
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "data.py", "bench.py"])
+def test_ctrl_c_while_a_script_starts_is_quiet(workdir, script):
+    code, err = interrupt([str(REPO / script)], cwd=workdir)
+    assert code == 130 and "Traceback" not in err
+
+
+def test_ctrl_c_while_eval_reads_is_one_line(workdir):
+    data = ["--data", "toy", "--data_dir", str(workdir / "data")]
+    run(str(REPO / "train.py"), *data, *TOY, "--max_steps", "2", "--out_dir", "out/interrupted", cwd=workdir)
+    code, err = interrupt([str(REPO / "eval.py"), *data, "--ckpt", "out/interrupted", "--len", "8192",
+                           "--num_seqs", "4", "--chunk", "64", "--out", "eval_interrupted"], cwd=workdir,
+                          after="loss and control")
+    assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("eval.py:")

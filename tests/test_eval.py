@@ -561,3 +561,45 @@ def test_a_model_fine_tuned_on_passkeys_is_read_as_a_language_model(runs, tiny_c
     assert "not trained on a corpus of this project: give --data" in one_line_error(base)
     evaluation.main(base + ["--data", name, "--passkey", "--passkey_lengths", "64", "--passkey_trials", "1"])
     assert (tmp_path / "out" / "passkey.json").exists() and (tmp_path / "out" / "loss_vs_position.json").exists()
+
+
+def save_copy_copies(folder, seed, init, steps):
+    """A copy run as train.py --task copy --save_every writes it: ckpt_STEP.pt along the way and ckpt.pt at the
+    end, random weights that differ from step to step."""
+    for step in steps:
+        torch.manual_seed(1000 * seed + step)
+        model = LM(ModelConfig(vocab_size=7, d_model=16, n_layer=1, mixer="mamba2", d_state=8, headdim=8,
+                               chunk_size=16))
+        args = {"task": "copy", "alphabet_size": 4, "n_train": 4, "context": 0, "seq_len": 11, "init": init}
+        for name in ([f"ckpt_{step}.pt"] + (["ckpt.pt"] if step == steps[-1] else [])):
+            model.save(folder / name, args=args, step=step, corpus={"name": "task copy", "tokenizer": None})
+
+
+def test_copy_accuracy_along_training_and_the_state_along_long_examples(tmp_path, capsys):
+    """--along_training reads every ckpt_STEP.pt of each run (seeds of one name averaged per step); --state_stats on
+    copy runs follows the state along examples 4 n_train long, with the largest norm of training-length examples."""
+    for seed in range(2):
+        save_copy_copies(tmp_path / f"s{seed}" / "zero", seed, "zero", steps=(2, 4, 6))
+        save_copy_copies(tmp_path / f"s{seed}" / "sp", seed + 10, "state_passing", steps=(2, 4, 6))
+    runs = [str(tmp_path / f"s{s}" / name) for name in ("zero", "sp") for s in range(2)]
+    evaluation.main([x for r in runs for x in ("--ckpt", r)] + ["--along_training", "--state_stats",
+                    "--copy_lengths", "2", "6", "--copy_strings", "3", "--out", str(tmp_path / "eval")])
+    along = json.loads((tmp_path / "eval" / "copy_along_training.json").read_text())
+    assert sorted({(c["model"], c["step"]) for c in along["checkpoints"]}) == [
+        (name, step) for name in ("sp", "zero") for step in (2, 4, 6)]
+    assert len(along["checkpoints"]) == 12  # 2 models x 2 seeds x 3 steps: ckpt.pt is step 6, read once
+    zero = next(m for m in along["models"] if m["label"] == "zero")
+    assert zero["steps"] == [2, 4, 6] and zero["seeds"] == [2, 2, 2]
+    at_4 = [c for c in along["checkpoints"] if c["model"] == "zero" and c["step"] == 4]
+    beyond = [c["greedy"][1] for c in at_4]  # n = 6 is beyond n_train = 4
+    assert zero["greedy_beyond"][1] == pytest.approx(np.mean(beyond)) and zero["greedy_beyond_std"][1] == \
+        pytest.approx(np.std(beyond, ddof=1))
+    assert (tmp_path / "eval" / "copy_along_training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "training step" in capsys.readouterr().out
+    states = json.loads((tmp_path / "eval" / "state_stats.json").read_text())["checkpoints"]
+    assert len(states) == 4 and states[0]["positions"][-1] == 8 * 4 + 3  # start, 16 characters, copy, 16, end
+    model = LM.from_checkpoint(tmp_path / "s0" / "zero")
+    task = tasks.CopyTask(4, 4)
+    with torch.no_grad():
+        _, _, after = model(task.sequences(task.eval_strings(4, 3))[:, :5])  # 5 tokens of a training example
+    assert states[0]["training_range"][0] >= after.ssm[0].flatten(1).norm(dim=1).mean().item() - 1e-4

@@ -873,3 +873,17 @@ def test_learning_rate_schedule():
     assert train.lr_at(0, args) == pytest.approx(0.1) and train.lr_at(9, args) == pytest.approx(1.0)
     assert train.lr_at(60, args) == pytest.approx(0.55) and train.lr_at(110, args) == pytest.approx(0.1)
 
+
+
+def test_every_condition_of_the_copy_experiment_runs(tmp_path):
+    """The copy experiment's conditions at toy size: zero-init and state passing from scratch (with copies along
+    the way), and post-training with each intervention and its zero-init control."""
+    assert run_main(task_flags(tmp_path / "zero", "--max_steps", "2", "--save_every", "1")) is None
+    assert run_main(task_flags(tmp_path / "sp_scratch", "--max_steps", "2", "--init", "state_passing",
+                               "--from_scratch")) is None
+    for init in ("state_passing", "fitted_noise", "random_noise", "zero"):
+        assert run_main(post_flags(task_flags(tmp_path / f"post_{init}", "--max_steps", "1", "--init", init,
+                                              "--init_from", str(tmp_path / "zero")))) is None
+        assert load(tmp_path / f"post_{init}")["args"]["init"] == init
+    assert sorted(p.name for p in (tmp_path / "zero").glob("ckpt_*.pt")) == ["ckpt_1.pt", "ckpt_2.pt"]
+    assert load(tmp_path / "zero")["args"]["context"] == 0  # one example per row: the unconfounded layout
