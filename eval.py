@@ -634,7 +634,8 @@ class Reading:
 
 def _model_name(model):
     cfg = model.cfg
-    kind = {"mamba2": "Mamba-2"}.get(cfg.mixer) or ("GLA" if cfg.gate == "data" else "linear attention")
+    kind = {"mamba2": "Mamba-2", "mamba1": "Mamba-1"}.get(cfg.mixer) or {
+        "channel": "GLA", "head": "GLA (a gate per head)", "none": "linear attention"}[cfg.gate]
     n = model.num_parameters() / 1e6
     return f"{kind} {n:.2f}M" if n < 10 else f"{kind} {n:.0f}M"
 

@@ -1,10 +1,11 @@
-"""model.py: Mamba-2 and gated linear attention language models whose recurrent state is explicit.
+"""model.py: Mamba-2, Mamba-1 and gated linear attention language models whose recurrent state is explicit.
 
 Read first: the paper this project reproduces, Buitrago Ruiz & Gu, "Understanding and Improving Length
 Generalization in Recurrent Models" (ICML 2025, arXiv 2507.02782), Sections 2-3 (recurrent models and the
-unexplored states hypothesis); for the Mamba-2 block, Dao & Gu, "Transformers are SSMs" (ICML 2024, arXiv
-2405.21060), Section 7; for gated linear attention, Yang et al., "Gated Linear Attention Transformers with
-Hardware-Efficient Training" (ICML 2024, arXiv 2312.06635), Section 4.
+unexplored states hypothesis); for the mixers, Dao & Gu, "Transformers are SSMs" (ICML 2024, arXiv 2405.21060),
+Section 7 (the Mamba-2 block); Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv
+2312.00752), Section 3 (Mamba-1); Yang et al., "Gated Linear Attention Transformers with Hardware-Efficient
+Training" (ICML 2024, arXiv 2312.06635), Section 4 (GLA).
 
 Everything the paper studies is about the recurrent state, so the model exposes it: forward() starts from any State
 and returns the State after the last token, and step() advances it one token at a time. Reading a sequence whole,
@@ -14,23 +15,24 @@ in uneven pieces that hand the State on, or token by token gives the same output
     logits, loss, state = model(idx, targets, state)       idx (B, L) -> logits (B, L, V); state None: zero
     logits_t, state = model.step(idx_t, state)             idx_t (B,) -> logits_t (B, V), O(1) per token
 
-Both mixers reduce their sequence mixing to kernels.chunked_scan, S_t = exp(log_decay_t) S_{t-1} + v_t k_t^T,
-y_t = S_t q_t:
-    mamba2  the official Mamba-2 block: q and k are the block's input-dependent projections that the Mamba-2
-            paper calls C and B, v = x * dt, log_decay = A * dt, with a short causal convolution before the scan
+Every mixer reduces its sequence mixing to kernels.chunked_scan, S_t = S_{t-1} diag(exp(log_decay_t)) + v_t k_t^T,
+y_t = S_t q_t, with a decay per head or per key channel:
+    mamba2  the official Mamba-2 block: q and k are the block's input-dependent projections that the Mamba-2 paper
+            calls C and B, v = x * dt, log_decay = A * dt per head, with a short causal convolution before the scan
             whose last inputs are part of the state. Parameter names, initialisation and the order of operations
             follow the official Mamba2 module (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj). Differences:
             the convolution state holds the last W - 1 inputs (the official one keeps W), and the defaults
             chunk_size 64 and vocabulary padding 64 (official: 256 and 16).
-    gla     gated linear attention: q, k, v projections and a data-dependent forget gate per head
-            (log_decay = logsigmoid(.) / temperature); gate="none" gives plain linear attention (log_decay = 0),
-            whose state only grows: a model that fails beyond its training length by construction.
+    mamba1  the official Mamba-1 block: a head per inner channel (P = 1), whose decay is dt A per state element.
+    gla     gated linear attention: q, k, v projections, an output gate and a forget gate per key channel from a
+            low-rank projection (--gate head: one per head; --gate none: plain linear attention, whose state only
+            grows, a model that fails beyond its training length by construction).
 
-The file reads top to bottom: the configuration, the State, the layers, the two mixers, the LM; then checkpoints
-(saving and loading this project's models; pretrained.py loads the official ones).
+The file reads top to bottom: the configuration, the State, the layers, the mixers, the LM, the memory that training
+it needs; then checkpoints (saving and loading this project's models; pretrained.py loads the official ones).
 
 Shape letters: B batch, L length, D d_model, V vocabulary, H heads, P value width per head, N key width per head
-(Mamba-2's d_state), G q/k groups (Mamba-2's ngroups), W convolution width.
+(Mamba-2's d_state), G q/k groups (Mamba-2's ngroups), W convolution width, E inner width (Mamba-1's d_inner).
 """
 import math
 import os

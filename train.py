@@ -722,9 +722,10 @@ class Output:
         if self.run.step < self.args.max_steps:
             print(f"train.py: stopped at step {self.run.step} (--stop_at); continue with python train.py --resume "
                   f"--out_dir {self.args.out_dir}")
-        else:
+        else:  # a post-trained model is read beside the model it started from
+            models = " ".join(f"--ckpt {path}" for path in (self.args.init_from, self.args.out_dir) if path)
             print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); next: python eval.py "
-                  f"--ckpt {self.args.out_dir}")
+                  f"{models}")
 
 
 def _step_of(line):
@@ -827,7 +828,10 @@ def train_all(argv):
                 print(f"{default_out_dir(given.get('task', 'lm'), given.get('preset', 'demo'), 'zero')} does not "
                       f"exist yet: pre-training it "
                       f"first; the post-training follows", file=sys.stderr)
-            run_training(base_run_options(given), rank, world, device)
+            try:
+                run_training(base_run_options(given), rank, world, device)
+            except Stopped as stop:
+                raise Stopped(f"{stop}; then run this command again for the post-training") from None
         run_training(given, rank, world, device)
     except (Stopped, KeyboardInterrupt) as stop:
         print(f"train.py: {str(stop) or 'interrupted before training began'}", file=sys.stderr)
