@@ -4,7 +4,8 @@
                                      flash-linear-attention's naive_chunk_simple_gla and naive_recurrent_gla, the
                                      dense SSD formulation and the step-by-step loop, float32, (B=4, L=4096, H=8,
                                      P=64, N=64); Mamba-1's scan (H=1536 heads of P=1, N=16, L=2048) against a
-                                     step-by-step loop; then memory against L
+                                     step-by-step loop; then memory against L; then whole Mamba-1 and Mamba-2
+                                     models of the 130m size reading 2048 tokens against transformers' models
     python bench.py --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla (scalar) and
                                      chunk_gla (per channel) vs causal scaled_dot_product_attention, bfloat16, B=8,
                                      H=32, P=64, N=128, L up to 32768; Mamba-1's scan vs mamba_ssm's selective scan
@@ -15,7 +16,7 @@
                                      its vocabulary (1 sequence of 8192 and 16384), and what the README's
                                      evaluation of mamba2-370m should take here, scaled by parameters
     python bench.py --estimate       ESTIMATED GPU memory and hours of train.py's official-size presets: memory
-                                     from train.estimate_memory, time from a FLOP count at an assumed utilisation
+                                     from model.training_memory, time from a FLOP count at an assumed utilisation
 
 Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
