@@ -874,7 +874,6 @@ def test_learning_rate_schedule():
     assert train.lr_at(60, args) == pytest.approx(0.55) and train.lr_at(110, args) == pytest.approx(0.1)
 
 
-
 def test_every_condition_of_the_copy_experiment_runs(tmp_path):
     """The copy experiment's conditions at toy size: zero-init and state passing from scratch (with copies along
     the way), and post-training with each intervention and its zero-init control."""
