@@ -17,7 +17,7 @@ A corpus is data/NAME/train.bin and val.bin, every document's tokens followed by
 larger vocabulary), and meta.json: the tokenizer (and the sha256 of a tokenizer.json, for tokenizer_mismatch()), the
 counts, what could not be used, and "created", a stamp per preparation (Corpus.fingerprint). A document goes to train
 or val by the md5 of its name, the same on every machine; a single text file is one document, whose last
---val_fraction of tokens is val. It is written into a work folder data/.NAME.XXXXXXXX.PID@HOST, renamed into place
+--val_fraction of tokens is val. It is written into a work folder data/.NAME.RANDOM.PID@HOST, renamed into place
 when complete; a corpus being replaced waits as data/.NAME.old and comes back if anything fails, even after a hard
 kill. The next run removes the work folders of dead processes.
 
@@ -80,7 +80,7 @@ PIECE, MAX_PIECE = 2 ** 18, 2 ** 22  # characters of a piece of a document; a ba
 # a new pre-token right after it, so text cut there gets the tokens of the whole.
 SAFE_CUT = re.compile(r"\S\n(?=\S)")
 LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape for half a character, which UTF-8 cannot hold
-WORK_FOLDER = re.compile(r"\..+\.(\d{1,7})@([^@]+)")  # .NAME.XXXXXXXX.PID@HOST
+WORK_FOLDER = re.compile(r"\..+\.(\d{1,7})@([^@]+)")  # .NAME.RANDOM.PID@HOST
 
 
 class DataError(UsageError):
@@ -458,7 +458,7 @@ def _batches(documents, size):
 
 
 def _make_work_folder(data_dir, name):
-    """An empty folder data_dir/.NAME.XXXXXXXX.PID@HOST to write into, with the permissions of a folder made by hand."""
+    """An empty folder data_dir/.NAME.RANDOM.PID@HOST to write into, with the permissions of a folder made by hand."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         _clean_up(data_dir, name)

@@ -794,6 +794,18 @@ def _within_sub_chunk_grads(dscores, q, cum, k_ptr, cum_ptr, first, seq_left, G,
 
 
 @triton.jit
+def _channel_chunk(num_chunks, L, H, G, P, N, CHUNK: tl.constexpr):
+    """The per-channel programs' chunk and where their tiles start: (start, the chunk's first position; rows, the
+    offset of its first row in a (B, L, G, .) tensor of group g and in a (B, L, H, .) tensor of head h, in rows;
+    cum_at, its first A row in (B, H, nc*C, N); state_at, its state in (B, nc, H, P, N))."""
+    chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
+    start = chunk * CHUNK
+    group_rows, head_rows = (b * L + start) * G + g, (b * L + start) * H + h
+    cum_at = ((b * H + h) * num_chunks * CHUNK + start) * N
+    return start, group_rows, head_rows, cum_at, ((b * num_chunks + chunk) * H + h) * P * N
+
+
+@triton.jit
 def _channel_output_kernel(q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, y_ptr, L, H, G, P, N, num_chunks,
                            CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):
@@ -806,14 +818,13 @@ def _channel_output_kernel(q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, y_ptr, L, H
 
     Grid: (nc * B * H, P-blocks).
     """
-    chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
-    start = chunk * CHUNK
-    q_ptr += ((b * L + start) * G + g) * N
-    k_ptr += ((b * L + start) * G + g) * N
-    v_ptr += ((b * L + start) * H + h) * P
-    y_ptr += ((b * L + start) * H + h) * P
-    cum_ptr += ((b * H + h) * num_chunks * CHUNK + start) * N
-    states_ptr += ((b * num_chunks + chunk) * H + h) * P * N
+    start, group_rows, head_rows, cum_at, state_at = _channel_chunk(num_chunks, L, H, G, P, N, CHUNK)
+    q_ptr += group_rows * N
+    k_ptr += group_rows * N
+    v_ptr += head_rows * P
+    y_ptr += head_rows * P
+    cum_ptr += cum_at
+    states_ptr += state_at
     seq_left = L - start
     s = tl.arange(0, SUB)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -860,14 +871,13 @@ def _channel_grad_v_kernel(q_ptr, k_ptr, dy_ptr, cum_ptr, dstates_ptr, dv_ptr, L
 
     Grid: (nc * B * H, P-blocks).
     """
-    chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
-    start = chunk * CHUNK
-    q_ptr += ((b * L + start) * G + g) * N
-    k_ptr += ((b * L + start) * G + g) * N
-    dy_ptr += ((b * L + start) * H + h) * P
-    dv_ptr += ((b * L + start) * H + h) * P
-    cum_ptr += ((b * H + h) * num_chunks * CHUNK + start) * N
-    dstates_ptr += ((b * num_chunks + chunk) * H + h) * P * N
+    start, group_rows, head_rows, cum_at, state_at = _channel_chunk(num_chunks, L, H, G, P, N, CHUNK)
+    q_ptr += group_rows * N
+    k_ptr += group_rows * N
+    dy_ptr += head_rows * P
+    dv_ptr += head_rows * P
+    cum_ptr += cum_at
+    dstates_ptr += state_at
     seq_left = L - start
     s = tl.arange(0, SUB)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -918,18 +928,17 @@ def _channel_grad_qk_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, cum_ptr, states_ptr, ds
     head (B, L, H, N) float32, which the caller sums over each group's heads, and dL/dA = q dq - k dk to dcum
     (B, H, nc*C, N). Grid: (nc * B * H, N-blocks).
     """
-    chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
-    start = chunk * CHUNK
-    q_ptr += ((b * L + start) * G + g) * N
-    k_ptr += ((b * L + start) * G + g) * N
-    v_ptr += ((b * L + start) * H + h) * P
-    dy_ptr += ((b * L + start) * H + h) * P
-    dq_ptr += ((b * L + start) * H + h) * N
-    dk_ptr += ((b * L + start) * H + h) * N
-    cum_ptr += ((b * H + h) * num_chunks * CHUNK + start) * N
-    dcum_ptr += ((b * H + h) * num_chunks * CHUNK + start) * N
-    states_ptr += ((b * num_chunks + chunk) * H + h) * P * N
-    dstates_ptr += ((b * num_chunks + chunk) * H + h) * P * N
+    start, group_rows, head_rows, cum_at, state_at = _channel_chunk(num_chunks, L, H, G, P, N, CHUNK)
+    q_ptr += group_rows * N
+    k_ptr += group_rows * N
+    v_ptr += head_rows * P
+    dy_ptr += head_rows * P
+    dq_ptr += head_rows * N  # per head: the caller sums each group's heads
+    dk_ptr += head_rows * N
+    cum_ptr += cum_at
+    dcum_ptr += cum_at
+    states_ptr += state_at
+    dstates_ptr += state_at
     seq_left = L - start
     s = tl.arange(0, SUB)
     p = tl.arange(0, BLOCK_P)
