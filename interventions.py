@@ -2,9 +2,9 @@
 
 Read first: Buitrago Ruiz & Gu (arXiv 2507.02782), Section 3 for the hypothesis and Section 4 for these
 interventions. The unexplored-states hypothesis: a recurrent model trained only from the zero state on sequences of
-length T never sees the states that positions far beyond T produce, so its behaviour there is untrained. The remedy is to
-start training sequences from states like those: each class below decides the initial state of the next batch and
-may look at the (detached) final state of the batch just trained on.
+length T never sees the states that positions far beyond T produce, so its behaviour there is untrained. The remedy
+is to start training sequences from states like those: each class below decides the initial state of the next batch
+and may look at the (detached) final state of the batch just trained on.
 
     zero           the usual zero state                                          (the baseline and control)
     random_noise   iid N(0, noise_std^2) SSM states                              (crude, cheap)
@@ -17,20 +17,31 @@ All of them can send a fraction p_zero of the rows back to the zero state (a com
 passing, this makes the chains of passed states geometrically long, so states from every depth are visited, not only
 the zero start and the long-run regime. Gradients never flow into an initial state: states handed on are detached.
 
-train.py builds one with INITS[args.init](model, seed=..., **options), passing the options of its TrainConfig that
-are marked for that --init (noise_std, p_zero, ssm_only); each class takes exactly those.
+Each class declares its own options ({name: (default, help)}); train.py offers every one of them as a flag --name
+and builds the chosen strategy as INITS[args.init](model, seed=..., **its options), refusing the options of the
+others. A new strategy is a class here with its options, and its entry in INITS.
 """
 import torch
 
 from model import State
 
-class Intervention:
-    """The interface: initial_state() before each batch, observe() after it, state_dict() for checkpoints."""
 
+class Intervention:
+    """The interface: initial_state() before each batch, observe() after it, state_dict() for checkpoints.
+
+    options: the strategy's own settings, {name: (default, help)}; each becomes an attribute of the instance, its
+    value given to __init__ or the default."""
+
+    options = {"p_zero": (0.0, "fraction of rows that start from the zero state instead")}
     uses_streams = False  # True when batches must be contiguous streams (tbptt)
 
-    def __init__(self, model, p_zero=0.0, seed=0):
-        self.model, self.p_zero, self.seed = model, p_zero, seed
+    def __init__(self, model, seed=0, **options):
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} takes no option {', '.join(sorted(unknown))}")
+        for name, (default, _) in self.options.items():
+            setattr(self, name, options.get(name, default))
+        self.model, self.seed = model, seed
         self.generator = None  # created on the device of the first batch, so sampling costs no transfer
 
     def _rng(self, device):
@@ -67,13 +78,13 @@ class Intervention:
 class Zero(Intervention):
     """Every sequence starts from the zero state: standard training."""
 
+    options = {}
+
 
 class RandomNoise(Intervention):
     """SSM states drawn iid from N(0, noise_std^2); convolution states zero (they hold recent inputs, not memory)."""
 
-    def __init__(self, model, noise_std, **kwargs):
-        super().__init__(model, **kwargs)
-        self.noise_std = noise_std
+    options = {**Intervention.options, "noise_std": (0.1, "std of the noise states")}
 
     def propose(self, batch_size, device, restarted):
         zero = self.model.init_state(batch_size, device)
@@ -93,11 +104,9 @@ class FittedNoise(Intervention):
     to zero-start states does not have).
     """
 
-    def __init__(self, model, **kwargs):
-        super().__init__(model, **kwargs)
-        self.count = 0  # entries seen per head (the same for every layer and head)
-        self.sums = None  # per layer: (H,) float64 sums of entries
-        self.sums_sq = None  # per layer: (H,) float64 sums of squared entries
+    count = 0  # entries seen per head (the same for every layer and head)
+    sums = None  # per layer: (H,) float64 sums of entries
+    sums_sq = None  # per layer: (H,) float64 sums of squared entries
 
     def observe(self, final_state):
         per_head = [s.double().transpose(0, 1).flatten(1) for s in final_state.ssm]  # (H, B * P * N) per layer
@@ -144,10 +153,8 @@ class StatePassing(Intervention):
     unrelated sequence, detached so gradients stay inside the batch. The convolution state is passed too unless
     ssm_only (it holds the previous batch's last inputs). The first batch starts from zero."""
 
-    def __init__(self, model, ssm_only, **kwargs):
-        super().__init__(model, **kwargs)
-        self.ssm_only = ssm_only
-        self.previous = None
+    options = {**Intervention.options, "ssm_only": (False, "pass the SSM state only, not the convolution state")}
+    previous = None  # the final State of the previous batch
 
     def observe(self, final_state):
         self.previous = final_state.detach()
@@ -160,11 +167,12 @@ class StatePassing(Intervention):
         return self.previous
 
     def state_dict(self):
-        return {**super().state_dict(), "previous": None if self.previous is None else self.previous.as_dict()}
+        # the State as a plain dict of lists of tensors, which torch.load(weights_only=True) accepts
+        return {**super().state_dict(), "previous": None if self.previous is None else vars(self.previous)}
 
     def load_state_dict(self, d):
         super().load_state_dict(d)
-        self.previous = None if d["previous"] is None else State.from_dict(d["previous"])
+        self.previous = None if d["previous"] is None else State(**d["previous"])
 
 
 class TBPTT(StatePassing):
@@ -183,11 +191,3 @@ class TBPTT(StatePassing):
 
 INITS = {"zero": Zero, "random_noise": RandomNoise, "fitted_noise": FittedNoise, "state_passing": StatePassing,
          "tbptt": TBPTT}  # --init NAME -> its class
-
-
-def make_intervention(name, model, seed=0, **options):
-    """The Intervention for --init NAME; model is the (unwrapped) LM, used to build zero states; options are the
-    class's own arguments (p_zero, noise_std, ssm_only)."""
-    if name not in INITS:
-        raise ValueError(f"unknown --init {name!r}; choose one of {', '.join(INITS)}")
-    return INITS[name](model, seed=seed, **options)

@@ -6,15 +6,13 @@ Every sequence mixer in this project is the same recurrence. Per batch row and h
     y_t = S_t q_t                                         (read the memory with query q_t)
     S_{-1} = initial_state  (zeros when None)             final_state = S_{L-1}
 
-The decay comes in two kinds:
-    scalar       log_decay (B, L, H): one number per head and step decays the whole state. Mamba-2 (q and k the
-                 projections it reads and writes its state with, v its input times the step size, log_decay the
-                 step size times a negative per-head rate; model.py spells this out in Mamba-2's own letters) and
-                 linear attention with a scalar forget gate (0 for no gate).
-    per channel  log_decay (B, L, H, N): column n of the state, the one written by key channel n, decays by its own
-                 exp(log_decay_t[n]):  S_t[p, n] = exp(log_decay_t[n]) S_{t-1}[p, n] + v_t[p] k_t[n].
-                 GLA's forget gate (S_t = S_{t-1} diag(alpha_t) + v_t k_t^T in its orientation), and Mamba-1's
-                 selective scan: H = d_inner heads of P = 1, N = d_state, G = 1, log_decay[h, n] = dt[h] * A[h, n].
+The decay, log_decay <= 0, comes in two kinds:
+    scalar       (B, L, H): one number per head and step decays the whole state. Mamba-2 (its step size times a
+                 negative per-head rate; model.py spells it out in Mamba-2's own letters) and linear attention with
+                 a scalar forget gate.
+    per channel  (B, L, H, N): column n of the state, the one key channel n writes, decays by its own
+                 exp(log_decay_t[n]). GLA's forget gate, and Mamba-1's selective scan: H = d_inner heads of P = 1,
+                 N = d_state, G = 1, log_decay[h, n] = dt[h] * A[h, n].
 The paper this project reproduces is about S_{-1}: models trained only from the zero state fail on the states that
 long sequences reach, so the scan must start from any state and hand its final state on.
 
@@ -26,59 +24,45 @@ long sequences reach, so the scan must start from any state and hand its final s
     y2, state = chunked_scan(q, k, v, log_decay, state)      # the next 1000 tokens, starting where the first stopped
     y3, _ = chunked_scan(q, k, v, -torch.rand(2, 1000, 4, 32))   # a decay per key channel: (B, L, H, N)
 
-Shape letters used throughout:
-    B batch rows      L sequence length     H heads             P value width (Mamba-2's headdim)
-    G q/k groups      R = H // G heads per group (head h reads group h // R, Mamba-2's ngroups)
-    N key width (Mamba-2's d_state)         C chunk size        nc = ceil(L / C) chunks     c sub-chunk size
+Shape letters: B batch rows, L sequence length, H heads, P value width (Mamba-2's headdim), N key width (its
+d_state), G q/k groups (head h reads group h // R, R = H // G: Mamba-2's ngroups), C chunk size, nc = ceil(L / C)
+chunks, c sub-chunk size.
 
-Sources. The chunked algorithm is Mamba-2's "state space duality" (Dao & Gu 2024, "Transformers are SSMs",
-Section 6, and its ssd_minimal listing). The per-channel decay and its sub-chunks ("secondary chunking") follow
-Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training" (Section 4), whose
-implementation is flash-linear-attention's chunk_gla.
+Sources: Mamba-2's "state space duality" (Dao & Gu 2024, "Transformers are SSMs", Section 6, and its ssd_minimal
+listing); for the per-channel decay and its sub-chunks, Yang et al. 2024, "Gated Linear Attention Transformers with
+Hardware-Efficient Training" (Section 4), implemented in flash-linear-attention's chunk_gla.
 
-The chunked algorithm. A step-by-step loop (scan_reference) is exact but sequential in L. Cut the sequence into
-chunks of C positions; within a chunk let A_i = log_decay_0 + ... + log_decay_i (cumulative, restarted per chunk)
-and let S_prev be the state entering the chunk. Unrolling the recurrence inside the chunk gives four pieces:
+The chunked algorithm. The step-by-step loop is exact but sequential in L. Cut the sequence into chunks of C
+positions; within a chunk let A_i = log_decay_0 + ... + log_decay_i (restarted per chunk) and S_prev the state
+entering it. Unrolling the recurrence inside the chunk gives four pieces:
 
     1. intra-chunk output   y_i  = sum_{j<=i} exp(A_i - A_j) (q_i . k_j) v_j       a masked (C, C) "attention"
     2. per-chunk states     X    = sum_j exp(A_last - A_j) v_j k_j^T               what the chunk alone writes
-    3. pass over chunks     S_end = exp(A_last) S_prev + X                         sequential, but only nc steps;
-                            the initial state enters at the first chunk, the final state leaves after the last
+    3. pass over chunks     S_end = exp(A_last) S_prev + X                         the initial state enters at the
+                                                                                   first chunk, the final leaves last
     4. inter-chunk output   y_i += exp(A_i) S_prev q_i                             what earlier chunks contribute
 
-Pieces 1, 2 and 4 are independent across chunks (matrix products); only piece 3 is sequential, over nc steps. Every
-exponent above is a difference A_i - A_j with i >= j (or A_i itself), so with log_decay <= 0 it is <= 0: nothing
-overflows however negative the decay, and since A restarts at every chunk its magnitude never grows with L. Entries
-with j > i are masked to -inf before exponentiating, never computed and then zeroed.
+Pieces 1, 2 and 4 are matrix products, independent across chunks; only piece 3 is sequential, over nc steps. Every
+exponent is a difference A_i - A_j with i >= j (or A_i itself), so with log_decay <= 0 it is <= 0: nothing
+overflows however negative the decay, and as A restarts every chunk its magnitude never grows with L. Entries with
+j > i are masked to -inf before exponentiating, never computed and then zeroed.
 
-A decay per key channel. A_i is now a vector over n, and each product in piece 1 becomes
-    sum_n q_i[n] k_j[n] exp(A_i[n] - A_j[n])
-The decay sits inside the sum over n, so it no longer multiplies a (C, C) matrix of products q_i . k_j from outside.
-It comes back into a matrix product by factoring through a reference position r:
+A decay per key channel makes A_i a vector over n, and piece 1's product sum_n q_i[n] k_j[n] exp(A_i[n] - A_j[n]):
+the decay sits inside the sum, no longer scaling a (C, C) matrix of products q_i . k_j from outside. Factoring
+through a reference position r makes it a matrix product again:
     exp(A_i - A_j) = exp(A_i - A_r) exp(A_r - A_j),   then   sum_n (q_i exp(A_i - A_r))[n] (k_j exp(A_r - A_j))[n]
-Both factors are <= 1 only when j <= r <= i; for any other pair one of them grows like exp(sum of the decays
-between i and j), which for a decay of -1e3 per step overflows at once. GLA's answer is sub-chunks of c positions
-inside a chunk. Between two sub-chunks the reference is the boundary between them: both factors are <= 1. Inside a
-sub-chunk there is no such position, and the two paths here handle it differently:
-    PyTorch  the reference is the sub-chunk's last position r: exp(A_r - A_j) <= 1, while exp(A_i - A_r) >= 1 is
-             at most exp((c - 1) * the strongest decay in the chunk), which c keeps below exp(MAX_EXPONENT): c is
-             the largest divisor of C that does, chosen per chunk. Mild decays get c = C, one matrix product per
-             chunk as for the scalar decay; a decay of -1e3 gets c = 1, the recurrence itself. Between sub-chunks,
-             pieces 2-4 run at sub-chunk granularity, which is the factoring through their boundary. States of at
-             most RECURRENT_MAX_P rows (Mamba-1's P = 1) skip the chunks and take the recurrence a step at a time:
-             such a state is no larger than a row of q, and the (C, C) products would cost more than they save.
-    Triton   sub-chunks of 16 (a matrix product's smallest tile); inside one, the products are computed exactly,
-             elementwise over n, one key position at a time, as chunk_gla does.
-The per-chunk states, the pass over chunks and the inter-chunk output only ever need exp(A_i), exp(A_last - A_j)
-and exp(A_last), elementwise over n, all <= 1.
+Both factors are <= 1 only when j <= r <= i; for any other pair one grows like exp(sum of the decays between i and
+j), which for a decay of -1e3 per step overflows at once. GLA's answer is sub-chunks of c positions inside a chunk:
+between two sub-chunks r is their boundary, and both factors are <= 1. Inside one there is no such position: the
+PyTorch path takes its last position and keeps c small enough that exp(A_i - A_r) <= exp(MAX_EXPONENT)
+(_sub_chunk_sizes); the Triton kernels, in sub-chunks of 16 rows (a matrix product's smallest tile), compute those
+products exactly, elementwise over n. Pieces 2-4 only need exp(A_i), exp(A_last - A_j) and exp(A_last), elementwise
+over n, all <= 1.
 
-Two implementations of the same pieces live here, and scan_reference is the definition both are tested against:
-    _scan_torch   plain PyTorch, differentiated by autograd, walking the chunks in order (fast on CPUs: every
-                  intermediate stays small enough for the cache); activation memory O(B * H * L * C), nothing L x L.
-    _scan_triton  Triton kernels for the forward and the backward, wired through torch.autograd.Function; pieces
-                  1, 2 and 4 run for all chunks at once, one program per (chunk, row, head).
-The public entry point is chunked_scan(..., backend="auto" | "torch" | "triton"). The file reads: the step-by-step
-definition, the PyTorch path, chunked_scan, then everything Triton.
+The file reads: the step-by-step definition (scan_reference, in float64, which every fast path is tested against;
+then scan_step, the fast one-token step for generation); the same four pieces as four dense einsums (dense_scan);
+the chunked algorithm in PyTorch and the public chunked_scan(..., backend="auto" | "torch" | "triton"); and last
+the Triton kernels, forward and hand-written backward, with their launch code.
 """
 import contextlib
 import functools
@@ -87,71 +71,32 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:  # triton is optional: without it (macOS, no wheel) the torch path still works
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the kernels below are then defined against this stand-in and never launched
-    HAS_TRITON = False
-
-    class _TritonStandIn:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _TritonStandIn()
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The definition
 # ----------------------------------------------------------------------------------------------------------------
 
-def scan_step(q, k, v, log_decay, state=None):
-    """One step of the recurrence: O(1) work per token, for generation.
-
-    q, k (B, G, N); v (B, H, P); log_decay (B, H), or (B, H, N) for a decay per key channel; state (B, H, P, N) or
-    None (zeros). Returns y (B, H, P) in v's dtype and the new state (B, H, P, N) in float32 (float64 for float64
-    inputs).
-    """
-    B, G, N = q.shape
-    H, P = v.shape[1], v.shape[2]
-    dtype = _state_dtype(v)
-    if state is None:
-        state = torch.zeros(B, H, P, N, dtype=dtype, device=v.device)
-    decay = torch.exp(log_decay.to(dtype)).view(B, H, 1, -1)  # (B, H, 1, 1) or (B, H, 1, N): the state or its columns
-    state = decay * state.to(dtype)  # a new tensor: the caller's state is left as it was
-    # the R = H // G heads of a group share its k and q, so a group's heads are the rows of one (R * P, N) matrix:
-    # += v k^T as one batched product per group, done in place (a second large temporary would cost far more on a
-    # CPU than the arithmetic, in fresh pages from the allocator)
-    grouped = state.view(B * G, H // G * P, N)
-    grouped.baddbmm_(v.to(dtype).reshape(B * G, H // G * P, 1), k.to(dtype).reshape(B * G, 1, N))
-    y = torch.bmm(grouped, q.to(dtype).reshape(B * G, N, 1)).view(B, H, P)
-    return y.to(v.dtype), state
-
-
 def scan_reference(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backend="auto"):
-    """The recurrence one step at a time, in float64: the definition every fast path is tested against.
+    """The recurrence one step at a time, in float64, written straight from the equations: the definition every
+    fast path is tested against.
 
     q, k (B, L, G, N); v (B, L, H, P); log_decay (B, L, H) or (B, L, H, N); initial_state (B, H, P, N) or None.
     Returns y (B, L, H, P) in v's dtype and final_state (B, H, P, N) in float32 (float64 for float64 inputs).
     chunk_size and backend are accepted so that the signature matches chunked_scan; they change nothing here.
     """
-    _check_inputs(q, k, v, log_decay, initial_state)
-    f64 = torch.float64
-    state = None if initial_state is None else initial_state.to(f64)
+    B, L, G, N = _check_inputs(q, k, v, log_decay, initial_state)
+    H, P = v.shape[2], v.shape[3]
+    y_dtype, state_dtype = v.dtype, torch.float64 if v.dtype == torch.float64 else torch.float32
+    q, k = (x.double().repeat_interleave(H // G, dim=2) for x in (q, k))  # head h reads group h // R: (B, L, H, N)
+    v = v.double()
+    decay = torch.exp(log_decay.double()).view(B, L, H, 1, -1)  # (.., 1, 1) the whole state, (.., 1, N) its columns
+    state = (torch.zeros(B, H, P, N, dtype=torch.float64, device=v.device) if initial_state is None
+             else initial_state.double())
     outputs = []
-    for t in range(q.shape[1]):
-        y_t, state = scan_step(q[:, t].to(f64), k[:, t].to(f64), v[:, t].to(f64), log_decay[:, t].to(f64), state)
-        outputs.append(y_t)
-    return torch.stack(outputs, dim=1).to(v.dtype), state.to(_state_dtype(v))
-
-
-def _state_dtype(v):
-    """The state is kept in float32 (float64 only when the inputs are float64, for tests)."""
-    return torch.float64 if v.dtype == torch.float64 else torch.float32
+    for t in range(L):
+        state = decay[:, t] * state + v[:, t, :, :, None] * k[:, t, :, None, :]  # S_t: (B, H, P, N)
+        outputs.append((state @ q[:, t, :, :, None]).squeeze(-1))  # y_t = S_t q_t: (B, H, P)
+    return torch.stack(outputs, dim=1).to(y_dtype), state.to(state_dtype)
 
 
 def _check_inputs(q, k, v, log_decay, initial_state):
@@ -175,6 +120,71 @@ def _check_inputs(q, k, v, log_decay, initial_state):
     return B, L, G, N
 
 
+def scan_step(q, k, v, log_decay, state=None):
+    """The fast one-token step of the same recurrence: O(1) work per token, for generation (model.LM.step).
+
+    q, k (B, G, N); v (B, H, P); log_decay (B, H), or (B, H, N) for a decay per key channel; state (B, H, P, N) or
+    None (zeros). Returns y (B, H, P) in v's dtype and the new state (B, H, P, N) in float32 (float64 for float64
+    inputs).
+    """
+    B, G, N = q.shape
+    H, P = v.shape[1], v.shape[2]
+    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32  # the state's (float64 only for tests)
+    if state is None:
+        state = torch.zeros(B, H, P, N, dtype=dtype, device=v.device)
+    decay = torch.exp(log_decay.to(dtype)).view(B, H, 1, -1)  # (B, H, 1, 1) or (B, H, 1, N): the state or its columns
+    state = decay * state.to(dtype)  # a new tensor: the caller's state is left as it was
+    # the R = H // G heads of a group share its k and q, so a group's heads are the rows of one (R * P, N) matrix:
+    # += v k^T as one batched product per group, done in place (a second large temporary would cost far more on a
+    # CPU than the arithmetic, in fresh pages from the allocator)
+    grouped = state.view(B * G, H // G * P, N)
+    grouped.baddbmm_(v.to(dtype).reshape(B * G, H // G * P, 1), k.to(dtype).reshape(B * G, 1, N))
+    y = torch.bmm(grouped, q.to(dtype).reshape(B * G, N, 1)).view(B, H, P)
+    return y.to(v.dtype), state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The four pieces as dense einsums
+# ----------------------------------------------------------------------------------------------------------------
+
+def _segment_sums(x):
+    """sum_{j < t <= i} x_t for i >= j, -inf above the diagonal.  (..., T) -> (..., T, T)"""
+    cum = x.cumsum(-1)
+    diff = cum[..., :, None] - cum[..., None, :]
+    causal = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool, device=x.device).tril()
+    return diff.masked_fill(~causal, float("-inf"))
+
+
+def dense_scan(q, k, v, log_decay, initial_state=None, chunk_size=64):
+    """The four pieces in the form of the Mamba-2 paper's minimal SSD listing, for a scalar decay: every chunk's
+    (C, C) decay matrix and the (nc + 1, nc + 1) chunk-to-chunk decay matrix are materialised at once, and piece 3,
+    the pass over chunks, is one matrix product instead of a loop. Compact to read; python -m bench times it.
+
+    Shapes as chunked_scan, log_decay (B, L, H) only; q and k are expanded per head, L is zero-padded to whole
+    chunks (as _to_chunks explains, harmless). Returns y (B, L, H, P) and the final state (B, H, P, N).
+    """
+    if log_decay.dim() != 3:
+        raise ValueError("dense_scan takes a scalar decay, log_decay (B, L, H)")
+    B, L, G, N = q.shape
+    H, P = v.shape[2], v.shape[3]
+    R, C = H // G, chunk_size
+    q = _to_chunks(q.repeat_interleave(R, dim=2), C)  # (B, nc, C, H, N)
+    k = _to_chunks(k.repeat_interleave(R, dim=2), C)
+    v = _to_chunks(v, C)  # (B, nc, C, H, P)
+    log_decay = _to_chunks(log_decay, C).permute(0, 3, 1, 2)  # (B, H, nc, C)
+    cum = log_decay.cumsum(-1)
+    within = torch.exp(_segment_sums(log_decay))  # exp(A_i - A_j), i >= j: (B, H, nc, C, C)
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", q, k, within, v)  # 1.
+    decay_to_end = torch.exp(cum[..., -1:] - cum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", k, decay_to_end, v)  # 2. X of each chunk
+    start = torch.zeros_like(states[:, :1]) if initial_state is None else initial_state[:, None].to(states.dtype)
+    states = torch.cat([start, states], dim=1)  # (B, nc + 1, H, P, N)
+    between = torch.exp(_segment_sums(F.pad(cum[..., -1], (1, 0))))  # (B, H, nc + 1, nc + 1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", between, states)  # 3. the state entering each chunk, then the final
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", q, states[:, :-1], torch.exp(cum))  # 4.
+    return (y_diag + y_off).reshape(B, -1, H, P)[:, :L], states[:, -1]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The chunked algorithm in PyTorch
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,13 +202,15 @@ RECURRENT_MAX_P = 4
 
 
 def _scan_torch(q, k, v, log_decay, initial_state, chunk_size):
-    """The chunked algorithm in PyTorch, walking the chunks in order.  Shapes as chunked_scan.
+    """The chunked algorithm in PyTorch, differentiated by autograd, walking the chunks in order: fast on CPUs, as
+    every intermediate stays small enough for the cache; activation memory O(B * H * L * C), nothing L x L.
+    Shapes as chunked_scan.
 
     Three versions of it, by the kind of decay and the height P of the state: scalar decays, per-channel decays, and
     per-channel decays on states of at most RECURRENT_MAX_P rows (Mamba-1's P = 1), which take the recurrence a step
     at a time. A chunk longer than the sequence would only add padding, and (C, C) memory, so it is at most L long.
     """
-    dtype = _state_dtype(v)
+    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32  # the state's (float64 only for tests)
     chunk_size = min(chunk_size, q.shape[1])
     initial_state = None if initial_state is None else initial_state.to(dtype)
     if log_decay.dim() == 3:
@@ -246,11 +258,6 @@ def _masked_decay(cum_decay, causal):
     return torch.exp(diff.masked_fill_(~causal, float("-inf")))  # in place: diff is a fresh temporary
 
 
-def _causal_mask(size, device):
-    """(size, size) bool, True where i >= j."""
-    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
-
-
 def _scan_torch_scalar(q, k, v, log_decay, initial_state, chunk_size):
     """The four pieces for a scalar decay, chunk after chunk.  q, k (B, L, G, N); v (B, L, H, P); log_decay
     (B, L, H); initial_state (B, H, P, N) or None; all in the state's dtype.  Returns y (B, L, H, P), final state.
@@ -267,7 +274,7 @@ def _scan_torch_scalar(q, k, v, log_decay, initial_state, chunk_size):
     decay_from_start = torch.exp(cum)[..., None]  # exp(A_i): (nc, B, G, R, C, 1)
     decay_to_end = torch.exp(cum[..., -1:] - cum)[..., None]  # exp(A_last - A_j): (nc, B, G, R, C, 1)
     chunk_decay = decay_from_start[..., -1:, :]  # exp(A_last): (nc, B, G, R, 1, 1)
-    causal = _causal_mask(C, q.device)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # True where i >= j
 
     state = (torch.zeros(B, G, R, P, N, dtype=v.dtype, device=v.device) if initial_state is None
              else initial_state.reshape(B, G, R, P, N))  # the initial state enters here
@@ -318,7 +325,8 @@ def _scan_torch_per_channel(q, k, v, log_decay, initial_state, chunk_size):
         q_from_end = q_s / to_end  # q_i exp(A_i - A_r): the division is safe since to_end >= exp(-MAX_EXPONENT)
         q_from_start = q_from_end * sub_decay  # q_i exp(A_i): reads the state entering the sub-chunk
         # 1. inside each sub-chunk; the entries above the diagonal are finite (bounded as above) and masked
-        scores = (q_from_end @ k_to_end.transpose(-1, -2)).masked_fill_(~_causal_mask(c, q.device), 0.0)
+        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # True where i >= j
+        scores = (q_from_end @ k_to_end.transpose(-1, -2)).masked_fill_(~causal, 0.0)
         y_within = scores @ v_s  # (B, G, R, ns, c, P)
         written = v_s.transpose(-1, -2) @ k_to_end  # 2. (B, G, R, ns, P, N)
         pieces = []
@@ -367,6 +375,8 @@ def _sub_chunk_sizes(log_decay, chunk_size):
     ints.  log_decay (B, L, H, N).
 
     (c - 1) steps separate a sub-chunk's first position from its last, so exp(A_i - A_r) <= exp(MAX_EXPONENT).
+    Mild decays get c = C, one matrix product per chunk as for a scalar decay; a decay of -1e3 gets c = 1, the
+    recurrence itself.
     """
     strongest = -_to_chunks(log_decay.detach(), chunk_size).amin(dim=(0, 2, 3, 4))  # (nc,)
     if strongest.device.type == "meta":  # no numbers (a memory estimate, model.training_memory): whole chunks
@@ -417,6 +427,9 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
 # ----------------------------------------------------------------------------------------------------------------
 # The chunked algorithm in Triton
 #
+# Kernels for the forward and a hand-written backward, wired through torch.autograd.Function: pieces 1, 2 and 4
+# run for all chunks at once, one program per (chunk, row, head), and only piece 3 walks the chunks.
+#
 # Layouts: q, k (B, L, G, N), v and dy (B, L, H, P) contiguous; cum float32 holds A restarted per chunk (zero-padded,
 # so the padding repeats A_last), (B, H, nc*C) for a scalar decay and (B, H, nc*C, N) for a per-channel one; states
 # (B, nc, H, P, N) float32. Every program first moves each base pointer to its own batch row, chunk and head, so the
@@ -446,6 +459,24 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
 # log_decay identity holds column by column: dL/dA_t[n] = q_t[n] dq_t[n] - k_t[n] dk_t[n], plus
 # sum_p dS_end[p, n] S_end[p, n] at the chunk's last position.
 # ----------------------------------------------------------------------------------------------------------------
+
+try:  # triton is optional: without it (macOS, no wheel) the torch path still works
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the kernels below are then defined against this stand-in and never launched
+    HAS_TRITON = False
+
+    class _TritonStandIn:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _TritonStandIn()
+
 
 SUB_CHUNK = 16  # rows per sub-chunk in the per-channel kernels: the smallest tile tl.dot takes
 
@@ -1302,37 +1333,3 @@ def _scan_triton(q, k, v, log_decay, initial_state, chunk_size):
     chunk_size = _triton_chunk_size(chunk_size, q.shape[1])
     y, final_state = scan.apply(q, k, v, log_decay.contiguous(), initial_state, chunk_size)
     return y.to(output_dtype), final_state
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Running the kernels on a CPU
-# ----------------------------------------------------------------------------------------------------------------
-
-def _widen_bfloat16_in_interpreted_dot():
-    """Make tl.dot correct for bfloat16 under TRITON_INTERPRET=1 (how CI runs the kernels on CPU).
-
-    triton's CPU interpreter stores bfloat16 as its raw 16 bits and multiplies those bits in tl.dot. Widening them
-    to float32 first (a bfloat16 is the top half of a float32) gives the products the GPU computes. The kernels
-    themselves are untouched; only the interpreter's dot is wrapped, and only when it has the expected shape.
-    """
-    from triton.runtime import interpreter
-    import numpy as np
-
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    if builder is None or not hasattr(builder, "create_dot") or getattr(builder, "_bf16_widened", False):
-        return
-    original_dot = builder.create_dot
-
-    def widen(x):
-        if x.dtype == tl.bfloat16 and x.data.dtype == np.uint16:
-            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return x
-
-    def create_dot(self, a, b, *args, **kwargs):
-        return original_dot(self, widen(a), widen(b), *args, **kwargs)
-
-    builder.create_dot, builder._bf16_widened = create_dot, True
-
-
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    _widen_bfloat16_in_interpreted_dot()

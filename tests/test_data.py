@@ -1,6 +1,6 @@
-"""Tests of data.py on small made-up corpora: round trips, the split, the batches, damaged inputs, memory, names,
-interruptions and errors. Errors are checked by their type, exit status and the flag or file they name, never by
-their wording."""
+"""Tests of corpora/ (preparing) and data.py (reading) on small made-up corpora: round trips, the split, the batches,
+damaged inputs, memory, names, interruptions and errors. Errors are checked by their type, exit status and the flag
+or file they name, never by their wording."""
 import gzip
 import hashlib
 import importlib.util
@@ -20,12 +20,17 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+import corpora.__main__
+import corpora.prepare
+import corpora.tokenizer
 import data
-from data import Corpus, DataError, StreamBatcher, load_corpus, prepare
+import runs
+from corpora.prepare import prepare
+from data import Corpus, DataError, StreamBatcher, load_corpus
 
 REPO = Path(data.__file__).resolve().parent
 BEFORE = "fe33a0073e39c77dd856130ddae186c683d937d0"  # the data.py that prepared the published corpora
+PREP, TOK = corpora.prepare, corpora.tokenizer  # where preparation's constants and helpers are looked up
 
 DOCS = {
     "a.txt": "def f(x):\n    return x + 1\n" * 30,
@@ -60,11 +65,11 @@ def corpus_files(folder):
 
 
 def run_cli(argv, capsys=None):
-    """data.py's command line in this process, as `python data.py` runs it (cli.run): the exit status and the one
-    line of an error (None when it succeeds)."""
+    """corpora's command line in this process, as `python -m corpora` runs it (runs.one_line): the exit status and
+    the one line of an error (None when it succeeds)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        cli.run("data.py", data.main, [str(a) for a in argv])
+        corpora.__main__.main([str(a) for a in argv])
         return 0, None
     except SystemExit as exit:
         return (1, exit.code) if isinstance(exit.code, str) else (exit.code, None)
@@ -75,7 +80,7 @@ def run_cli(argv, capsys=None):
 
 def gpt2_or_skip():
     try:
-        return data.get_tokenizer("gpt2")
+        return TOK.get_tokenizer("gpt2")
     except DataError:
         if os.environ.get("TIKTOKEN_CACHE_DIR"):
             raise  # a cache was provided, so the vocabulary must load
@@ -101,7 +106,7 @@ def test_round_trip_and_disjoint_split(tmp_path):
     assert meta["splits"]["train"]["documents"] == len(train) and meta["splits"]["val"]["documents"] == len(val)
     assert meta["splits"]["val"]["tokens"] == len(corpus.tokens("val")) and meta["input"]["documents"] == len(DOCS)
     assert meta["vocab_size"] == 257 and meta["dtype"] == "uint16"
-    assert set(val) == {DOCS[k] for k in DOCS if data.is_validation(k, 0.4)}  # the name alone decides
+    assert set(val) == {DOCS[k] for k in DOCS if PREP.is_validation(k, 0.4)}  # the name alone decides
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
@@ -110,7 +115,7 @@ def test_threads_and_pieces_change_nothing(tmp_path, monkeypatch, tokenizer):
         gpt2_or_skip()
     source = write_folder(tmp_path / "in")
     a = prepare(source, name="a", tokenizer=tokenizer, data_dir=tmp_path, workers=1, val_fraction=0.4)
-    monkeypatch.setattr(data, "PIECE", 101)  # many batches of many pieces, each document cut where it may be
+    monkeypatch.setattr(PREP, "PIECE", 101)  # many batches of many pieces, each document cut where it may be
     b = prepare(source, name="b", tokenizer=tokenizer, data_dir=tmp_path, workers=3, val_fraction=0.4)
     for split in ("train.bin", "val.bin"):
         assert (a / split).read_bytes() == (b / split).read_bytes()
@@ -148,8 +153,8 @@ def test_corpora_are_byte_identical_to_those_prepared_before(tmp_path, monkeypat
         docs["no_newline.txt"] = "y" * 5003
     source = write_folder(tmp_path / "in", docs)
     (tmp_path / "book.txt").write_bytes((source / "doc3.txt").read_bytes() * 7)
-    monkeypatch.setattr(data, "PIECE", 333)  # documents cut into many pieces
-    monkeypatch.setattr(data, "MAX_PIECE", 1501)
+    monkeypatch.setattr(PREP, "PIECE", 333)  # documents cut into many pieces
+    monkeypatch.setattr(PREP, "MAX_PIECE", 1501)
     for given in (source, tmp_path / "book.txt"):
         old = before.prepare(given, name="before", tokenizer=tokenizer, data_dir=tmp_path / "d", val_fraction=0.3)
         new = prepare(given, name="after", tokenizer=tokenizer, data_dir=tmp_path / "d", val_fraction=0.3)
@@ -199,7 +204,7 @@ def test_compressed_files_cut_short_keep_what_was_read_and_say_so(tmp_path, caps
         else:
             assert 100 < len(used) < 3000 and report["truncated_files"] == 1
             out = capsys.readouterr().out
-            assert f"{len(used):,}" in out and "truncated" in out  # data.py says what it used and what was cut
+            assert f"{len(used):,}" in out and "truncated" in out  # prepare says what it used and what was cut
 
 
 def test_single_text_file_is_split_by_position(tmp_path):
@@ -217,8 +222,8 @@ def test_unreadable_files_are_skipped_whole_and_counted(tmp_path, monkeypatch):
     (source / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (source / "late.txt").write_bytes(b"fine text\n" * 1997 + b"\xff")  # not UTF-8 only after many pieces
     (source / ".hidden.txt").write_text("hidden files are not documents")
-    monkeypatch.setattr(data, "PIECE", 100)
-    monkeypatch.setattr(data, "MAX_PIECE", 400)
+    monkeypatch.setattr(PREP, "PIECE", 100)
+    monkeypatch.setattr(PREP, "MAX_PIECE", 400)
     corpus = Corpus(prepare(source, data_dir=tmp_path / "data", val_fraction=0.4))
     assert corpus.meta["input"]["unreadable_files"] == 2 and corpus.meta["input"]["documents"] == len(DOCS)
     assert all_documents(corpus) == sorted(DOCS.values())
@@ -241,7 +246,7 @@ def test_names_made_from_the_input_are_plain_folder_names(tmp_path):
 
 
 def test_wide_vocabularies_use_32_bit_tokens():
-    assert data.token_dtype(257) == np.uint16 and data.token_dtype(100_277) == np.uint32
+    assert PREP.token_dtype(257) == np.uint16 and PREP.token_dtype(100_277) == np.uint32
 
 
 def test_gpt2_round_trip(tmp_path):
@@ -272,11 +277,11 @@ def test_memory_stays_bounded_whatever_a_documents_size(tmp_path):
             f.write("Some words on a line, and more of them.\n" * 1000)
     texts = [f"small document {i}" for i in range(7)] + ["abcdefghij" * 3_000_000]
     (tmp_path / "big.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(texts)))
-    script = ("import resource\nimport data\n"
+    script = ("import resource\nfrom corpora.prepare import prepare\n"
               "size = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
               "resource.setrlimit(resource.RLIMIT_AS, (size + 250 * 2 ** 20,) * 2)\n"
               "for name in ('big.txt', 'big.jsonl.zst'):\n"
-              "    data.prepare(name, name=name.replace('.', '_'), data_dir='data', workers=1, val_fraction=0.5)\n")
+              "    prepare(name, name=name.replace('.', '_'), data_dir='data', workers=1, val_fraction=0.5)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -390,13 +395,13 @@ def test_usage_errors_are_one_line_that_names_the_flag_or_file(tmp_path, monkeyp
 
 def test_options_are_checked_in_the_library_too(tmp_path):
     for options in ({"workers": 0}, {"val_fraction": 1.0}, {"val_fraction": 0.0}):
-        with pytest.raises(cli.UsageError, match=f"--{next(iter(options))}"):
+        with pytest.raises(runs.UsageError, match=f"--{next(iter(options))}"):
             prepare(write_folder(tmp_path / "in"), data_dir=tmp_path / "data", **options)
-    assert issubclass(DataError, cli.UsageError) and not (tmp_path / "data").exists()
+    assert issubclass(DataError, runs.UsageError) and not (tmp_path / "data").exists()
 
 
 def test_a_missing_input_is_named_before_any_tokenizer_is_loaded(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "get_tokenizer", lambda spec: pytest.fail("the tokenizer came first"))
+    monkeypatch.setattr(PREP, "get_tokenizer", lambda spec: pytest.fail("the tokenizer came first"))
     with pytest.raises(DataError, match="nowhere"):
         prepare(tmp_path / "nowhere", tokenizer="EleutherAI/gpt-neox-20b", data_dir=tmp_path / "data")
 
@@ -422,7 +427,7 @@ def test_tokenizer_that_cannot_be_downloaded(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken.load, "read_file_cached", offline)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
-        data.get_tokenizer("cl100k_base")
+        TOK.get_tokenizer("cl100k_base")
 
 
 @pytest.mark.parametrize("damage, named", [
@@ -492,8 +497,8 @@ def test_an_interrupt_while_tokenising_keeps_the_old_corpus_and_ends_every_threa
             raise KeyboardInterrupt
         return False
 
-    monkeypatch.setattr(data, "is_validation", interrupt_on_the_100th)
-    monkeypatch.setattr(data, "PIECE", 1000)  # many batches
+    monkeypatch.setattr(PREP, "is_validation", interrupt_on_the_100th)
+    monkeypatch.setattr(PREP, "PIECE", 1000)  # many batches
     with pytest.raises(KeyboardInterrupt):
         prepare(source, name="x", tokenizer=tokenizer, data_dir=tmp_path / "data", workers=2)
     assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
@@ -582,13 +587,13 @@ def test_prepare_works_outside_the_main_thread(tmp_path):
 
 
 def start_slow_data_py(tmp_path, *argv):
-    """data.py in a process of its own, tokenising slowly (a pause before each batch of 1,000-character pieces) so
-    that a test can stop it half-way. Its output goes to files: a pipe nobody reads could block it."""
+    """python -m corpora in a process of its own, tokenising slowly (a pause before each batch of 1,000-character
+    pieces) so that a test can stop it half-way. Its output goes to files: a pipe nobody reads could block it."""
     (tmp_path / "slow_data.py").write_text(
-        "import sys, time\nimport cli, data\n"
-        "data.PIECE, encode = 1000, data._encode\n"
-        "data._encode = lambda *args: time.sleep(0.02) or encode(*args)\n"
-        "cli.run('data.py', data.main, sys.argv[1:])\n")
+        "import sys, time\nimport corpora.prepare as prep\nfrom corpora.__main__ import main\n"
+        "prep.PIECE, encode = 1000, prep._encode\n"
+        "prep._encode = lambda *args: time.sleep(0.02) or encode(*args)\n"
+        "main(sys.argv[1:])\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         return subprocess.Popen([sys.executable, str(tmp_path / "slow_data.py"), *map(str, argv)], env=env,
@@ -605,7 +610,7 @@ def wait_until_it_writes(process, data_dir):
             pass
         time.sleep(0.01)
     process.kill()
-    pytest.fail(f"data.py never wrote: {(process.args, process.poll())}")
+    pytest.fail(f"python -m corpora never wrote: {(process.args, process.poll())}")
 
 
 def slow_run_over_a_corpus(tmp_path):
@@ -654,14 +659,14 @@ def test_an_unwritable_data_dir_is_named(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "data"))
 
-    monkeypatch.setattr(data.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(PREP.tempfile, "mkdtemp", read_only)
     status, message = run_cli(["--input", write_folder(tmp_path / "in"), "--data_dir", tmp_path / "data"])
     assert status == 1 and "--data_dir" in message and str(tmp_path / "data") in message
 
 
 # --- Hugging Face tokenizers and .jsonl.zst -----------------------------------------------------------------------
 
-def train_bpe(folder, special_tokens=(data.EOT,), vocab_size=400):
+def train_bpe(folder, special_tokens=(TOK.EOT,), vocab_size=400):
     """A small byte-level BPE tokenizer.json, trained here on made-up text (so decoding round-trips any text)."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -688,16 +693,16 @@ def expected_tokens(tokenizer_file, docs, val_fraction):
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    eot = tokenizer.token_to_id(data.EOT)
+    eot = tokenizer.token_to_id(TOK.EOT)
     splits = {"train": [], "val": []}
     for key in sorted(docs):
-        splits["val" if data.is_validation(key, val_fraction) else "train"] += tokenizer.encode(docs[key]).ids + [eot]
+        splits["val" if PREP.is_validation(key, val_fraction) else "train"] += tokenizer.encode(docs[key]).ids + [eot]
     return splits
 
 
 @pytest.mark.parametrize("given", ["file", "folder"])
 def test_hugging_face_tokenizer_by_path(tmp_path, monkeypatch, bpe, given):
-    monkeypatch.setattr(data, "PIECE", 200)  # a.txt and c.md are cut in pieces, and get the tokens of the whole
+    monkeypatch.setattr(PREP, "PIECE", 200)  # a.txt and c.md are cut in pieces, and get the tokens of the whole
     corpus = Corpus(prepare(write_folder(tmp_path / "in"), tokenizer=str(bpe if given == "file" else bpe.parent),
                             data_dir=tmp_path / "data", val_fraction=0.4, workers=2))
     from tokenizers import Tokenizer
@@ -706,7 +711,7 @@ def test_hugging_face_tokenizer_by_path(tmp_path, monkeypatch, bpe, given):
     assert corpus.name == "in-mybpe" and corpus.meta["tokenizer"] == str(bpe.resolve())
     assert corpus.meta["tokenizer_sha256"] == hashlib.sha256(bpe.read_bytes()).hexdigest()
     assert corpus.meta["vocab_size"] == reference.get_vocab_size(with_added_tokens=True) == 400
-    assert corpus.meta["eot_token"] == reference.token_to_id(data.EOT) == 0
+    assert corpus.meta["eot_token"] == reference.token_to_id(TOK.EOT) == 0
     for split, tokens in expected_tokens(bpe, DOCS, 0.4).items():
         assert corpus.tokens(split).tolist() == tokens
     assert all_documents(corpus) == sorted(DOCS.values())
@@ -750,7 +755,7 @@ def test_hub_names_do_not_wait_for_the_network_with_hf_hub_offline(tmp_path):
     pytest.importorskip("huggingface_hub")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     began = time.time()
-    result = subprocess.run([sys.executable, str(REPO / "data.py"), "--input", str(write_folder(tmp_path / "in")),
+    result = subprocess.run([sys.executable, "-m", "corpora", "--input", str(write_folder(tmp_path / "in")),
                              "--tokenizer", "SomeOrg/not-cached", "--data_dir", str(tmp_path / "data")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "SomeOrg/not-cached" in result.stderr
@@ -763,7 +768,7 @@ def test_missing_packages_are_named(tmp_path, monkeypatch, bpe):
     (tmp_path / "docs.jsonl.zst").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what an import of a missing package meets
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    monkeypatch.setattr(data, "zstandard", None)
+    monkeypatch.setattr(PREP, "zstandard", None)
     for kwargs, package in (({"tokenizer": "EleutherAI/gpt-neox-20b"}, "huggingface_hub"),
                             ({"tokenizer": str(bpe)}, "tokenizers"),
                             ({"input": tmp_path / "docs.jsonl.zst"}, "zstandard")):
@@ -777,9 +782,9 @@ def test_tokenizer_path_errors(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     no_eot = train_bpe(tmp_path / "no_eot", special_tokens=["<pad>"], vocab_size=300)
     for spec, named in ((tmp_path / "empty", "empty"), (tmp_path / "nowhere" / "tokenizer.json", "nowhere"),
-                        (tmp_path / "broken.json", "broken.json"), (no_eot, data.EOT)):
+                        (tmp_path / "broken.json", "broken.json"), (no_eot, TOK.EOT)):
         with pytest.raises(DataError, match=str(named).replace("|", r"\|")) as error:
-            data.get_tokenizer(str(spec))
+            TOK.get_tokenizer(str(spec))
         assert "\n" not in str(error.value)
 
 
@@ -792,13 +797,14 @@ def test_a_changed_tokenizer_file_is_refused_when_decoding(tmp_path):
         corpus.tokenizer()
 
 
-def test_tokenizer_identity_and_mismatch(tmp_path, bpe):
+def test_tokenizer_mismatch(tmp_path, bpe):
     sha = hashlib.sha256(bpe.read_bytes()).hexdigest()
-    identity = data.tokenizer_identity(str(bpe.parent))
+    enc = TOK.get_tokenizer(str(bpe.parent))  # what a corpus prepared with it records
+    identity = {"tokenizer": enc.name, "tokenizer_sha256": enc.sha256}
     assert identity == {"tokenizer": str(bpe.resolve()), "tokenizer_sha256": sha}
-    assert data.tokenizer_identity("bytes") == {"tokenizer": "bytes", "tokenizer_sha256": None}
-    assert data.tokenizer_identity({"tokenizer": "gpt2", "vocab_size": 50257}) == {"tokenizer": "gpt2",
-                                                                                   "tokenizer_sha256": None}
+    gpt2_meta = {"tokenizer": "gpt2", "vocab_size": 50257, "tokenizer_sha256": None}  # keys besides are ignored
+    assert data.tokenizer_mismatch(gpt2_meta, {"tokenizer": "gpt2", "vocab_size": 50257}) is None
+    assert data.tokenizer_mismatch(gpt2_meta, {"tokenizer": "bytes", "vocab_size": 257}) is not None
     hub = {"tokenizer": "EleutherAI/gpt-neox-20b", "tokenizer_sha256": sha}
     other = {"tokenizer": "EleutherAI/gpt-neox-20b", "tokenizer_sha256": "f" * 64}
     assert data.tokenizer_mismatch(hub, identity) is None  # same file, by hub name and by local path

@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
     for name in ("textwrap.py", "string.py", "fnmatch.py", "shlex.py", "glob.py", "bisect.py", "heapq.py",
                  "random.py", "calendar.py", "difflib.py"):
         (source / name).write_text((stdlib / name).read_text())
-    run(str(REPO / "data.py"), "--input", str(source), "--name", "toy", "--data_dir", str(root / "data"),
+    run("-m", "corpora", "--input", str(source), "--name", "toy", "--data_dir", str(root / "data"),
         "--val_fraction", "0.3", cwd=root)
     return root
 
@@ -75,7 +75,7 @@ def test_a_user_tripping_gets_one_line(workdir):
         ([str(REPO / "eval.py"), "--data", "toy", "--data_dir", str(workdir / "data"), "--len", "10000000"],
          "lower --num_seqs or --len"),
         ([str(REPO / "train.py"), "--resume", "--out_dir", str(workdir / "nowhere")], "no checkpoint at"),
-        ([str(REPO / "data.py"), "--input", str(workdir / "nowhere")], "does not exist"),
+        (["-m", "corpora", "--input", str(workdir / "nowhere")], "does not exist"),
     ]:
         result = subprocess.run([sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True,
                                 timeout=300)
@@ -110,9 +110,11 @@ def interrupt(args, cwd, after=None, wait=0.2):
     return process.returncode, (seen + rest).decode(errors="replace")
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "data.py", "bench.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "-m corpora", "-m bench"])
 def test_ctrl_c_while_a_script_starts_is_quiet(workdir, script):
-    code, err = interrupt([str(REPO / script)], cwd=workdir)
+    """script: a file of the repository, or -m and a package of it (found through PYTHONPATH)."""
+    args = script.split() if script.startswith("-m ") else [str(REPO / script)]
+    code, err = interrupt(args, cwd=workdir)
     assert code == 130 and "Traceback" not in err
 
 

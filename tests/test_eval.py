@@ -1,4 +1,5 @@
-"""Tests of eval.py: chunked reading is exact, the control and EffRem are what they claim, outputs are written,
+"""Tests of eval.py and what it draws on (plots/, runs.piece_length, tasks/passkey.py and tasks/copy.py for --passkey
+and --task copy): chunked reading is exact, the control and EffRem are what they claim, outputs are written,
 passkey prompts are built and scored right, and errors are one clear line."""
 import csv
 import json
@@ -11,12 +12,21 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluation
-import tasks
-from cli import UsageError
-from model import CHECKPOINT_FORMAT, LM, ModelConfig, is_checkpoint, load_checkpoint
+import plots
+import pretrained
+import runs as run_files  # not "runs": the fixture of that name below
+from model import LM, ModelConfig
+from runs import (CHECKPOINT_FORMAT, UsageError, is_checkpoint, load_checkpoint, load_model, model_payload,
+                  save_checkpoint)
+from tasks import copy as copying, passkey
 
 VOCAB = 40
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+
+def save(model, path, **extra):
+    """A checkpoint of model plus extra entries, as train.py writes it."""
+    save_checkpoint(path, model_payload(model, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +43,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalruns")
     for seed, (name, init) in enumerate([("zero", "zero"), ("state_passing", "state_passing")]):
         torch.manual_seed(seed)
-        LM(ModelConfig(vocab_size=257, d_model=32, n_layer=2, mixer="mamba2", d_state=16, headdim=16,
-                       chunk_size=16)).save(root / name, args={"seq_len": 16, "init": init}, step=4,
-                                            corpus={"name": "tiny", "tokenizer": "bytes"})
+        save(LM(ModelConfig(vocab_size=257, d_model=32, n_layer=2, mixer="mamba2", d_state=16, headdim=16,
+                            chunk_size=16)), root / name, args={"seq_len": 16, "init": init}, step=4,
+             corpus={"name": "tiny", "tokenizer": "bytes"})
     return root
 
 
@@ -46,6 +56,7 @@ def full_pass_losses(model, tokens):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 100])
+@pytest.mark.core
 def test_chunked_losses_equal_one_full_pass(model, chunk):
     tokens = torch.randint(0, VOCAB, (3, 51))
     chunked = evaluation.position_losses(model, tokens, chunk, "cpu", NO_AUTOCAST)
@@ -53,6 +64,7 @@ def test_chunked_losses_equal_one_full_pass(model, chunk):
 
 
 @pytest.mark.parametrize("chunk", [8192, 40, 5])  # every window in one pass, two windows a pass, windows in pieces
+@pytest.mark.core
 def test_control_resets_the_state_every_T(model, chunk):
     tokens = torch.randint(0, VOCAB, (2, 45))
     control = evaluation.control_losses(model, tokens, 16, "cpu", NO_AUTOCAST, chunk)
@@ -62,6 +74,7 @@ def test_control_resets_the_state_every_T(model, chunk):
                               atol=1e-4)
 
 
+@pytest.mark.core
 def test_effrem_is_zero_at_t0_and_matches_a_direct_computation(model):
     tokens = torch.randint(0, VOCAB, (4, 40))
     values = evaluation.effective_remembrance(model, tokens, 32, [0, 5, 31], "cpu", NO_AUTOCAST)
@@ -73,6 +86,7 @@ def test_effrem_is_zero_at_t0_and_matches_a_direct_computation(model):
     assert values[1] == pytest.approx(direct, abs=1e-5) and 0 < values[1] <= 1
 
 
+@pytest.mark.core
 def test_state_statistics_match_the_state_after_each_position(model):
     tokens = torch.randint(0, VOCAB, (2, 60))
     stats = evaluation.state_statistics(model, tokens, [3, 20, 60], 16, "cpu", NO_AUTOCAST)
@@ -84,10 +98,11 @@ def test_state_statistics_match_the_state_after_each_position(model):
 
 
 def test_log_bins_cover_every_position_once():
+    min_bin = 8  # log_bins' default first: the narrowest bin
     bins = evaluation.log_bins(1000, 20)
-    assert bins[0] == (0, evaluation.MIN_BIN) and bins[-1][1] == 1000
+    assert bins[0] == (0, min_bin) and bins[-1][1] == 1000
     assert all(a[1] == b[0] for a, b in zip(bins, bins[1:]))
-    assert all(end - start >= evaluation.MIN_BIN for start, end in bins)  # no single noisy position alone
+    assert all(end - start >= min_bin for start, end in bins)  # no single noisy position alone
     widths = [end - start for start, end in bins]
     assert widths[-1] > 10 * widths[1]  # log-spaced beyond the first bins
     assert evaluation.log_bins(5, 20) == [(0, 5)]
@@ -95,25 +110,25 @@ def test_log_bins_cover_every_position_once():
 
 def test_summary_bands():
     losses = torch.arange(64, dtype=torch.float32)[None].repeat(2, 1)  # loss = position
-    s = evaluation.summary(losses, 4)
+    s = plots.summary(losses, 4)
     assert s["[T/2,T)"] == pytest.approx(2.5) and s["[2T,8T)"] == pytest.approx(19.5)
     assert s["[8T,len)"] == pytest.approx(47.5)
-    short = evaluation.summary(losses[:, :20], 4)  # 20 < 8 T: bands the sequence does not cover whole are left out
+    short = plots.summary(losses[:, :20], 4)  # 20 < 8 T: bands the sequence does not cover whole are left out
     assert short["[2T,8T)"] is None and short["[8T,len)"] is None and short["[T/2,T)"] == pytest.approx(2.5)
 
 
 def test_passkey_prompt_and_scoring():
-    from data import bytes_encoding
+    from corpora.tokenizer import bytes_encoding
 
     enc = bytes_encoding()
     for depth in (0.0, 0.5, 1.0):
-        ids = tasks.passkey_prompt(enc, 2000, depth, 48213)
+        ids = passkey.passkey_prompt(enc, 2000, depth, 48213)
         text = enc.decode(ids)
-        assert abs(len(ids) - 2000) < len(tasks.PASSKEY_FILLER) and text.endswith(tasks.PASSKEY_QUESTION)
+        assert abs(len(ids) - 2000) < len(passkey.PASSKEY_FILLER) and text.endswith(passkey.PASSKEY_QUESTION)
         at = text.index("48213") / len(text)
         assert abs(at - depth) < 0.1
-    assert tasks.score_answer(" 48213. Remember", 48213)
-    assert not tasks.score_answer(" 4821", 48213) and not tasks.score_answer(" 12345", 48213)
+    assert passkey.score_answer(" 48213. Remember", 48213)
+    assert not passkey.score_answer(" 4821", 48213) and not passkey.score_answer(" 12345", 48213)
 
 
 def test_evaluation_writes_figures_and_tables(runs, tiny_corpus, tmp_path, capsys):
@@ -181,34 +196,35 @@ def test_device_and_effrem_errors_come_before_any_work(runs, tiny_corpus, monkey
 
 
 def test_reads_are_capped_for_large_vocabularies_and_many_rows():
-    assert evaluation.piece_length(8192, 1, 257) == 8192
-    assert evaluation.piece_length(8192, 8, 257) == 1024  # rows x length, not length alone, is bounded
-    assert evaluation.piece_length(8192, 1, 50257) * 50257 <= evaluation.LOGITS_BUDGET
-    assert evaluation.piece_length(4, 8, 257) == 1  # never zero
+    assert run_files.piece_length(8192, 1, 257) == 8192
+    assert run_files.piece_length(8192, 8, 257) == 1024  # rows x length, not length alone, is bounded
+    assert run_files.piece_length(8192, 1, 50257) * 50257 <= run_files.LOGITS_BUDGET
+    assert run_files.piece_length(4, 8, 257) == 1  # never zero
 
 
 def test_passkey_with_keys_of_different_token_counts():
     """GPT-2 splits 5-digit keys into different numbers of tokens; prompts of unequal length must still work."""
-    import data
+    from corpora import DataError
+    from corpora.tokenizer import get_tokenizer
 
     try:
-        enc = data.get_tokenizer("gpt2")
-    except data.DataError:
+        enc = get_tokenizer("gpt2")
+    except DataError:
         pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
-    lengths = {len(tasks.passkey_prompt(enc, 200, 0.5, key)) for key in range(10000, 10400, 7)}
+    lengths = {len(passkey.passkey_prompt(enc, 200, 0.5, key)) for key in range(10000, 10400, 7)}
     assert len(lengths) > 1  # the situation being tested really occurs
     model = LM(ModelConfig(vocab_size=enc.n_vocab, d_model=16, n_layer=1, mixer="gla", n_heads=2)).eval()
-    accuracy = evaluation.passkey_accuracy(model, enc, [200], [0.5], 6, "cpu", NO_AUTOCAST, chunk=64)
+    accuracy = passkey.passkey_accuracy(model, enc, [200], [0.5], 6, "cpu", NO_AUTOCAST, chunk=64)
     assert len(accuracy) == 1 and 0.0 <= accuracy[0][0] <= 1.0
 
 
 def test_models_that_cannot_read_the_corpus_are_refused(runs, tiny_corpus, tmp_path):
     ckpt = load_checkpoint(runs / "zero")
     config = ckpt["model_config"]
-    LM(ModelConfig(**{**config, "vocab_size": 300})).save(tmp_path / "gpt2", args=ckpt["args"],
-                                                           corpus={"name": "tiny", "tokenizer": "gpt2"})
-    LM(ModelConfig(**{**config, "vocab_size": 200})).save(tmp_path / "small", args=ckpt["args"],
-                                                           corpus={"name": "tiny", "tokenizer": "bytes"})
+    save(LM(ModelConfig(**{**config, "vocab_size": 300})), tmp_path / "gpt2", args=ckpt["args"],
+         corpus={"name": "tiny", "tokenizer": "gpt2"})
+    save(LM(ModelConfig(**{**config, "vocab_size": 200})), tmp_path / "small", args=ckpt["args"],
+         corpus={"name": "tiny", "tokenizer": "bytes"})
     base = ["--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1", "--out", str(tmp_path / "eval")]
     message = one_line_error(base + ["--ckpt", str(runs / "zero"), "--ckpt", str(tmp_path / "gpt2")])
     assert "gpt2" in message and "bytes" in message
@@ -258,9 +274,9 @@ def test_default_checkpoints_baseline_first_and_labels(tmp_path):
 
 
 def test_runs_of_the_same_name_are_told_apart(runs, tmp_path, monkeypatch):
-    model = LM.from_checkpoint(runs / "zero")
+    model = load_model(runs / "zero")
     for group in ("a", "b"):
-        model.save(tmp_path / group / "zero", args={"seq_len": 16, "init": "zero"})
+        save(model, tmp_path / group / "zero", args={"seq_len": 16, "init": "zero"})
     checkpoints = evaluation.load_all([str(tmp_path / "a" / "zero"), str(tmp_path / "b" / "zero")], None, "cpu",
                                       None)
     assert [c.label for c in checkpoints] == ["a/zero", "b/zero"]
@@ -290,10 +306,10 @@ def test_bad_options_and_files_are_one_line(runs, tiny_corpus, tmp_path, monkeyp
     if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         assert "--device" in one_line_error(base + ["--device", "mps"])
 
-    def disk_full(path, obj):
+    def disk_full(path, data):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(evaluation, "_write_json", disk_full)
+    monkeypatch.setattr(run_files, "write_atomically", disk_full)
     message = one_line_error(base + ["--out", str(tmp_path / "eval")])
     assert "loss_vs_position.json" in message
 
@@ -313,7 +329,7 @@ def test_broken_checkpoints_are_one_line(runs, tiny_corpus, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Official Mamba-2 models (pretrained.py): a folder with config.json, or a Hugging Face name
+# Official Mamba-2 models (pretrained/): a folder with config.json, or a Hugging Face name
 # ----------------------------------------------------------------------------------------------------------------
 
 def write_official_layout(model, folder):
@@ -330,7 +346,7 @@ def write_official_layout(model, folder):
 
 
 def test_a_model_in_the_official_layout_reads_like_the_same_checkpoint(runs, tiny_corpus, tmp_path, capsys):
-    folder = write_official_layout(LM.from_checkpoint(runs / "zero"), tmp_path / "tiny-mamba2")
+    folder = write_official_layout(load_model(runs / "zero"), tmp_path / "tiny-mamba2")
     base = ["--ckpt", str(folder), "--data_dir", tiny_corpus[0], "--len", "160", "--num_seqs", "2"]
     assert "--train_len" in one_line_error(base + ["--data", "tiny"])
     assert "--data" in one_line_error(base + ["--train_len", "16"])
@@ -342,36 +358,49 @@ def test_a_model_in_the_official_layout_reads_like_the_same_checkpoint(runs, tin
         assert official["summary"][band] == pytest.approx(value, rel=1e-5)
 
 
-def test_which_names_go_to_from_pretrained(runs, tmp_path, monkeypatch):
-    """model.is_checkpoint is the one rule, for train.py, eval.py and LM.from_pretrained alike."""
+def test_which_names_go_to_load_pretrained(runs, tmp_path, monkeypatch):
+    """runs.is_checkpoint is the one rule, for train.py, eval.py and pretrained.load_pretrained alike."""
     (tmp_path / "out" / "zero").mkdir(parents=True)
     assert not is_checkpoint("state-spaces/mamba2-370m")  # nothing here by that name: the Hub
     assert is_checkpoint("out/zero")  # a run folder (without its ckpt.pt: the error will say so)
     assert is_checkpoint("out/missing") and is_checkpoint(str(tmp_path / "nothing"))
     assert is_checkpoint(str(runs / "zero")) and is_checkpoint(str(runs / "zero" / "ckpt.pt"))
-    write_official_layout(LM.from_checkpoint(runs / "zero"), tmp_path / "state-spaces" / "local")
+    write_official_layout(load_model(runs / "zero"), tmp_path / "state-spaces" / "local")
     assert not is_checkpoint("state-spaces/local")
     asked = []
-    monkeypatch.setattr(LM, "from_pretrained", classmethod(lambda cls, name, device, **kw: asked.append(name)
-                                                           or LM.from_checkpoint(runs / "zero")))
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda name, device, **kw: asked.append(name)
+                        or load_model(runs / "zero"))
     assert evaluation.Checkpoint("someone/model", "cpu").label == "model" and asked == ["someone/model"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Passkey retrieval (tasks.py) and the fine-tuning task
+# Passkey retrieval (tasks/passkey.py) and the fine-tuning task
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_passkey_defaults_are_the_papers():
+def test_passkey_defaults_are_the_papers(monkeypatch):
+    """Without --passkey_lengths and --passkey_depths, the grid measured (and recorded) is the paper's."""
     args = evaluation.parse([])
-    assert list(args.passkey_depths) == [0.1, 0.5, 0.9]
-    assert list(args.passkey_lengths) == [2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
+    assert args.passkey_lengths is None and args.passkey_depths is None  # filled in when measured
+    asked = []
+
+    def accuracy(model, tokenizer, lengths, depths, *rest, **kw):
+        asked.append((lengths, depths))
+        return [[0.0] * len(depths) for _ in lengths]
+
+    monkeypatch.setattr(passkey, "passkey_accuracy", accuracy)
+    corpus = type("Corpus", (), {"tokenizer": lambda self: None})()
+    checkpoint = type("Checkpoint", (), {"label": "m", "model": None, "record": lambda self: {"label": "m"}})()
+    reading = evaluation.Reading(args, torch.device("cpu"), NO_AUTOCAST, [checkpoint], corpus=corpus)
+    record, = passkey.measure_passkey([checkpoint], reading)
+    papers = ([2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144], [0.1, 0.5, 0.9])
+    assert asked == [papers] and (record["lengths"], record["depths"]) == papers
 
 
 def test_passkey_training_examples():
-    from data import bytes_encoding
+    from corpora.tokenizer import bytes_encoding
 
     enc = bytes_encoding()
-    task = tasks.PasskeyTask(enc, max_len=600)
+    task = passkey.PasskeyTask(enc, max_len=600)
     assert task.vocab_size == 257 and task.train_tokens == 600
     generator = torch.Generator().manual_seed(0)
     lengths, depths = set(), []
@@ -386,19 +415,19 @@ def test_passkey_training_examples():
             counted = target >= 0
             assert enc.decode(target[counted].tolist()) == f" {key}."  # the loss is on the answer only
             assert torch.equal(target[:-1][counted[:-1]], row[1:][counted[:-1]])  # target = the next token
-            assert text.startswith(tasks.PASSKEY_INTRO) and text.endswith(tasks.PASSKEY_QUESTION + f" {key}.")
-            filler = len(text) - len(tasks.PASSKEY_INTRO) - len(tasks.PASSKEY_QUESTION) - 7
-            depths.append((text.index(f"is {key}.") - len(tasks.PASSKEY_INTRO)) / filler)
+            assert text.startswith(passkey.PASSKEY_INTRO) and text.endswith(passkey.PASSKEY_QUESTION + f" {key}.")
+            filler = len(text) - len(passkey.PASSKEY_INTRO) - len(passkey.PASSKEY_QUESTION) - 7
+            depths.append((text.index(f"is {key}.") - len(passkey.PASSKEY_INTRO)) / filler)
     assert len(lengths) > 10  # lengths vary from batch to batch
     assert min(depths) < 0.15 and max(depths) > 0.7 and 0.3 < sum(depths) / len(depths) < 0.7  # depths spread
     with pytest.raises(ValueError, match="too short"):
-        tasks.PasskeyTask(enc, max_len=100)
+        passkey.PasskeyTask(enc, max_len=100)
 
 
 def test_passkey_training_loss_counts_the_answer_only():
-    from data import bytes_encoding
+    from corpora.tokenizer import bytes_encoding
 
-    task = tasks.PasskeyTask(bytes_encoding(), max_len=400)
+    task = passkey.PasskeyTask(bytes_encoding(), max_len=400)
     inputs, targets = task.batch(2, torch.Generator().manual_seed(1))
     model = LM(ModelConfig(vocab_size=task.vocab_size, d_model=16, n_layer=1, mixer="gla", n_heads=2)).eval()
     with torch.no_grad():
@@ -409,30 +438,30 @@ def test_passkey_training_loss_counts_the_answer_only():
 
 
 def test_passkey_examples_with_a_bpe_tokenizer():
-    import data
+    from corpora import DataError
+    from corpora.tokenizer import get_tokenizer
 
     try:
-        enc = data.get_tokenizer("gpt2")
-    except data.DataError:
+        enc = get_tokenizer("gpt2")
+    except DataError:
         pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
-    task = tasks.PasskeyTask(enc, max_len=2048)
+    task = passkey.PasskeyTask(enc, max_len=2048)
     inputs, targets = task.batch(8, torch.Generator().manual_seed(0))
     answers = [enc.decode(t[t >= 0].tolist()) for t in targets]
-    assert all(tasks.score_answer(a, int(a.strip(" ."))) for a in answers)
+    assert all(passkey.score_answer(a, int(a.strip(" ."))) for a in answers)
     assert len({int((t >= 0).sum()) for t in targets}) > 1  # keys of different token counts, rows of equal length
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The copy task (tasks.py)
+# The copy task (tasks/copy.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 def save_copy_run(folder, seed, init):
     """A checkpoint as train.py --task copy writes it (alphabet of 4, strings up to 4 characters), random weights."""
     torch.manual_seed(seed)
-    LM(ModelConfig(vocab_size=7, d_model=16, n_layer=1, mixer="mamba2", d_state=8, headdim=8,
-                   chunk_size=16)).save(folder, args={"task": "copy", "alphabet_size": 4, "n_train": 4, "context": 0,
-                                                      "seq_len": 11, "init": init},
-                                        step=4, corpus={"name": "task copy", "tokenizer": None})
+    save(LM(ModelConfig(vocab_size=7, d_model=16, n_layer=1, mixer="mamba2", d_state=8, headdim=8, chunk_size=16)),
+         folder, args={"task": "copy", "alphabet_size": 4, "n_train": 4, "context": 0, "seq_len": 11, "init": init},
+         step=4, corpus={"name": "task copy", "tokenizer": None})
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +480,7 @@ def test_copy_accuracy_against_length(copy_runs, tmp_path, capsys):
     assert record["task"] == "copy" and record["n_train"] == 4 and record["alphabet_size"] == 4
     zero = record["checkpoints"][0]
     assert zero["label"] == "zero" and zero["lengths"] == [1, 4, 9] and zero["n_train"] == 4
-    direct = tasks.copy_accuracy(LM.from_checkpoint(copy_runs / "zero"), tasks.CopyTask(4, 4), [1, 4, 9], 5)
+    direct = copying.copy_accuracy(load_model(copy_runs / "zero"), copying.CopyTask(4, 4), [1, 4, 9], 5)
     assert zero["greedy"] == [direct[n][0] for n in (1, 4, 9)]
     assert zero["teacher_forced"] == pytest.approx([direct[n][2] for n in (1, 4, 9)])
     assert (tmp_path / "copy_accuracy.png").stat().st_size > 0 and (tmp_path / "copy_accuracy.csv").exists()
@@ -488,8 +517,8 @@ def test_seeds_of_one_label_are_one_model(copy_runs, tmp_path, capsys):
     assert [c["label"] for c in record["checkpoints"]] == ["s0/zero", "s1/zero", "s2/zero", "SP"]
     zero, sp = record["models"]
     assert (zero["label"], zero["seeds"], sp["label"], sp["seeds"]) == ("zero", 3, "SP", 1)
-    task = tasks.CopyTask(4, 4, 0)
-    direct = [tasks.copy_accuracy(LM.from_checkpoint(s), task, lengths, 6) for s in seeds]
+    task = copying.CopyTask(4, 4, 0)
+    direct = [copying.copy_accuracy(load_model(s), task, lengths, 6) for s in seeds]
     greedy = np.array([[d[n][0] for n in lengths] for d in direct])  # (seeds, lengths)
     forced = np.array([[d[n][2] for n in lengths] for d in direct])
     assert zero["greedy"] == pytest.approx(greedy.mean(0).tolist(), abs=1e-12)
@@ -504,7 +533,7 @@ def test_seeds_of_one_label_are_one_model(copy_runs, tmp_path, capsys):
     assert zero["teacher_forced_within"]["mean"] == pytest.approx(within.mean(), abs=1e-6)
     # the standard error over strings: the largest of the seeds', per length and overall
     strings = task.eval_strings(9, 6)
-    per_string = [tasks.teacher_forced_accuracy(LM.from_checkpoint(s), task, strings).double() for s in seeds]
+    per_string = [copying.teacher_forced_accuracy(load_model(s), task, strings).double() for s in seeds]
     assert zero["teacher_forced_stderr"][2] == pytest.approx(max(p.std().item() / 6 ** 0.5 for p in per_string))
     assert zero["max_stderr"] == max(max(c["greedy_stderr"] + c["teacher_forced_stderr"])
                                      for c in record["checkpoints"][:3])
@@ -554,8 +583,8 @@ def test_a_model_fine_tuned_on_passkeys_is_read_as_a_language_model(runs, tiny_c
     its tokens (--passkey among the rest), and asks for --data since the run names no corpus of its own."""
     data_dir, name = tiny_corpus
     ckpt = load_checkpoint(runs / "zero")
-    LM.from_checkpoint(ckpt).save(tmp_path / "passkey", step=2, args={**ckpt["args"], "task": "passkey"},
-                                  corpus={"name": "task passkey", "tokenizer": "bytes", "tokenizer_sha256": None})
+    save(load_model(ckpt), tmp_path / "passkey", step=2, args={**ckpt["args"], "task": "passkey"},
+         corpus={"name": "task passkey", "tokenizer": "bytes", "tokenizer_sha256": None})
     base = ["--ckpt", str(tmp_path / "passkey"), "--len", "256", "--num_seqs", "2", "--data_dir", data_dir,
             "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert "not trained on a corpus of this project: give --data" in one_line_error(base)
@@ -572,7 +601,7 @@ def save_copy_copies(folder, seed, init, steps):
                                chunk_size=16))
         args = {"task": "copy", "alphabet_size": 4, "n_train": 4, "context": 0, "seq_len": 11, "init": init}
         for name in ([f"ckpt_{step}.pt"] + (["ckpt.pt"] if step == steps[-1] else [])):
-            model.save(folder / name, args=args, step=step, corpus={"name": "task copy", "tokenizer": None})
+            save(model, folder / name, args=args, step=step, corpus={"name": "task copy", "tokenizer": None})
 
 
 def test_copy_accuracy_along_training_and_the_state_along_long_examples(tmp_path, capsys):
@@ -598,8 +627,8 @@ def test_copy_accuracy_along_training_and_the_state_along_long_examples(tmp_path
     assert "training step" in capsys.readouterr().out
     states = json.loads((tmp_path / "eval" / "state_stats.json").read_text())["checkpoints"]
     assert len(states) == 4 and states[0]["positions"][-1] == 8 * 4 + 3  # start, 16 characters, copy, 16, end
-    model = LM.from_checkpoint(tmp_path / "s0" / "zero")
-    task = tasks.CopyTask(4, 4)
+    model = load_model(tmp_path / "s0" / "zero")
+    task = copying.CopyTask(4, 4)
     with torch.no_grad():
         _, _, after = model(task.sequences(task.eval_strings(4, 3))[:, :5])  # 5 tokens of a training example
     assert states[0]["training_range"][0] >= after.ssm[0].flatten(1).norm(dim=1).mean().item() - 1e-4

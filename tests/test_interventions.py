@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from interventions import INITS, FittedNoise, RandomNoise, StatePassing, TBPTT, Zero, make_intervention
+from interventions import INITS, FittedNoise, RandomNoise, StatePassing, TBPTT, Zero
 from model import LM, ModelConfig, State
 
+pytestmark = pytest.mark.core
 VOCAB = 50
 
 
@@ -111,44 +112,36 @@ def test_tbptt_reading_in_windows_equals_reading_the_stream(model):
 
 
 def test_interventions_round_trip_through_state_dict(model):
-    import argparse
-
-    import train
-
+    values = dict(noise_std=0.1, p_zero=0.5, ssm_only=False)
     for name in ("random_noise", "fitted_noise", "state_passing", "tbptt"):
-        options = train.intervention_options(argparse.Namespace(init=name, noise_std=0.1, p_zero=0.5, ssm_only=False))
-        a = make_intervention(name, model, seed=3, **options)
+        options = {k: v for k, v in values.items() if k in INITS[name].options}
+        a = INITS[name](model, seed=3, **options)
         a.observe(final_state_after(model, 4).detach())
         a.initial_state(4, "cpu")  # advances the generator
-        b = make_intervention(name, model, seed=99, **options)
+        b = INITS[name](model, seed=99, **options)
         b.load_state_dict(a.state_dict())
         sa, sb = a.initial_state(4, "cpu"), b.initial_state(4, "cpu")
         assert all(torch.equal(x, y) for x, y in zip(sa.ssm, sb.ssm)), name
 
 
-def test_train_gives_each_intervention_exactly_its_own_options(model):
-    """The options of TrainConfig marked for an --init are that class's arguments: train.py builds every class
-    from them, and each keeps what it was given."""
-    import argparse
-
-    import train
-
+def test_each_intervention_takes_exactly_its_own_options(model):
+    """A class's options are its settings (train.py offers them as flags and gives each class its own): each one
+    keeps what it was given, takes the default otherwise, and refuses the options of the others."""
     assert list(INITS) == ["zero", "random_noise", "fitted_noise", "state_passing", "tbptt"]
+    assert {name: set(cls.options) for name, cls in INITS.items()} == {
+        "zero": set(), "random_noise": {"p_zero", "noise_std"}, "fitted_noise": {"p_zero"},
+        "state_passing": {"p_zero", "ssm_only"}, "tbptt": {"p_zero", "ssm_only"}}
     values = dict(noise_std=0.25, p_zero=0.5, ssm_only=True)
     for name, cls in INITS.items():
-        options = train.intervention_options(argparse.Namespace(init=name, **values))
-        intervention = make_intervention(name, model, seed=7, **options)
+        options = {k: v for k, v in values.items() if k in cls.options}
+        intervention = cls(model, seed=7, **options)
         assert type(intervention) is cls and intervention.seed == 7
         assert all(getattr(intervention, k) == v for k, v in options.items())
-    assert train.intervention_options(argparse.Namespace(init="zero", **values)) == {}
-    assert set(train.intervention_options(argparse.Namespace(init="tbptt", **values))) == {"p_zero", "ssm_only"}
-    assert set(train.intervention_options(argparse.Namespace(init="random_noise", **values))) == {"p_zero",
-                                                                                                 "noise_std"}
-
-
-def test_unknown_intervention_is_a_clear_error(model):
-    with pytest.raises(ValueError, match="warm"):
-        make_intervention("warm", model)
+        assert all(getattr(cls(model), k) == default for k, (default, _) in cls.options.items())
+    with pytest.raises(TypeError, match="noise_std"):
+        StatePassing(model, noise_std=0.1)
+    with pytest.raises(TypeError, match="p_zero"):
+        Zero(model, p_zero=0.5)
 
 
 def test_gradients_do_not_flow_into_passed_states(model):

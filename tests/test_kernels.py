@@ -1,5 +1,6 @@
-"""Tests of kernels.py: both backends against the step-by-step definition, split consistency, stability, for the
-scalar decay (B, L, H) and the decay per key channel (B, L, H, N).
+"""Tests of kernels.py: the step-by-step definition against the equations unrolled by hand, both backends and the
+dense einsum form against the definition, split consistency, stability, for the scalar decay (B, L, H) and the decay
+per key channel (B, L, H, N).
 
 Errors are measured as ||x - ref|| / ||ref|| against scan_reference, which computes in float64 from the same
 (possibly low-precision) inputs. Tolerances by input dtype:
@@ -16,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from kernels import HAS_TRITON, chunked_scan, scan_reference
+from kernels import HAS_TRITON, chunked_scan, dense_scan, scan_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 BACKENDS = ["torch", "triton"]
@@ -61,6 +62,42 @@ def outputs_and_grads(scan, inputs, **kwargs):
     return [y, final, *grads]
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per-channel"])
+@pytest.mark.core
+def test_reference_matches_the_recurrence_unrolled_by_hand(per_channel):
+    """scan_reference against S_t = exp(log_decay_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t written out for 3 steps,
+    head by head, with two heads reading one q/k group: the definition itself is checked, not only trusted."""
+    B, L, G, H, N, P = 2, 3, 1, 2, 3, 2
+    f64 = dict(dtype=torch.float64)
+    q, k, v = torch.randn(B, L, G, N, **f64), torch.randn(B, L, G, N, **f64), torch.randn(B, L, H, P, **f64)
+    log_decay = -torch.rand(*((B, L, H, N) if per_channel else (B, L, H)), **f64)
+    initial = torch.randn(B, H, P, N, **f64)
+    y, final = scan_reference(q, k, v, log_decay, initial)
+    for b in range(B):
+        for h in range(H):
+            a = torch.exp(log_decay[b, :, h])  # (L,) or (L, N): a number, or one per column of the state
+            s0 = a[0] * initial[b, h] + torch.outer(v[b, 0, h], k[b, 0, 0])
+            s1 = a[1] * s0 + torch.outer(v[b, 1, h], k[b, 1, 0])
+            s2 = a[2] * s1 + torch.outer(v[b, 2, h], k[b, 2, 0])
+            expected = torch.stack([s0 @ q[b, 0, 0], s1 @ q[b, 1, 0], s2 @ q[b, 2, 0]])  # (L, P)
+            assert relative_error(y[b, :, h], expected) < TOLERANCE[torch.float64]
+            assert relative_error(final[b, h], s2) < TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("with_initial", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.core
+def test_dense_scan_matches_reference(with_initial):
+    """The four pieces as dense einsums (scalar decay) equal the definition in float64, with grouped heads and a
+    length that is not a multiple of the chunk (zero-padded)."""
+    B, L, G, H, N, P, C = 2, 37, 2, 4, 8, 6, 16
+    inputs = make_inputs(B, L, G, H, N, P, with_initial=with_initial)
+    inputs = [None if x is None else x.detach().double() for x in inputs]
+    y_ref, final_ref = scan_reference(*inputs)
+    y, final = dense_scan(*inputs, chunk_size=C)
+    assert y.shape == y_ref.shape and final.shape == final_ref.shape
+    assert relative_error(y, y_ref) < 1e-10 and relative_error(final, final_ref) < 1e-10
+
+
 CASES = [
     # B, L, G, H, N,   P,  C,  initial, contiguous
     (2, 37, 1, 2, 16, 16, 16, True, True),    # L not a multiple of the chunk
@@ -98,6 +135,7 @@ def check_against_reference(backend, case, per_channel):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.core
 def test_matches_reference_float32(backend, case):
     require_backend(backend)
     check_against_reference(backend, case, per_channel=False)
@@ -105,6 +143,7 @@ def test_matches_reference_float32(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", PER_CHANNEL_CASES, ids=CASE_IDS)
+@pytest.mark.core
 def test_per_channel_matches_reference_float32(backend, case):
     require_backend(backend)
     check_against_reference(backend, case, per_channel=True)
@@ -150,6 +189,7 @@ SPLITS = [("torch", False, s) for s in (1, 7, 16, 30, 44)] + [("triton", False, 
 
 
 @pytest.mark.parametrize("backend,per_channel,split", SPLITS)
+@pytest.mark.core
 def test_split_equals_whole(backend, per_channel, split):
     """Reading [0:L] at once equals reading [0:a], then [a:L] from the handed-over state; gradients too, so a
     gradient arriving on the first piece's final state flows back into the first piece's inputs."""
@@ -190,6 +230,7 @@ def test_one_token_at_a_time(backend, per_channel):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per-channel"])
+@pytest.mark.core
 def test_very_negative_decay_is_finite_and_exact(backend, per_channel):
     """log_decay down to -1e3 (exp underflows to exactly 0) must neither overflow nor produce nan. Per channel with
     chunks of 64 (four triton sub-chunks), some channels at -1e3 or -300 and their neighbours mild, so that products
@@ -230,6 +271,7 @@ def test_long_sequence(backend, per_channel, length):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per-channel"])
+@pytest.mark.core
 def test_chunk_longer_than_the_sequence_is_shortened(backend, per_channel, monkeypatch):
     """chunk_size far above L runs with a chunk of L (torch) or the smallest power of two >= 16 covering L (triton),
     not with (C, C) tiles of the size asked for; the results are those of a chunk that fits."""

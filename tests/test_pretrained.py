@@ -1,4 +1,4 @@
-"""Tests of pretrained.py: a small random Mamba-2 written in both public layouts loads into model.LM and computes what
+"""Tests of pretrained/: a small random Mamba-2 written in both public layouts loads into model.LM and computes what
 mamba_ssm's equations say; every unsupported field and every broken file is a one-line PretrainedError.
 
 The reference forward below is written from the official Mamba2 module's equations as a token-by-token float64

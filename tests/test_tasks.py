@@ -1,11 +1,13 @@
-"""Tests of tasks.py: the copy task's examples, its loss mask, and the scoring of copies."""
+"""Tests of tasks/ (tasks/__init__.py, tasks/copy.py): the copy task's examples, its loss mask, and the scoring of
+copies."""
 import pytest
 import torch
 import torch.nn as nn
 
 from model import LM, ModelConfig
-from tasks import (TASKS, CopyTask, char_accuracy, copy_accuracy, copy_scores, greedy_copies, make_task,
-                   teacher_forced_accuracy)
+from tasks import TASKS, make_task
+from tasks.copy import (CopyTask, char_accuracy, copy_accuracy, copy_scores, greedy_copies,
+                        teacher_forced_accuracy)
 
 
 class CopyingStub(nn.Module):
@@ -41,6 +43,8 @@ class CopyingStub(nn.Module):
     def step(self, idx_t, state):
         logits, _, state = self(idx_t[:, None], state=state)
         return logits[:, 0], state
+
+    greedy = LM.greedy  # the one greedy decoder, through step()
 
 
 def test_examples_have_the_format_of_the_copy_task():
@@ -141,13 +145,23 @@ def test_a_perfect_copier_scores_one_and_a_constant_one_scores_chance():
     assert 0 < constant[13][0] < 0.5  # about 1 / alphabet_size
 
 
+def reread_greedily(model, prompts, new_tokens):
+    """Greedy decoding without step() or a carried state: the whole sequence so far is read again from the zero
+    state for every new token.  (B, L) -> (B, new_tokens)"""
+    sequences = prompts
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            sequences = torch.cat([sequences, model(sequences)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    return sequences[:, prompts.shape[1]:]
+
+
 def test_greedy_copies_through_step_match_the_models_own_generation():
     torch.manual_seed(0)
     task = CopyTask(alphabet_size=6, n_train=4, context=None)
     model = LM(ModelConfig(vocab_size=task.vocab_size, d_model=32, n_layer=2, mixer="mamba2", d_state=16,
                            headdim=16, chunk_size=16)).eval()
     strings = task.eval_strings(7, 3)
-    generated = model.generate(task.prompts(strings), max_new_tokens=8, temperature=0)[:, 9:]
+    generated = reread_greedily(model, task.prompts(strings), 8)
     assert greedy_copies(model, task, strings) == [task.answer(row) for row in generated.tolist()]
     model.train()
     result = copy_accuracy(model, task, [3, 7], strings_per_length=3)

@@ -1,6 +1,7 @@
 """Tests of train.py: every intervention trains, runs resume exactly, two processes train together, options resolve
 in the documented order, nothing is lost or half-written, and every mistake is one line that names the flag or
 file (the tests check what an error names and how the script exits, never a message's wording)."""
+import argparse
 import ast
 import dataclasses
 import json
@@ -13,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+import pretrained
+import runs
 import tasks
 import train
 from conftest import tiny_run_flags
 from interventions import INITS
-from model import CHECKPOINT_FORMAT, LM, ModelConfig, save_checkpoint
+from model import LM, ModelConfig
+from runs import CHECKPOINT_FORMAT, save_checkpoint
 
 REPO = Path(train.__file__).resolve().parent
 ARCHITECTURE_FLAGS = {"--d_model", "--n_layer", "--d_state", "--headdim"}
@@ -54,7 +57,12 @@ def read_log(out_dir):
 
 
 def load(out_dir):
-    return train.load_checkpoint(out_dir)
+    return runs.load_checkpoint(out_dir)
+
+
+def resolve(given):
+    """train.py's options for flags given, as train_one resolves them."""
+    return runs.resolve(given, train.DEFAULTS, train.load_model, train.reads_text)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +88,7 @@ def test_pretraining_writes_checkpoint_and_log(base_run):
 
 
 @pytest.mark.parametrize("init", [i for i in INITS if i != "zero"] + ["zero"])
+@pytest.mark.core
 def test_post_training_with_every_intervention(tiny_corpus, base_run, tmp_path, init):
     out = tmp_path / init
     mix = [] if init == "zero" else ["--p_zero", "0.25"]
@@ -117,6 +126,7 @@ def test_a_bad_post_training_flag_stops_before_the_automatic_pre_training(tiny_c
 
 
 @pytest.mark.parametrize("init", ["zero", "state_passing", "tbptt", "fitted_noise"])
+@pytest.mark.core
 def test_resume_is_exact(tiny_corpus, base_run, tmp_path, init):
     """4 steps in one go == 2 steps, stop, resume for 2 more: identical weights and optimizer state."""
     extra = ["--init", init] + ([] if init == "zero" else ["--init_from", str(base_run), "--max_steps", "4",
@@ -178,48 +188,49 @@ def test_save_every_keeps_copies_along_training(tiny_corpus, tmp_path):
     assert run_main(tiny_run_flags(tiny_corpus, out, "--save_every", "1", "--eval_interval", "4")) is None
     copies = sorted(p.name for p in out.glob("ckpt_*.pt"))
     assert copies == ["ckpt_1.pt", "ckpt_2.pt", "ckpt_3.pt", "ckpt_4.pt"]
-    step_2 = LM.from_checkpoint(out / "ckpt_2.pt")  # a model eval.py can read, with its step and options
-    assert train.load_checkpoint(out / "ckpt_2.pt")["step"] == 2 and step_2.trained_on["seq_len"] == 16
-    assert "optimizer" not in train.load_checkpoint(out / "ckpt_2.pt")
-    assert all(torch.equal(a, b) for a, b in zip(LM.from_checkpoint(out / "ckpt_4.pt").state_dict().values(),
-                                                 LM.from_checkpoint(out).state_dict().values()))
+    step_2 = runs.load_model(out / "ckpt_2.pt")  # a model eval.py can read, with its step and options
+    assert runs.load_checkpoint(out / "ckpt_2.pt")["step"] == 2 and step_2.trained_on["seq_len"] == 16
+    assert "optimizer" not in runs.load_checkpoint(out / "ckpt_2.pt")
+    assert all(torch.equal(a, b) for a, b in zip(runs.load_model(out / "ckpt_4.pt").state_dict().values(),
+                                                 runs.load_model(out).state_dict().values()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Options: one place each, resolved in a documented order
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_every_option_is_a_flag_with_help():
-    parser = cli.OneLineParser("train.py", "")
-    cli.add_options(parser, train.TrainConfig, "t")
-    cli.add_options(parser, ModelConfig, "m")
-    text = parser.format_help()
+def test_every_option_is_a_flag_with_help(capsys):
+    with pytest.raises(SystemExit):
+        train.parse(["--help"])
+    text = capsys.readouterr().out
+    for name in train.DEFAULTS:  # TrainConfig's, ModelConfig's and every intervention's options
+        assert f"--{name}" in text
     for cls in (train.TrainConfig, ModelConfig):
-        for f in cli.options(cls):
-            assert f"--{f.name}" in text and f.metadata["help"]
+        assert all(f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata)
+    assert all(help for cls in INITS.values() for _, help in cls.options.values())
     assert train.parse([]) == {}  # nothing given: every value comes from resolve's layers
 
 
 def test_options_resolve_in_the_documented_order(tiny_corpus, base_run):
     """defaults < preset < preset's post-training values < task defaults < the base's < the command line."""
     data = ["--data", tiny_corpus[1], "--data_dir", tiny_corpus[0]]
-    args, base = train.resolve(train.parse(data))
+    args, base = resolve(train.parse(data))
     assert base is None and (args.lr, args.max_steps, args.d_state, args.seq_len) == (3e-3, 3000, 64, 64)  # demo
-    args, base = train.resolve(train.parse(data + ["--init", "tbptt", "--init_from", str(base_run)]))
+    args, base = resolve(train.parse(data + ["--init", "tbptt", "--init_from", str(base_run)]))
     assert (args.lr, args.max_steps, args.warmup_steps) == (1e-3, 500, 20)  # the preset's post-training values
     assert (args.seq_len, args.batch_size, args.d_state, args.chunk_size) == (16, 4, 16, 16)  # the base's
     assert base.cfg.d_model == 32
-    args, _ = train.resolve(train.parse(data + ["--init", "tbptt", "--init_from", str(base_run), "--lr", "0.01",
+    args, _ = resolve(train.parse(data + ["--init", "tbptt", "--init_from", str(base_run), "--lr", "0.01",
                                                 "--seq_len", "24", "--chunk_size", "8"]))
     assert (args.lr, args.seq_len, args.chunk_size) == (0.01, 24, 8)  # the command line last
-    args, _ = train.resolve(train.parse(["--task", "copy"]))
+    args, _ = resolve(train.parse(["--task", "copy"]))
     assert (args.preset, args.task, args.n_layer, args.context, args.out_dir) == (
-        "copy", "copy", train.PRESETS["copy"]["n_layer"], 0, os.path.join("out", "copy", "zero"))
+        "copy", "copy", runs.PRESETS["copy"]["n_layer"], 0, os.path.join("out", "copy", "zero"))
 
 
 def test_a_preset_value_yields_to_the_limit_it_passes_but_a_given_one_is_refused(tiny_corpus):
     data = ["--data", tiny_corpus[1], "--data_dir", tiny_corpus[0]]
-    args, _ = train.resolve(train.parse(data + ["--max_steps", "4", "--lr", "1e-4"]))
+    args, _ = resolve(train.parse(data + ["--max_steps", "4", "--lr", "1e-4"]))
     assert (args.warmup_steps, args.min_lr) == (4, 1e-4)  # the demo's 100 and 3e-4 would pass them
     assert "--warmup_steps" in run_main(data + ["--max_steps", "4", "--warmup_steps", "5"])
     assert "--min_lr" in run_main(data + ["--lr", "1e-4", "--min_lr", "1e-3"])
@@ -279,7 +290,7 @@ def test_model_flags_of_the_mixer_in_use_are_taken(tiny_corpus, tmp_path):
 
 def test_missing_data_names_the_corpus(tmp_path):
     error = run_main(["--data", "no_such_corpus", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "x")])
-    assert "no_such_corpus" in error and "data.py" in error
+    assert "no_such_corpus" in error and "python -m corpora" in error
 
 
 def test_checkpoint_errors_name_the_file(tiny_corpus, base_run, tmp_path):
@@ -339,21 +350,21 @@ def test_resume_refuses_another_device_type_or_process_count(base_run, tmp_path)
 
 
 def test_resume_refuses_a_corpus_prepared_again(tmp_path):
-    import data
+    from corpora.prepare import prepare
 
     (tmp_path / "t.txt").write_text("def f(x):\n    return x\n" * 2000)
-    data.prepare(tmp_path / "t.txt", name="mine", data_dir=tmp_path / "data")
+    prepare(tmp_path / "t.txt", name="mine", data_dir=tmp_path / "data")
     assert run_main(tiny_run_flags((str(tmp_path / "data"), "mine"), tmp_path / "run", "--stop_at", "2")) is None
-    data.prepare(tmp_path / "t.txt", name="mine", data_dir=tmp_path / "data")  # the same text, prepared again
+    prepare(tmp_path / "t.txt", name="mine", data_dir=tmp_path / "data")  # the same text, prepared again
     error = run_main(["--resume", "--out_dir", str(tmp_path / "run")])
     assert "mine" in error and "--init_from" in error
 
 
 def test_post_training_needs_the_same_vocabulary(base_run, tmp_path):
-    import data
+    from corpora.prepare import prepare
 
     (tmp_path / "t.txt").write_text("some text " * 3000)
-    data.prepare(tmp_path / "t.txt", name="other", data_dir=tmp_path, tokenizer="bytes")
+    prepare(tmp_path / "t.txt", name="other", data_dir=tmp_path, tokenizer="bytes")
     meta_path = tmp_path / "other" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["vocab_size"] = 300  # as if another tokenizer had made it
@@ -390,11 +401,11 @@ def test_start_and_end_lines_say_what_happens(tiny_corpus, tmp_path, capsys):
 
 def test_a_step_far_beyond_the_machine_is_announced(capsys):
     model = LM(ModelConfig(vocab_size=257, d_model=64, n_layer=1, mixer="mamba2", d_state=16, headdim=16))
-    args = train.argparse.Namespace(batch_size=10 ** 6, grad_accum=64, seq_len=2048, max_steps=500)
-    train.warn_if_slow(model, args, torch.device("cpu"))
+    args = argparse.Namespace(batch_size=10 ** 6, grad_accum=64, seq_len=2048, max_steps=500)
+    runs.warn_if_slow(model, args, torch.device("cpu"))
     assert "python train.py" in capsys.readouterr().err  # suggests the demo
-    train.warn_if_slow(model, train.argparse.Namespace(batch_size=1, grad_accum=1, seq_len=16, max_steps=1),
-                       torch.device("cpu"))
+    runs.warn_if_slow(model, argparse.Namespace(batch_size=1, grad_accum=1, seq_len=16, max_steps=1),
+                      torch.device("cpu"))
     assert capsys.readouterr().err == ""
 
 
@@ -560,55 +571,62 @@ def test_files_in_the_way_are_one_line_errors(tiny_corpus, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_memory_estimate_grows_with_the_run_and_refuses_what_cannot_fit(tiny_corpus, monkeypatch):
-    from model import _saved_by, training_memory
-
-    def estimate(d_model=32, tokens=256, mixer="mamba2", n_layer=2, dtype=torch.float32):
+    def estimate(d_model=32, tokens=256, mixer="mamba2", n_layer=2, dtype=torch.float32, meta=True):
         cfg = ModelConfig(vocab_size=257, d_model=d_model, n_layer=n_layer, mixer=mixer, d_state=16, headdim=16,
                           chunk_size=16)
-        return training_memory(cfg, tokens, dtype)
+        with torch.device("meta" if meta else "cpu"):
+            return runs.training_memory(LM(cfg), tokens, dtype)
 
     base = estimate()
     assert estimate(tokens=512) > base and estimate(d_model=64) > base and estimate(n_layer=8) > estimate(n_layer=4)
     assert estimate(mixer="gla") > 0 and estimate(mixer="mamba1") > 0
-    # activations scale with the tokens of a micro-batch
+    # activations scale with the tokens of a micro-batch; the rest is 16 bytes per parameter
     weights_and_optimizer = 2 * estimate(tokens=1) - estimate(tokens=2)
     assert estimate(tokens=1000) - weights_and_optimizer == pytest.approx(1000 * (estimate(tokens=1) -
                                                                                   weights_and_optimizer), rel=1e-9)
-    # the parameters extrapolated from models of one and two blocks are the model's own
-    cfg = ModelConfig(vocab_size=257, d_model=48, n_layer=5, mixer="mamba2", d_state=16, headdim=16)
-    one, two = _saved_by(cfg, 1, 16, torch.float32)[0], _saved_by(cfg, 2, 16, torch.float32)[0]
-    assert one + 4 * (two - one) == LM(cfg).num_parameters()
-    # on the meta device, the activations autograd saves are those of a real forward pass on the CPU
+    with torch.device("meta"):
+        params = LM(ModelConfig(vocab_size=257, d_model=32, n_layer=2, mixer="mamba2", d_state=16, headdim=16,
+                                chunk_size=16)).num_parameters()
+    assert weights_and_optimizer == 16 * params
+    # measured on the meta device, the activations are those the same model keeps on the CPU, for every mixer
+    for mixer in ("mamba2", "gla", "mamba1"):
+        assert estimate(mixer=mixer) == estimate(mixer=mixer, meta=False)
+    # ... and those autograd really saves when the model reads a sequence: per token, what 128 tokens keep beyond 64
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    real = LM(dataclasses.replace(cfg, n_layer=1, chunk_size=64))
-    weights, saved = {StorageWeakRef(p.untyped_storage()).cdata for p in real.parameters()}, {}
+    cfg = ModelConfig(vocab_size=257, d_model=48, n_layer=3, mixer="mamba2", d_state=16, headdim=16, chunk_size=64)
+    real = LM(cfg)
+    weights = {StorageWeakRef(p.untyped_storage()).cdata for p in real.parameters()}
 
-    def keep(t):
-        key = StorageWeakRef(t.untyped_storage()).cdata
-        if key not in weights:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
+    def saved_bytes(length):
+        saved = {}
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        real(torch.zeros(1, 128, dtype=torch.long), torch.zeros(1, 128, dtype=torch.long))
-    measured = _saved_by(dataclasses.replace(cfg, chunk_size=64), 1, 128, torch.float32)[1]
-    assert measured == pytest.approx(sum(saved.values()), rel=0.01)  # the same tensors, but for a 1 KB mask
-    monkeypatch.setattr(cli, "available_memory", lambda device: 2 ** 10)  # 1 KiB
+        def keep(t):
+            key = StorageWeakRef(t.untyped_storage()).cdata
+            if key not in weights:
+                saved[key] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            real(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, length, dtype=torch.long))
+        return sum(saved.values())
+
+    per_block, outside = runs.activations_per_token(real)
+    assert per_block > 0 and outside > 0
+    assert per_block * cfg.n_layer + outside == pytest.approx((saved_bytes(128) - saved_bytes(64)) / 64, rel=1e-9)
+    monkeypatch.setattr(runs, "available_memory", lambda device: 2 ** 10)  # 1 KiB
     error = run_main(tiny_run_flags(tiny_corpus, "big"))
     assert "--batch_size" in error and not Path("big").exists()
 
 
 def test_recompute_lowers_the_memory_estimate_and_the_large_presets_use_it():
-    from model import training_memory
-
     cfg = ModelConfig(vocab_size=257, d_model=64, n_layer=4, mixer="mamba2", d_state=16, headdim=16)
-    kept = training_memory(cfg, 8 * 256)
+    kept = runs.training_memory(LM(cfg), 8 * 256)
     cfg.recompute = True
-    recomputed = training_memory(cfg, 8 * 256)
+    recomputed = runs.training_memory(LM(cfg), 8 * 256)
     weights = 16 * LM(cfg).num_parameters()
     assert weights < recomputed < weights + 0.75 * (kept - weights)
-    assert all(train.PRESETS[p]["recompute"] for p in ("paper", "mamba2-130m", "mamba2-1.3b"))
+    assert all(runs.PRESETS[p]["recompute"] for p in ("paper", "mamba2-130m", "mamba2-1.3b"))
 
 
 HUGE = [["--d_model", "1000000"], ["--n_layer", "100000"], ["--expand", "100000"], ["--d_state", "10000000"],
@@ -699,17 +717,17 @@ def official_layout_folder(folder, vocab_size):
 
 
 def test_post_training_a_model_in_the_official_layout(tiny_corpus, tmp_path, monkeypatch):
-    """--init_from a folder that pretrained.py reads: the architecture is the folder's, T the one it was trained
+    """--init_from a folder that pretrained/ reads: the architecture is the folder's, T the one it was trained
     at (here as if its files said 24), the optimizer fresh."""
     folder, original = official_layout_folder(tmp_path / "official", vocab_size=300)
-    real = LM.from_pretrained
+    real = pretrained.load_pretrained
 
     def trained_at_24(name, *args, **kwargs):
         model = real(name, *args, **kwargs)
         model.trained_on["seq_len"] = 24
         return model
 
-    monkeypatch.setattr(LM, "from_pretrained", trained_at_24)
+    monkeypatch.setattr(pretrained, "load_pretrained", trained_at_24)
     flags = post_flags(tiny_run_flags(tiny_corpus, tmp_path / "post", "--init", "state_passing", "--init_from",
                                       str(folder), "--max_steps", "2"))
     i = flags.index("--seq_len")
@@ -727,10 +745,10 @@ def test_post_training_a_model_in_the_official_layout(tiny_corpus, tmp_path, mon
         model.trained_on["tokenizer"] = "EleutherAI/gpt-neox-20b"
         return model
 
-    monkeypatch.setattr(LM, "from_pretrained", trained_on_other_tokens)
+    monkeypatch.setattr(pretrained, "load_pretrained", trained_on_other_tokens)
     error = run_main([str(tmp_path / "p1") if x == str(tmp_path / "post") else x for x in flags])
-    assert "EleutherAI/gpt-neox-20b" in error and "data.py" in error
-    monkeypatch.setattr(LM, "from_pretrained", real)
+    assert "EleutherAI/gpt-neox-20b" in error and "python -m corpora" in error
+    monkeypatch.setattr(pretrained, "load_pretrained", real)
     small, _ = official_layout_folder(tmp_path / "small", vocab_size=100)
     error = run_main(post_flags(tiny_run_flags(tiny_corpus, tmp_path / "p2", "--init", "tbptt", "--init_from",
                                                str(small))))
@@ -741,18 +759,24 @@ def test_an_official_model_named_by_init_from_brings_its_preset(tmp_path, monkey
     """--init_from state-spaces/mamba2-370m without --preset post-trains with that model's preset (0.5M tokens per
     step, its learning rate), not with the demo's; an explicit --preset still wins."""
     folder, _ = official_layout_folder(tmp_path / "official", vocab_size=300)
-    real = LM.from_pretrained
-    monkeypatch.setattr(train, "load_base", lambda name, given: (real(folder).train(), {"seq_len": 2048}))
+    real = pretrained.load_pretrained
+
+    def official_at_2048(name, *args, **kwargs):
+        model = real(folder)
+        model.trained_on["seq_len"] = 2048
+        return model
+
+    monkeypatch.setattr(pretrained, "load_pretrained", official_at_2048)
     argv = ["--init", "state_passing", "--init_from", "state-spaces/mamba2-370m"]
-    args, _ = train.resolve(train.parse(argv))
+    args, _ = resolve(train.parse(argv))
     assert args.preset == "mamba2-370m" and args.batch_size * args.grad_accum == 256 and args.lr == 3e-4
-    args, _ = train.resolve(train.parse(argv + ["--preset", "demo"]))
+    args, _ = resolve(train.parse(argv + ["--preset", "demo"]))
     assert args.preset == "demo" and args.batch_size * args.grad_accum == 16
     for name in ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b"):
-        preset = train.PRESETS[name]
+        preset = runs.PRESETS[name]
         assert preset["init_from"] == f"state-spaces/{name}" and preset["seq_len"] == 2048
         assert preset["batch_size"] * preset["grad_accum"] == 256  # 0.5M tokens per step
-        assert not train.needs_base_run(train.parse(["--preset", name, "--init", "state_passing"]))
+        assert runs.base_run(train.parse(["--preset", name, "--init", "state_passing"]), train.reads_text) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -762,13 +786,13 @@ def test_an_official_model_named_by_init_from_brings_its_preset(tmp_path, monkey
 @pytest.fixture(scope="module")
 def bpe_model(tmp_path_factory):
     """A 2-step pre-trained LM on a corpus prepared with a small BPE tokenizer.json: (run folder, tokenizer file)."""
-    import data
+    from corpora.prepare import prepare
     from test_data import train_bpe
 
     root = tmp_path_factory.mktemp("bpe_model")
     tokenizer = train_bpe(root / "bpe")
     (root / "words.txt").write_text("".join(f"The sky is blue on day {i}. The grass is green.\n" for i in range(400)))
-    data.prepare(root / "words.txt", name="words", tokenizer=str(tokenizer), data_dir=root / "data")
+    prepare(root / "words.txt", name="words", tokenizer=str(tokenizer), data_dir=root / "data")
     out = root / "lm"
     assert run_main(tiny_run_flags((str(root / "data"), "words"), out, "--max_steps", "2")) is None
     return out, tokenizer
@@ -784,7 +808,7 @@ def test_passkey_fine_tunes_a_model_in_its_own_tokenizer(bpe_model, tmp_path):
     LM's corpus, the loss on the answer only, the tokenizer recorded as a corpus's would be."""
     import re
 
-    import data
+    from corpora.tokenizer import get_tokenizer
     from tasks import PasskeyTask
 
     base, tokenizer_file = bpe_model
@@ -796,11 +820,11 @@ def test_passkey_fine_tunes_a_model_in_its_own_tokenizer(bpe_model, tmp_path):
     assert ckpt["corpus"]["tokenizer_sha256"] == base_ckpt["corpus"]["tokenizer_sha256"] is not None
     assert ckpt["model_config"]["vocab_size"] == base_ckpt["model_config"]["vocab_size"] == 400
     assert any(not torch.equal(v, base_ckpt["model"][k]) for k, v in ckpt["model"].items())
-    assert LM.from_checkpoint(ckpt).trained_on["tokenizer_sha256"] == base_ckpt["corpus"]["tokenizer_sha256"]
+    assert runs.load_model(ckpt).trained_on["tokenizer_sha256"] == base_ckpt["corpus"]["tokenizer_sha256"]
     # the validation loss is the cross-entropy of the answers (" 12345.") alone, recomputed here by hand
-    args = train.argparse.Namespace(**ckpt["args"])
-    batches = tasks.TaskBatches(train.build_task(args), args, seed=0)
-    model, tokenizer, losses = LM.from_checkpoint(ckpt), data.get_tokenizer(str(tokenizer_file)), []
+    args = argparse.Namespace(**ckpt["args"])
+    batches = tasks.TaskBatches(tasks.build(args), args, seed=0)
+    model, tokenizer, losses = runs.load_model(ckpt), get_tokenizer(str(tokenizer_file)), []
     for inputs, targets in batches.val_batches:
         assert isinstance(batches.task, PasskeyTask) and inputs.shape[1] <= 2048
         for row, row_targets in zip(inputs, targets):
@@ -824,23 +848,24 @@ def test_passkey_resumes_exactly_and_defaults_to_the_paper_recipe(bpe_model, tmp
     for key, value in whole["model"].items():
         assert torch.equal(value, split["model"][key]), key
     assert split["corpus"] == whole["corpus"]
-    args, _ = train.resolve(train.parse(["--task", "passkey", "--init_from", str(base)]))
-    assert (args.max_steps, args.seq_len, args.out_dir) == (1000, 2048, os.path.join("out", "passkey", "zero"))
+    args, _ = resolve(train.parse(["--task", "passkey", "--init_from", str(base)]))
+    assert (args.max_steps, tasks.build(args).train_tokens, args.out_dir) == (1000, 2048,
+                                                                              os.path.join("out", "passkey", "zero"))
 
 
 def test_passkey_on_an_official_model_takes_its_preset_and_byte_models_their_bytes(base_run, tmp_path,
                                                                                    monkeypatch):
     folder, _ = official_layout_folder(tmp_path / "official", vocab_size=300)
-    real = LM.from_pretrained
+    real = pretrained.load_pretrained
 
     def official_in_bytes(name, *args, **kwargs):  # its real tokenizer would be downloaded
         model = real(folder)
         model.trained_on["tokenizer"] = "bytes"
         return model
 
-    monkeypatch.setattr(LM, "from_pretrained", official_in_bytes)
+    monkeypatch.setattr(pretrained, "load_pretrained", official_in_bytes)
     argv = ["--task", "passkey", "--init", "fitted_noise", "--init_from", "state-spaces/mamba2-370m"]
-    args, _ = train.resolve(train.parse(argv))
+    args, _ = resolve(train.parse(argv))
     assert (args.preset, args.max_steps, args.seq_len, args.batch_size * args.grad_accum, args.lr) == \
         ("mamba2-370m", 1000, 2048, 256, 3e-4)
     assert args.tokenizer == "bytes"
@@ -868,8 +893,9 @@ def test_passkey_errors_are_one_line(bpe_model, tmp_path):
         tokenizer.write_bytes(original)
 
 
+@pytest.mark.core
 def test_learning_rate_schedule():
-    args = train.argparse.Namespace(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert train.lr_at(0, args) == pytest.approx(0.1) and train.lr_at(9, args) == pytest.approx(1.0)
     assert train.lr_at(60, args) == pytest.approx(0.55) and train.lr_at(110, args) == pytest.approx(0.1)
 

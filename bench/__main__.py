@@ -1,22 +1,22 @@
-"""bench.py: speed and memory of the chunked scan in kernels.py, printed as tables.
+"""python -m bench: speed and memory of the chunked scan in kernels.py, printed as tables.
 
-    python bench.py                  CPU: the torch backend, scalar and per-channel decays, against
+    python -m bench                  CPU: the torch backend, scalar and per-channel decays, against
                                      flash-linear-attention's naive_chunk_simple_gla and naive_recurrent_gla, the
                                      dense SSD formulation and the step-by-step loop, float32, (B=4, L=4096, H=8,
                                      P=64, N=64); Mamba-1's scan (H=1536 heads of P=1, N=16, L=2048) against a
                                      step-by-step loop; then memory against L; then whole Mamba-1 and Mamba-2
                                      models of the 130m size reading 2048 tokens against transformers' models
-    python bench.py --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla (scalar) and
+    python -m bench --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla (scalar) and
                                      chunk_gla (per channel) vs causal scaled_dot_product_attention, bfloat16, B=8,
                                      H=32, P=64, N=128, L up to 32768; Mamba-1's scan vs mamba_ssm's selective scan
-    python bench.py --eval           eval.py's default job (8 sequences, loss against position and its control) on
+    python -m bench --eval           eval.py's default job (8 sequences, loss against position and its control) on
                                      a model of the demo size, at --len 16384 and 131072: time and peak memory
-    python bench.py --eval --model mamba2-130m
+    python -m bench --eval --model mamba2-130m
                                      the same on an official size with random weights, reading random tokens of
                                      its vocabulary (1 sequence of 8192 and 16384), and what the README's
                                      evaluation of mamba2-370m should take here, scaled by parameters
-    python bench.py --estimate       ESTIMATED GPU memory and hours of train.py's official-size presets: memory
-                                     from model.training_memory, time from a FLOP count at an assumed utilisation
+    python -m bench --estimate       ESTIMATED GPU memory and hours of train.py's official-size presets: memory
+                                     from runs.training_memory, time from a FLOP count at an assumed utilisation
 
 Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
@@ -37,50 +37,17 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import List
 
 import torch
 import torch.nn.functional as F
 
-import cli
-from cli import option
-from kernels import chunked_scan, scan_reference
-from model import LM, ModelConfig
+import runs
+from kernels import chunked_scan, dense_scan, scan_reference
+from model import LM, ModelConfig, option
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The dense per-chunk formulation (the form of the Mamba-2 paper's minimal SSD listing), written here for comparison:
-# every chunk's (C, C) decay matrix and the (nc + 1, nc + 1) chunk-to-chunk decay matrix are materialised at once,
-# and the pass over chunks is one matrix product instead of a loop.
-# ----------------------------------------------------------------------------------------------------------------
-
-def _segment_sums(x):
-    """sum_{j < t <= i} x_t for i >= j, -inf above the diagonal.  (..., T) -> (..., T, T)"""
-    cum = x.cumsum(-1)
-    diff = cum[..., :, None] - cum[..., None, :]
-    causal = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool, device=x.device).tril()
-    return diff.masked_fill(~causal, float("-inf"))
-
-
-def dense_scan(q, k, v, log_decay, initial_state=None, chunk_size=64):
-    """Same contract as kernels.chunked_scan; L must be a multiple of chunk_size. q/k are expanded per head."""
-    B, L, G, N = q.shape
-    H, P = v.shape[2], v.shape[3]
-    R, C = H // G, chunk_size
-    q = q.repeat_interleave(R, dim=2).unflatten(1, (L // C, C))  # (B, nc, C, H, N)
-    k = k.repeat_interleave(R, dim=2).unflatten(1, (L // C, C))
-    v = v.unflatten(1, (L // C, C))  # (B, nc, C, H, P)
-    log_decay = log_decay.unflatten(1, (L // C, C)).permute(0, 3, 1, 2)  # (B, H, nc, C)
-    cum = log_decay.cumsum(-1)
-    within = torch.exp(_segment_sums(log_decay))  # (B, H, nc, C, C)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", q, k, within, v)
-    decay_to_end = torch.exp(cum[..., -1:] - cum)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", k, decay_to_end, v)
-    start = torch.zeros_like(states[:, :1]) if initial_state is None else initial_state[:, None].float()
-    states = torch.cat([start, states], dim=1)  # (B, nc + 1, H, P, N)
-    between = torch.exp(_segment_sums(F.pad(cum[..., -1], (1, 0))))  # (B, H, nc + 1, nc + 1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", between, states)
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", q, states[:, :-1], torch.exp(cum))
-    return (y_diag + y_off).reshape(B, L, H, P), states[:, -1]
+REPO = Path(__file__).resolve().parent.parent  # the measurements in fresh processes run python -m bench from here
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,12 +242,7 @@ def measure_isolated(**spec):
 # ----------------------------------------------------------------------------------------------------------------
 
 def print_table(title, header, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print(f"\n{title}")
-    for i, row in enumerate([header] + rows):
-        print("  ".join(str(x).rjust(w) if j else str(x).ljust(w) for j, (x, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    runs.print_table([header] + rows, left=1, title=title, rule=True)
 
 
 # The CPU table's rows (implementation, decay), and the runs too slow to repeat: those are timed once, without a
@@ -466,7 +428,7 @@ def model_table(repeats):
             try:
                 results[impl] = _in_fresh_process("--_model_measure", dict(impl=impl, size=size, length=2048,
                                                                           repeats=repeats))
-            except cli.UsageError as error:
+            except runs.UsageError as error:
                 print(f"({impl} {size}: {error}; pip install transformers)", file=sys.stderr)
         if len(results) < 2:
             continue
@@ -481,13 +443,13 @@ def model_table(repeats):
 
 
 def _in_fresh_process(flag, spec):
-    """Run bench.py FLAG SPEC in a new process (so that its peak memory is its own); its JSON answer, or a
+    """Run python -m bench FLAG SPEC in a new process (so that its peak memory is its own); its JSON answer, or a
     UsageError (one line) with the child's last line of error."""
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), flag, json.dumps(spec)], capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, "-m", "bench", flag, json.dumps(spec)], capture_output=True, text=True,
+                            cwd=REPO)
     if result.returncode != 0:  # the child's own last line says what went wrong
         last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-        raise cli.UsageError(f"a measurement in a fresh process failed: {last}")
+        raise runs.UsageError(f"a measurement in a fresh process failed: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -514,7 +476,7 @@ def random_corpus(folder, vocab_size, tokenizer, num_tokens, seed=0):
 
 def eval_checkpoint(folder, size, num_tokens):
     """A randomly initialised checkpoint of the given size in folder/model, and the corpus to evaluate it on: the
-    demo preset's (train.py) on its own corpus, or an official Mamba-2 size (pretrained.py) on random tokens of its
+    demo preset's (train.py) on its own corpus, or an official Mamba-2 size (pretrained/) on random tokens of its
     tokenizer.  Returns (checkpoint folder, corpus name or folder)."""
     import train
     from data import load_corpus
@@ -522,16 +484,17 @@ def eval_checkpoint(folder, size, num_tokens):
     from pretrained import NEOX_TOKENIZER, official_config
 
     if size == "demo":
-        args, _ = train.resolve({})
+        args, _ = runs.resolve({}, train.DEFAULTS, train.load_model, train.reads_text)
         corpus = load_corpus(args.data, args.data_dir)
-        cfg = train.model_config(args, corpus.vocab_size, None, None)
+        cfg = ModelConfig(vocab_size=corpus.vocab_size, **{f.name: getattr(args, f.name)
+                                                           for f in dataclasses.fields(ModelConfig) if "help" in f.metadata})
         seq_len, data, tokenizer = args.seq_len, args.data, corpus.meta["tokenizer"]
     else:
         cfg, seq_len, tokenizer = official_config(size), 2048, NEOX_TOKENIZER
         data = random_corpus(os.path.join(folder, "corpus"), cfg.vocab_size, tokenizer, num_tokens)
     ckpt = os.path.join(folder, "model")
-    LM(cfg).save(ckpt, step=0, args={"seq_len": seq_len, "init": "zero"},
-                 corpus={"name": os.path.basename(data), "tokenizer": tokenizer})
+    runs.save_checkpoint(ckpt, runs.model_payload(LM(cfg), step=0, args={"seq_len": seq_len, "init": "zero"},
+                                                  corpus={"name": os.path.basename(data), "tokenizer": tokenizer}))
     return ckpt, data
 
 
@@ -620,31 +583,32 @@ def preset_run(name):
     import train
     from pretrained import official_config
 
-    preset = train.PRESETS[name]
-    values = {**train.defaults(), **{k: v for k, v in preset.items() if k not in ("post", "init_from")}}
+    preset = runs.PRESETS[name]
+    values = {**train.DEFAULTS, **{k: v for k, v in preset.items() if k not in ("post", "init_from")}}
     args = argparse.Namespace(**values)
     if "init_from" in preset:
-        runtime = {f.name: getattr(args, f.name) for f in cli.options(ModelConfig) if f.metadata.get("resume")}
-        return official_config(preset["init_from"], **runtime), args
-    return train.model_config(args, 50277, None, None), args  # the GPT-NeoX vocabulary, or GPT-2's 50257
+        computation = {k: getattr(args, k) for k in ModelConfig.COMPUTATION}
+        return official_config(preset["init_from"], **computation), args
+    return ModelConfig(vocab_size=50277, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)
+                                            if "help" in f.metadata}), args  # GPT-NeoX's vocabulary, or GPT-2's 50257
 
 
 def estimate_table():
-    """For train.py's GPU presets: memory from model.training_memory (activations measured on the meta device under
+    """For train.py's GPU presets: memory from runs.training_memory (activations measured on the meta device under
     bfloat16, with block recomputation as the presets have it), and time per 500 steps from a FLOP count at an
     assumed utilisation. The table a reader can check a preset against before renting a GPU."""
-    from model import training_memory
-
     rows = []
     for name in ESTIMATED_PRESETS:
         cfg, args = preset_run(name)
         with torch.device("meta"):
-            n = LM(cfg).num_parameters()
+            model = LM(cfg).to(torch.bfloat16)
+        n = model.num_parameters()
         tokens_per_micro_batch = args.batch_size * args.seq_len
-        need = training_memory(cfg, tokens_per_micro_batch, torch.bfloat16)
-        per_sequence = (need - training_memory(cfg, 0, torch.bfloat16)) / args.batch_size
+        fixed = runs.training_memory(model, 0, torch.bfloat16)
+        need = runs.training_memory(model, tokens_per_micro_batch, torch.bfloat16)
+        per_sequence = (need - fixed) / args.batch_size
         fits = need <= 0.9 * GPU_MEMORY
-        largest = int((0.9 * GPU_MEMORY - training_memory(cfg, 0, torch.bfloat16)) // per_sequence)
+        largest = int((0.9 * GPU_MEMORY - fixed) // per_sequence)
         tokens = tokens_per_micro_batch * args.grad_accum
         flops = 500 * tokens * training_flops_per_token(cfg, n) * (4 / 3 if cfg.recompute else 1)
         hours = [flops / (UTILISATION * peak) / 3600 for peak in GPU_PEAK_FLOPS.values()]
@@ -652,7 +616,7 @@ def estimate_table():
                      f"{need / 2 ** 30:.1f}", "yes" if fits else "no", max(largest, 0), *[f"{h:.1f}" for h in hours]])
     peaks = ", ".join(f"{gpu} {flops / 1e12:.0f}" for gpu, flops in GPU_PEAK_FLOPS.items())
     print_table(f"ESTIMATES, not measurements: train.py --preset NAME on one {GPU_MEMORY // 2 ** 30} GiB GPU, bfloat16\n"
-                f"  memory: model.training_memory (16 B per parameter + 1.5 x the activations autograd keeps, measured "
+                f"  memory: runs.training_memory (16 B per parameter + 1.5 x the activations autograd keeps, measured "
                 f"on the meta device; the presets recompute each block in the backward pass)\n"
                 f"  time per 500 steps: 6 x parameters x tokens + the chunked scan (forward 2 H (C N + C P + 2 N P) per "
                 f"token and layer, backward 2x), x 4/3 for the recomputation, at an ASSUMED {UTILISATION:.0%} of the "
@@ -665,32 +629,34 @@ def estimate_table():
 class BenchConfig:
     device: str = option("cpu", "which table to print: cpu (the scan, then whole models) or cuda",
                          choices=("cpu", "cuda"))
-    repeats: int = option(5, "timed repetitions after the warm-up (the best is kept)", most=1000)
+    repeats: int = option(5, "timed repetitions after the warm-up (the best is kept)")
     eval: bool = option(False, "time eval.py's default job instead of the scan")
     model: str = option("demo", "--eval: the model size (random weights; official sizes read random tokens)",
                         choices=("demo", *OFFICIAL_SIZES))
-    len: list = option(None, "--eval: sequence lengths (default: 16384 131072 for demo, 8192 16384 for an official "
-                             "size)", type=int, nargs="+", most=2 ** 24)
-    num_seqs: int = option(None, "--eval: sequences (default: 8 for demo, 1 otherwise)", type=int, most=4096)
+    len: List[int] = option(None, "--eval: sequence lengths (default: 16384 131072 for demo, 8192 16384 for an "
+                                  "official size)")
+    num_seqs: int = option(None, "--eval: sequences (default: 8 for demo, 1 otherwise)")
     estimate: bool = option(False, "print estimated GPU memory and time of train.py's GPU presets")
 
 
+RULES = [(("repeats", "len", "num_seqs"), "at least 1", lambda x: x >= 1),
+         (("repeats",), "at most 1,000", lambda x: x <= 1000), (("len",), "at most 16,777,216", lambda x: x <= 2 ** 24),
+         (("num_seqs",), "at most 4,096", lambda x: x <= 4096)]
+MEASUREMENTS = [(f"_{kind}", str, argparse.SUPPRESS, None) for kind in ("measure", "eval_measure", "model_measure")]
+
+
 def main(argv=None):
-    parser = cli.OneLineParser("bench.py", __doc__)
-    cli.add_options(parser, BenchConfig, "options")
-    for internal in ("--_measure", "--_eval_measure", "--_model_measure"):  # one measurement in a fresh process
-        parser.add_argument(internal, help=argparse.SUPPRESS)
-    namespace = parser.parse_args(argv)
-    given = cli.given(namespace, BenchConfig)
-    cli.check(BenchConfig, given)
+    given = runs.parse("python -m bench", __doc__, argv, {"options": BenchConfig, "": MEASUREMENTS})
+    hidden = {k: given.pop(k, None) for k in ("_measure", "_eval_measure", "_model_measure")}  # one measurement,
+    runs.check(given, RULES)  # in a fresh process
     args = BenchConfig(**given)
     official = args.model != "demo"
-    if namespace._measure:
-        print(json.dumps(measure(**json.loads(namespace._measure))))
-    elif namespace._eval_measure:
-        print(json.dumps(eval_measure(**json.loads(namespace._eval_measure))))
-    elif namespace._model_measure:
-        print(json.dumps(model_measure(**json.loads(namespace._model_measure))))
+    if hidden["_measure"]:
+        print(json.dumps(measure(**json.loads(hidden["_measure"]))))
+    elif hidden["_eval_measure"]:
+        print(json.dumps(eval_measure(**json.loads(hidden["_eval_measure"]))))
+    elif hidden["_model_measure"]:
+        print(json.dumps(model_measure(**json.loads(hidden["_model_measure"]))))
     elif args.estimate:
         estimate_table()
     elif args.eval:
@@ -698,7 +664,7 @@ def main(argv=None):
                    args.num_seqs or (1 if official else 8))
     elif args.device == "cuda":
         if not torch.cuda.is_available():
-            raise cli.UsageError("--device cuda needs a CUDA GPU; run without it for the CPU tables")
+            raise runs.UsageError("--device cuda needs a CUDA GPU; run without it for the CPU tables")
         gpu_tables(args.repeats)
     else:
         cpu_tables(args.repeats)
@@ -706,4 +672,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run("bench.py", main)
+    runs.one_line("python -m bench", main)

@@ -1,4 +1,4 @@
-"""pretrained.py: the official Mamba-1 and Mamba-2 language models, loaded into this project's model.LM.
+"""pretrained: the official Mamba-1 and Mamba-2 language models, loaded into this project's model.LM.
 
 The paper's Figure 1 reads the official checkpoints (state-spaces/mamba-130m ... -2.8b for Mamba-1, panel (a);
 state-spaces/mamba2-130m ... -2.7b for Mamba-2, panel (b); all trained on the Pile at T = 2048 tokens with the
@@ -22,7 +22,7 @@ Two public layouts are read:
 A config that asks for anything model.py does not compute (attention layers, an MLP, a clamp on dt, ...) is refused
 in one line naming the field: a model loaded approximately would give wrong numbers without a sign. Weights are read
 without running code from the file (safetensors, or torch.load(weights_only=True)). Every error is a
-PretrainedError (a model.UsageError) with a one-line message that the scripts print as it is.
+PretrainedError (a runs.UsageError) with a one-line message that the scripts print as it is.
 """
 import hashlib
 import json
@@ -32,7 +32,8 @@ import re
 
 import torch
 
-from model import CheckpointError, ModelConfig, UsageError, build
+from model import ModelConfig
+from runs import CheckpointError, UsageError, build
 
 NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"
 # The official language models, all trained at T = 2048 on the Pile with the GPT-NeoX-20B vocabulary of 50277 tokens:

@@ -1,33 +1,26 @@
-"""tasks.py: synthetic tasks with exactly scorable answers, generated on the fly from a seed.
+"""tasks/copy.py: the synthetic copying task, its scoring, and its evaluation (eval.py --task copy).
 
-Language-model loss shows length generalisation only on average; a synthetic task shows it as an answer that is
-right or wrong at every length. Each task makes training batches in the shape train.py uses (inputs and targets
-(B, L) int64, target -1 where the loss does not count) and scores a model's answers, so nothing is downloaded and
-every run sees the same evaluation examples.
-
-    copy     Jelassi et al. 2024, "Repeat After Me: Transformers are Better than State Space Models at Copying"
-             (arXiv 2402.01032), the task the paper uses for its one small-scale experiment: read a random string,
-             then write it again.   start s_1 .. s_n copy s_1 .. s_n end   (2n + 3 tokens)
-             A recurrent model must hold the whole string in its fixed-size state; trained on n <= n_train, it is
-             asked to copy strings several times longer, scored by the fraction of characters right.
-    passkey  a 5-digit key hidden at some depth of filler text, asked for at the end (the paper's retrieval test):
-             passkey_prompt() builds the prompts eval.py --passkey reads, and PasskeyTask the fine-tuning examples
-             of the paper's recipe, with the loss on the answer only.
+Jelassi et al. 2024, "Repeat After Me: Transformers are Better than State Space Models at Copying" (arXiv 2402.01032),
+the task the paper uses for its one small-scale experiment: read a random string, then write it again.
+    start s_1 .. s_n copy s_1 .. s_n end   (2n + 3 tokens)
+A recurrent model must hold the whole string in its fixed-size state; trained on n <= n_train, it is asked to copy
+strings several times longer, scored by the fraction of characters right. Right or wrong at every length, where
+language-model loss shows length generalisation only on average.
 
     task = CopyTask(alphabet_size=10, n_train=16)        one example per row (context=0), the experiment's layout
-    inputs, targets = task.batch(batch_size, generator)  (B, 2n + 3) each
+    inputs, targets = task.batch(batch_size, generator)  (B, 2n + 3) each, targets -1 where the loss does not count
     copy_accuracy(model, task, lengths, strings_per_length) -> {n: (greedy, its stderr, teacher-forced, its stderr)}
 
-The second half of the file reports copy accuracy for eval.py --task copy (seeds of one model grouped, tables,
-figures), so that the copy experiment lives in one place.
+The file reads: the task, scoring copies, reporting accuracy (seeds of one model grouped, tables, figures), and what
+eval.py --task copy measures and writes (DIAGNOSTICS), so that the experiment lives in one place.
 """
 import csv
-import inspect
 
 import numpy as np
 import torch
 
-from data import tokenizer_mismatch
+import plots
+from runs import UsageError, print_table, pyplot
 
 
 class CopyTask:
@@ -49,6 +42,7 @@ class CopyTask:
     """
 
     name = "copy"
+    needs_tokenizer = False
 
     def __init__(self, alphabet_size, n_train, context=0):
         if alphabet_size < 2 or n_train < 1:
@@ -144,7 +138,7 @@ def greedy_copies(model, task, strings):
     At most n + 1 tokens are generated (room for the copy and its end token), so a copy that does not stop loses
     one extra position. strings (B, n) -> list of B lists of token ids."""
     logits, _, state = model(task.prompts(strings))
-    return _decode(model, task, logits[:, -1], state, strings.shape[1])
+    return [task.answer(row) for row in model.greedy(logits[:, -1], state, strings.shape[1] + 1).tolist()]
 
 
 @torch.no_grad()
@@ -155,17 +149,6 @@ def teacher_forced_accuracy(model, task, strings):
     logits, _, _ = model(task.sequences(strings))
     predicted = logits[:, n + 1:2 * n + 1].argmax(-1)  # (B, n): the positions that predict the copied characters
     return (predicted == strings).float().mean(1)
-
-
-def _decode(model, task, logits, state, n):
-    """n + 1 greedy tokens from logits (B, V) and the State after the prompt.  Returns B lists of ids."""
-    generated = []
-    for i in range(n + 1):
-        next_token = logits.argmax(-1)
-        generated.append(next_token)
-        if i < n:
-            logits, state = model.step(next_token, state)
-    return [task.answer(row) for row in torch.stack(generated, 1).tolist()]
 
 
 @torch.no_grad()
@@ -179,7 +162,7 @@ def copy_scores(model, task, strings):
     copy_logits, _, _ = model(task.sequences(strings)[:, n + 2:], state=state)  # s end, from where it stopped
     predicted = torch.cat([prompt_logits[:, -1:], copy_logits[:, :n - 1]], 1).argmax(-1)  # (B, n)
     forced = (predicted == strings).double().mean(1)
-    copies = _decode(model, task, prompt_logits[:, -1], state, n)
+    copies = [task.answer(row) for row in model.greedy(prompt_logits[:, -1], state, n + 1).tolist()]
     greedy = torch.tensor([char_accuracy(c, s) for c, s in zip(copies, strings.tolist())], dtype=torch.float64)
     return greedy, forced
 
@@ -205,66 +188,8 @@ def _stderr(values):
     return values.std().item() / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
-class TaskBatches:
-    """What train.py reads from a task: training batches, and fixed held-out batches whose masked loss (targets -1
-    do not count) is the validation loss. args: the run's options (batch_size, eval_seqs, seed).
-    next() -> (inputs, targets, restarted = None): no example continues
-    another, so tbptt hands states on between examples as state_passing does. A task in words (passkey) records
-    its tokenizer as a corpus does, so that eval.py's checks of tokens apply."""
-
-    def __init__(self, task, args, seed):
-        self.task, self.batch_size = task, args.batch_size
-        text = getattr(task, "tokenizer", None)
-        self.tokenizer = {"tokenizer": text and text.name, "tokenizer_sha256": getattr(text, "sha256", None)}
-        self.rng = torch.Generator().manual_seed(seed)
-        held_out = torch.Generator().manual_seed(2 ** 40 + args.seed)  # the same on every process, unlike rng
-        self.val_batches = [task.batch(args.batch_size, held_out) for _ in range(args.eval_seqs)]
-
-    def next(self):
-        return (*self.task.batch(self.batch_size, self.rng), None)
-
-    @torch.no_grad()
-    def validate(self, model, device, autocast):
-        total, count = 0.0, 0
-        for inputs, targets in self.val_batches:
-            with autocast:
-                _, loss, _ = model(inputs.to(device), targets.to(device))
-            counted = (targets >= 0).sum().item()  # the positions whose loss counts
-            total, count = total + loss.item() * counted, count + counted
-        return {"val_loss": total / count}
-
-    def refusal(self, model):
-        mismatch = self.tokenizer["tokenizer"] and tokenizer_mismatch(self.tokenizer, model.trained_on)
-        if mismatch:  # a tokenizer.json replaced since the model was trained
-            return f"{mismatch}: put back the tokenizer the model was trained with"
-        if model.cfg.vocab_size < self.task.vocab_size:
-            return f"its vocabulary of {model.cfg.vocab_size} tokens is smaller than the task's {self.task.vocab_size}"
-        return None
-
-    def describe(self):
-        return {"name": f"task {self.task.name}", "task": self.task.name, "vocab_size": self.task.vocab_size,
-                **self.tokenizer, "fingerprint": None}
-
-    def state_dict(self):
-        return {"data_rng": self.rng.get_state(), "streams": None}
-
-    def load_state_dict(self, state):
-        self.rng.set_state(state["data_rng"])
-
-
-TASKS = {"copy": CopyTask}
-
-
-def make_task(name, settings):
-    """The task called name, built from the entries of settings (a run's options) that are arguments of its class
-    and not None; the others keep the class's defaults."""
-    cls = TASKS[name]
-    parameters = inspect.signature(cls).parameters
-    return cls(**{k: v for k, v in settings.items() if k in parameters and v is not None})
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Reporting copy accuracy (eval.py --task copy): seeds of one model grouped, tables, figures
+# Reporting copy accuracy: seeds of one model grouped, tables, figures
 # ----------------------------------------------------------------------------------------------------------------
 
 def copy_ranges(n_train):
@@ -431,123 +356,98 @@ def plot_along_training(models, path, title):
     plt.close(fig)
 
 
-def print_table(rows, left=0):
-    """Rows of strings printed in aligned columns: the first `left` columns aligned left, the others right."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print("\n".join("  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths))) for row in rows))
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only backend (no screen needed), imported when a figure is drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Passkey retrieval
+# eval.py --task copy: what it measures for each checkpoint, draws and prints (entries of eval.diagnostics)
 # ----------------------------------------------------------------------------------------------------------------
-#
-# A 5-digit key is hidden at relative depth d of filler text and asked for at the end. The paper evaluates at depths
-# 0.1, 0.5 and 0.9 of prompts from 2k to 256k tokens, answered by greedy decoding (eval.py --passkey), and
-# fine-tunes on examples no longer than the training length (PasskeyTask) so that a model that generalises in length
-# finds the key far beyond it. Prompts are in words, so the task needs a tokenizer (data.get_tokenizer) and is only
-# meaningful for models trained on natural language.
 
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                 "I will quiz you about the important information there.\n")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
-PASSKEY_LENGTHS = tuple(2 ** k for k in range(11, 19))  # 2k .. 256k tokens
-
-
-def passkey_needle(key):
-    return f"The pass key is {key}. Remember it. {key} is the pass key.\n"
+def prepare(reading):
+    """The copy task the models were trained on, with their own settings (the same for all), as reading.task.
+    Returns what the outputs record about it."""
+    name = "copy"
+    try:
+        found = [CopyTask(**{k: v for k, v in c.args.items() if k in ("alphabet_size", "n_train", "context")
+                             and v is not None}) for c in reading.checkpoints]
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--task {name}: {error}") from None
+    settings = [vars(t) for t in found]
+    if any(s != settings[0] for s in settings):
+        raise UsageError(f"these checkpoints were trained on different {name} tasks: evaluate them separately")
+    reading.task = found[0]
+    return {"task": name, **{k: v for k, v in settings[0].items() if isinstance(v, (int, float, type(None)))}}
 
 
-def passkey_answer(key):
-    """What follows the question: the key (the first five digits are scored)."""
-    return f" {key}."
+def measure_copy(checkpoints, reading):
+    """Per checkpoint (one seed of a model), greedy and teacher-forced accuracy at every length, each with its
+    standard error over the strings (copy_accuracy)."""
+    task, args = reading.task, reading.args
+    lengths = args.copy_lengths or list(range(1, 4 * task.n_train + 1))
+    records = []
+    for c in checkpoints:
+        record = {**c.record(), "n_train": task.n_train, "lengths": lengths, "greedy": [], "greedy_stderr": [],
+                  "teacher_forced": [], "teacher_forced_stderr": []}
+        with reading.progress(sum(args.copy_strings * (2 * n + 3) for n in lengths), f"{c.label}: copying") as bar:
+            for n in lengths:  # one length at a time, for the bar
+                with reading.autocast:
+                    scores = copy_accuracy(c.model, task, [n], args.copy_strings, device=reading.device)[n]
+                for kind, value in zip(("greedy", "greedy_stderr", "teacher_forced", "teacher_forced_stderr"), scores):
+                    record[kind].append(value)
+                bar.update(args.copy_strings * (2 * n + 3))
+        records.append(record)
+    return records
 
 
-def passkey_prompt(tokenizer, length, depth, key):
-    """Token ids of about `length` tokens: intro, filler with the key sentence at relative depth `depth`
-    (0 = right after the intro, 1 = right before the question, placed between filler sentences), question."""
-    encode = tokenizer.encode_ordinary
-    intro, question = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION)
-    needle = encode(passkey_needle(key))
-    filler = encode(PASSKEY_FILLER)
-    repeats = max(1, (length - len(intro) - len(needle) - len(question)) // len(filler))
-    at = round(depth * repeats)
-    return intro + filler * at + needle + filler * (repeats - at) + question
+def plot_records(records, path, reading):
+    plot_copy(copy_models(records), path, plots.describe(reading))
 
 
-def score_answer(text, key):
-    """Correct when the first five digits of the answer are the key."""
-    digits = "".join(ch for ch in text if ch.isdigit())
-    return digits[:5] == str(key)
+def tabulate_records(records, out, reading):
+    tabulate_copy(copy_models(records), out / "copy_accuracy.csv", reading.args.copy_strings)
+    return ["copy_accuracy.csv"]
 
 
-class PasskeyTask:
-    """Passkey examples for fine-tuning: prompt and answer in exactly L tokens, L uniform in [min_len, max_len]
-    (one L per batch, so nothing is padded), a random 5-digit key at a depth uniform in [0, 1]. The loss counts only
-    the answer's tokens. The filler's last sentence is cut to make the length exact; the key sentence goes between
-    filler sentences, at the boundary nearest to its depth.
-
-    train.py --task passkey builds it with the tokenizer of the model it fine-tunes (needs_tokenizer),
-    PasskeyTask(data.get_tokenizer(spec), max_len=2048).
-    """
-
-    name = "passkey"
-    needs_tokenizer = True
-
-    def __init__(self, tokenizer, max_len=2048):
-        encode = tokenizer.encode_ordinary
-        self.tokenizer, self.max_len = tokenizer, max_len
-        self.intro, self.filler, self.question = encode(PASSKEY_INTRO), encode(PASSKEY_FILLER), encode(PASSKEY_QUESTION)
-        # room for any key: a token covers at least one byte, so the key's sentences take at most their byte count
-        longest = len((passkey_needle(99999) + passkey_answer(99999)).encode())
-        self.min_len = len(self.intro) + len(self.question) + longest
-        if max_len < self.min_len:
-            raise ValueError(f"a passkey example needs up to {self.min_len} tokens with this tokenizer; max_len "
-                             f"{max_len} is too short")
-
-    @property
-    def vocab_size(self):
-        return self.tokenizer.n_vocab
-
-    @property
-    def train_tokens(self):
-        return self.max_len
-
-    def example(self, length, depth, key):
-        """(inputs, targets), each (length,) int64: the prompt and the answer, targets -1 except where the next
-        token is part of the answer."""
-        encode = self.tokenizer.encode_ordinary
-        needle, answer = encode(passkey_needle(key)), encode(passkey_answer(key))
-        room = length - len(self.intro) - len(needle) - len(self.question) - len(answer)
-        if room < 0:
-            raise ValueError(f"key {key} does not fit in {length} tokens")
-        filler = (self.filler * (room // len(self.filler) + 1))[:room]
-        at = min([*range(0, room, len(self.filler)), room], key=lambda boundary: abs(boundary - depth * room))
-        tokens = self.intro + filler[:at] + needle + filler[at:] + self.question + answer
-        inputs = torch.tensor(tokens)
-        targets = torch.full_like(inputs, -1)
-        targets[length - len(answer) - 1:-1] = inputs[length - len(answer):]
-        return inputs, targets
-
-    def batch(self, batch_size, generator):
-        """batch_size examples of one random length.  Returns (inputs, targets), each (B, L) int64 on the CPU."""
-        length = int(torch.randint(self.min_len, self.max_len + 1, (1,), generator=generator))
-        keys = torch.randint(10000, 100000, (batch_size,), generator=generator).tolist()
-        depths = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
-        rows = [self.example(length, depth, key) for depth, key in zip(depths, keys)]
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+def measure_along_training(checkpoints, reading):
+    """Copy accuracy of every checkpoint a run kept along its training (ckpt_STEP.pt, and its ckpt.pt when that is
+    a later step), each record with its step; a run's copies are seeds of the run's model name."""
+    along = []
+    for c in checkpoints:
+        copies = sorted(c.folder.glob("ckpt_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        kept = [reading.checkpoint(str(p), label=c.name, train_len=c.T) for p in copies]
+        along += kept + ([c] if c.step not in [k.step for k in kept] else [])
+    return measure_copy(along, reading)
 
 
-TASKS["passkey"] = PasskeyTask
+def plot_along_training_records(records, path, reading):
+    plot_along_training(along_training(records), path, plots.describe(reading))
+
+
+def tabulate_along_training(records, out, reading):
+    models = along_training(records)
+    print("\ngreedy copy accuracy beyond the training lengths against training step, mean ± std across seeds")
+    for m in models:
+        print_table([["step"] + [str(s) for s in m["steps"]],
+                     [m["label"]] + [f"{x:.3f} ± {s:.3f}" for x, s in zip(m["greedy_beyond"], m["greedy_beyond_std"])]])
+    return []
+
+
+def measure_states(checkpoints, reading):
+    """eval.py --state_stats on copy models: the state along copy examples of strings 4 n_train long, with the
+    largest norm reached along examples of the longest training strings (the range training saw)."""
+    task, args = reading.task, reading.args
+    long = task.sequences(task.eval_strings(4 * task.n_train, args.copy_strings))  # (S, 8 n_train + 3)
+    trained = task.sequences(task.eval_strings(task.n_train, args.copy_strings))  # (S, 2 n_train + 3)
+    records = []
+    for c in checkpoints:
+        stats = reading.state_statistics(c.model, long, range(1, long.shape[1] + 1))
+        seen = reading.state_statistics(c.model, trained, range(1, trained.shape[1] + 1))
+        records.append({**c.record(), "positions": list(range(1, long.shape[1] + 1)), **stats,
+                        "training_range": [max(layer) for layer in seen["norm"]]})
+    return records
+
+
+DIAGNOSTICS = [  # eval.diagnostics' entries, flag: the option that asks for one (None: always); eval.py
+    # --state_stats reads copy examples with measure_states
+    dict(name="copy_accuracy", flag=None, measure=measure_copy, plot=plot_records, tabulate=tabulate_records,
+         summarise=copy_models),
+    dict(name="copy_along_training", flag="along_training", measure=measure_along_training,
+         plot=plot_along_training_records, tabulate=tabulate_along_training, summarise=along_training),
+]

@@ -1,0 +1,351 @@
+"""corpora/prepare.py: documents read, tokenised and written as a corpus that data.py reads, safely.
+
+prepare(input, name, tokenizer) reads a text file, a folder of text files, or .jsonl / .jsonl.gz / .jsonl.zst with a
+"text" field, and writes data_dir/NAME/{train.bin, val.bin, meta.json} (corpora/__init__.py describes the format). A
+document goes to train or val by the md5 of its name, the same on every machine; a single text file is one document,
+whose last val_fraction of tokens is val. Damaged lines and cut-off streams are counted and kept apart.
+
+Nothing is lost: the corpus is written into a work folder data/.NAME.RANDOM.PID@HOST and renamed into place when
+complete; a corpus being replaced waits as data/.NAME.old and comes back if anything fails, even after a hard kill.
+The next run removes the work folders of dead processes.
+
+Memory stays bounded whatever a document's size: files are read in blocks, and documents are tokenised in pieces of
+256 K characters (4 M at most), cut where the tokenizer splits the text anyway, so that the tokens are the whole
+document's. That is some tens of MB per tokenising thread, plus a few times the longest line of a .jsonl file, which
+is parsed whole.
+"""
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+import tempfile
+import threading
+import uuid
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import runs
+from corpora import DATA_DIR, DEFAULT_CORPUS, DataError
+from corpora.tokenizer import HFTokenizer, get_tokenizer
+
+try:
+    import zstandard
+except ImportError:  # needed for .zst files only
+    zstandard = None
+
+JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+VAL_FRACTION = 0.1
+BLOCK = 2 ** 16  # bytes read from a file at a time
+PIECE, MAX_PIECE = 2 ** 18, 2 ** 22  # characters of a piece of a document; a batch holds about a piece per thread
+# A newline between two non-spaces: tiktoken's encodings and byte-level BPE tokenizers (GPT-2's, GPT-NeoX's) start
+# a new pre-token right after it, so text cut there gets the tokens of the whole.
+SAFE_CUT = re.compile(r"\S\n(?=\S)")
+LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape for half a character, which UTF-8 cannot hold
+WORK_FOLDER = re.compile(r"\..+\.(\d{1,7})@([^@]+)")  # .NAME.RANDOM.PID@HOST
+
+RULES = [(("val_fraction",), "in (0, 1)", lambda x: 0 < x < 1), (("workers",), "at least 1", lambda x: x >= 1)]
+
+
+def check_name(name):
+    """A corpus name is one plain folder name under data_dir, so that no name can reach (and replace) a folder
+    elsewhere; a leading dot is kept for the work and replaced folders."""
+    _require(name and not name.startswith(".") and Path(name).name == name and not any(c in name for c in "\\\0"),
+             f"corpus name {name!r} is not a plain folder name: use letters, digits, '-', '_' or '.', without '/' "
+             f"and not starting with '.'")
+    return name
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+def _encode(enc, texts, workers):
+    """The tokens of each text, by at most `workers` threads, and never more threads than texts."""
+    threads = max(1, min(workers, len(texts)))
+    if enc.name == "bytes":  # byte tokens are the UTF-8 bytes themselves: there is no BPE to run
+        return [np.frombuffer(text.encode(), np.uint8) for text in texts]
+    if isinstance(enc, HFTokenizer):
+        return enc.encode_batch(texts, threads)
+    return enc.encode_ordinary_batch(texts, num_threads=threads)  # tiktoken lets go of the GIL while it works
+
+
+# --- Reading documents --------------------------------------------------------------------------------------------
+
+def read_documents(files, root, report):
+    """Yield (key, piece, last) for every document: key names it (for the split), piece is the next part of its
+    text, last marks its end. A piece None takes the document back: its file turned out to be unreadable part-way.
+    What cannot be used is counted in report."""
+    for f in files:
+        key = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        if f.name.endswith(JSONL):
+            yield from _jsonl_documents(f, key, report)
+            continue
+        try:
+            with open(f, encoding="utf-8") as text:  # as text: \r\n and \r become \n
+                yield from ((key, *piece) for piece in _pieces(iter(lambda: text.read(MAX_PIECE), "")))
+        except (OSError, UnicodeDecodeError):
+            report["unreadable_files"] += 1
+            yield key, None, True
+
+
+def _jsonl_documents(f, key, report):
+    """The "text" of every line, a document named KEY:LINE_NUMBER; lines that are not UTF-8 JSON (bad lines) or have
+    no "text" string are counted and skipped. A file that breaks off keeps its lines before."""
+    damaged = (OSError, zlib.error, zstandard.ZstdError if zstandard else OSError)
+    try:
+        for number, line in enumerate(_lines(_blocks(f))):
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+                report["bad_lines"] += 1
+                continue
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                report["lines_without_text"] += 1
+                continue
+            if LONE_SURROGATE.search(line):  # becomes U+FFFD, as tiktoken makes it
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            yield from ((f"{key}:{number}", *piece) for piece in _pieces([text]))
+    except EOFError:
+        report["truncated_files"] += 1
+    except damaged:
+        report["unreadable_files"] += 1
+
+
+def _pieces(chunks):
+    """(piece, last) for a text given in chunks of any size: pieces of PIECE to MAX_PIECE characters, cut at a
+    SAFE_CUT so that they get the tokens of the whole text (or at MAX_PIECE when there is none)."""
+    text, start = "", 0
+    for chunk in chunks:
+        text, start = text[start:] + chunk, 0
+        while True:
+            found = SAFE_CUT.search(text, start + PIECE, start + MAX_PIECE)
+            if not found and len(text) - start <= MAX_PIECE:
+                break  # for more text, where a place to cut may come
+            end = found.end() if found else start + MAX_PIECE
+            yield text[start:end], False
+            start = end
+    yield text[start:], True
+
+
+def _lines(blocks):
+    """The lines (bytes, without b"\\n") of a stream given in blocks."""
+    partial = []  # the start of a line that goes on in the next block
+    for block in blocks:
+        lines = block.split(b"\n")
+        for line in lines[:-1]:
+            yield b"".join(partial + [line])
+            partial = []
+        partial.append(lines[-1])
+    if any(partial):
+        yield b"".join(partial)
+
+
+def _blocks(f):
+    """The bytes of a file in blocks, decompressed if it ends in .gz or .zst; EOFError if it ends before its
+    compressed stream does (a file cut short)."""
+    if not f.name.endswith(".zst"):
+        with (gzip.open if f.name.endswith(".gz") else open)(f, "rb") as stream:
+            yield from iter(lambda: stream.read(BLOCK), b"")
+        return
+    decompressor, frame = zstandard.ZstdDecompressor(), None
+    with open(f, "rb") as stream:
+        for block in iter(lambda: stream.read(BLOCK), b""):
+            while block:  # frame by frame (a file written in parts has several), to see one that never ends
+                frame = decompressor.decompressobj() if frame is None or frame.eof else frame
+                yield frame.decompress(block)
+                block = frame.unused_data if frame.eof else b""
+    if frame is not None and not frame.eof:
+        raise EOFError(f"{f} ends inside a zstd frame")
+
+
+def is_validation(key, val_fraction):
+    """A stable, machine-independent coin flip per document name."""
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 10_000 < val_fraction * 10_000
+
+
+# --- Preparing a corpus -------------------------------------------------------------------------------------------
+
+def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fraction=VAL_FRACTION, workers=None):
+    """Tokenise a corpus into data_dir/NAME/{train.bin, val.bin, meta.json}, say what was read, return the folder.
+    input None: the default corpus; name None: one made from the input's and the tokenizer's names. Every option is
+    checked (DataError, UsageError) before anything is written."""
+    runs.check({"val_fraction": val_fraction, "workers": workers}, RULES)
+    if name is not None:
+        check_name(name)
+    root, files, source = _input(input)  # before the tokenizer, which may wait for a download
+    enc = get_tokenizer(tokenizer)
+    name = check_name(name if name is not None else _default_name(DEFAULT_CORPUS if input is None else root, enc))
+    _require(zstandard or not any(f.name.endswith(".zst") for f in files), "reading .zst files needs the zstandard "
+             "package: pip install zstandard")
+    single_document = root.is_file() and not root.name.endswith(JSONL)
+    report = dict.fromkeys(("documents", "bad_lines", "lines_without_text", "unreadable_files", "truncated_files"), 0)
+    final, old = Path(data_dir) / name, Path(data_dir) / f".{name}.old"
+    work = _make_work_folder(Path(data_dir), name)
+    try:
+        with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenising") as bar:
+            splits = _write_splits(read_documents(files, root, report), enc, workers or min(os.cpu_count() or 1, 8),
+                                   work, single_document, val_fraction, report, bar)
+        _require(report["documents"], f"no documents found in {root} ({_summary(report)})")
+        for split, counts in splits.items():
+            _require(counts["tokens"], f"the {split} split of {root} is empty: give more documents or change "
+                                       f"--val_fraction")
+        meta = dict(name=name, source=source, tokenizer=enc.name, tokenizer_sha256=getattr(enc, "sha256", None),
+                    vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype=np.dtype(token_dtype(enc.n_vocab)).name,
+                    splits=splits, input=report, val_fraction=val_fraction, split_rule=(
+                        f"single document: the last {val_fraction:.0%} of its tokens are validation" if single_document
+                        else f"by document: md5(document name) decides, {val_fraction:.0%} validation"),
+                    created=f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{uuid.uuid4().hex[:16]}")
+        (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        with _signals_held():  # once the new corpus is in place, the old one goes, and the user is told
+            if final.exists():
+                final.rename(old)  # until the new corpus is in place: if anything fails, _clean_up puts it back
+            work.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            for split, counts in splits.items():
+                print(f"{split:5s} {counts['documents']:9,} documents {counts['tokens']:15,} tokens")
+            print(f"read {_summary(report)}\nwrote {final}")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        _clean_up(Path(data_dir), name)
+        raise
+    return final
+
+
+def _input(input):
+    """(root, files, source) of an --input path; None is the default corpus, the Python standard library."""
+    if input is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
+        return root, files, f"Python {sys.version.split()[0]} standard library ({root}), *.py, without site-packages"
+    root = Path(input).resolve()
+    _require(root.exists(), f"--input {root} does not exist: give a text file, a folder of text files or .jsonl file")
+    files = [root] if root.is_file() else [f for f in sorted(root.rglob("*")) if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(root).parts)]  # hidden files are not documents
+    _require(files, f"--input {root} holds no files")
+    return root, files, str(root)
+
+
+def _default_name(base, enc):
+    """The input's name and the tokenizer's (none for bytes): stdlib-gpt2, book, pile-gpt-neox-20b."""
+    label = "" if enc.name == "bytes" else enc.name
+    if isinstance(enc, HFTokenizer):
+        path = Path(enc.name)
+        label = path.parent.name if path.name == "tokenizer.json" else path.name.removesuffix(".json")
+        label = re.sub(r"[^\w.-]", "_", label).lstrip(".") or "tokenizer"
+    return "-".join(filter(None, (Path(base).name.split(".")[0] or "corpus", label)))
+
+
+def _summary(report):
+    return ", ".join(f"{n:,} {what.replace('_', ' ')}" for what, n in report.items() if n or what == "documents")
+
+
+def _write_splits(documents, enc, workers, work, single_document, val_fraction, report, bar):
+    """Write every document's tokens, then end-of-text, to work/train.bin or val.bin. Returns {split: counts}."""
+    dtype = np.dtype(token_dtype(enc.n_vocab))
+    splits = {split: {"documents": 0, "tokens": 0} for split in ("train", "val")}
+    with open(work / "train.bin", "w+b") as train, open(work / "val.bin", "wb") as val:
+        outputs, begun = {"train": train, "val": val}, None  # begun: where the document being written started
+        for batch in _batches(documents, workers * PIECE):
+            tokens = iter(_encode(enc, [piece for _, piece, _ in batch if piece is not None], workers))
+            for key, piece, last in batch:
+                split = "train" if single_document or not is_validation(key, val_fraction) else "val"
+                out = outputs[split]
+                begun = out.tell() if begun is None else begun
+                if piece is None:  # its file turned out unreadable: take back what was written of it
+                    out.seek(begun)
+                    out.truncate()
+                else:
+                    out.write(np.asarray(next(tokens), dtype))
+                    bar.update(len(piece))
+                    if last:
+                        out.write(np.array([enc.eot_token], dtype))
+                        splits[split]["documents"] += 1
+                        report["documents"] += 1
+                begun = None if last else begun
+        if single_document:  # its last val_fraction of tokens are the validation split
+            size = train.tell() // dtype.itemsize
+            cut = (size - max(1, int(size * val_fraction))) * dtype.itemsize
+            train.seek(cut)
+            shutil.copyfileobj(train, val)
+            train.truncate(cut)
+            splits["val"]["documents"] = splits["train"]["documents"]
+    for split in splits:
+        splits[split]["tokens"] = (work / f"{split}.bin").stat().st_size // dtype.itemsize
+    return splits
+
+
+def _batches(documents, size):
+    """Lists of consecutive (key, piece, last) holding about `size` characters."""
+    batch, characters = [], 0
+    for item in documents:
+        batch.append(item)
+        characters += len(item[1] or "")
+        if characters >= size:
+            yield batch
+            batch, characters = [], 0
+    if batch:
+        yield batch
+
+
+def _make_work_folder(data_dir, name):
+    """An empty folder data_dir/.NAME.RANDOM.PID@HOST to write into, with the permissions of a folder made by hand."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _clean_up(data_dir, name)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=f".{os.getpid()}@{socket.gethostname()}",
+                                     dir=data_dir))
+    except OSError as error:
+        raise DataError(f"cannot write under {data_dir} ({error.strerror or error}): give a writable folder as "
+                        f"--data_dir") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp's 700 would hide the corpus from the other users of a shared machine
+    return work
+
+
+def _clean_up(data_dir, name):
+    """Finish what runs killed hard left behind: the work folders of this machine's dead processes, and a replacement
+    of corpus NAME cut short (.NAME.old is the corpus when NAME is missing, else a leftover)."""
+    for folder in data_dir.glob(".*@*"):
+        owner = WORK_FOLDER.fullmatch(folder.name)
+        if owner and owner[2] == socket.gethostname() and os.name != "nt":  # on Windows, os.kill would end it
+            if not runs.process_alive(owner[1]):
+                shutil.rmtree(folder, ignore_errors=True)
+    old, final = data_dir / f".{name}.old", data_dir / name
+    if old.exists() and final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.rename(final)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM back until the block is over, then raise KeyboardInterrupt."""
+    caught, signals = [], (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        signals = ()  # only the main thread can set signal handlers
+    held = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler or signal.SIG_DFL)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _require(condition, message):
+    if not condition:
+        raise DataError(message)
