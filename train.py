@@ -322,6 +322,8 @@ def train_all(argv):
             except runs.Stopped as stop:
                 raise runs.Stopped(f"{stop}; then run this command again for the post-training") from None
         train_one(given, rank, world, device)
+        if world > 1:  # gloo's threads let go of the last collective before Python shuts down (pytorch#190489)
+            dist.barrier()
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
