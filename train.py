@@ -3,8 +3,7 @@
     python train.py                                   pre-train the demo model from the zero state -> out/zero
     python train.py --init state_passing              post-train out/zero with state passing -> out/state_passing
                                                       (pre-training out/zero first if it does not exist yet)
-    python train.py --init tbptt --init_from PATH     post-train a checkpoint, or an official Mamba model
-                                                      (state-spaces/mamba2-370m; pretrained/)
+    python train.py --init tbptt --init_from PATH     post-train a checkpoint, or an official Mamba (pretrained/)
     python train.py --task copy                       the synthetic copying task (tasks/copy.py) -> out/copy/zero
     torchrun --nproc_per_node=4 train.py --preset paper ...      data-parallel on 4 GPUs (or CPU processes)
 
