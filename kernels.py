@@ -33,30 +33,30 @@ listing); for the per-channel decay and its sub-chunks, Yang et al. 2024, "Gated
 Hardware-Efficient Training" (Section 4), implemented in flash-linear-attention's chunk_gla.
 
 The chunked algorithm. The step-by-step loop is exact but sequential in L. Cut the sequence into chunks of C
-positions; within a chunk let A_i = log_decay_0 + ... + log_decay_i (restarted per chunk) and S_prev the state
-entering it. Unrolling the recurrence inside the chunk gives four pieces:
+positions; within a chunk let g_i = log_decay_0 + ... + log_decay_i (restarted per chunk; `cum` in the code) and S_prev
+the state entering it. Unrolling the recurrence inside the chunk gives four pieces:
 
-    1. intra-chunk output   y_i  = sum_{j<=i} exp(A_i - A_j) (q_i . k_j) v_j       a masked (C, C) "attention"
-    2. per-chunk states     X    = sum_j exp(A_last - A_j) v_j k_j^T               what the chunk alone writes
-    3. pass over chunks     S_end = exp(A_last) S_prev + X                         the initial state enters at the
+    1. intra-chunk output   y_i  = sum_{j<=i} exp(g_i - g_j) (q_i . k_j) v_j       a masked (C, C) "attention"
+    2. per-chunk states     X    = sum_j exp(g_last - g_j) v_j k_j^T               what the chunk alone writes
+    3. pass over chunks     S_end = exp(g_last) S_prev + X                         the initial state enters at the
                                                                                    first chunk, the final leaves last
-    4. inter-chunk output   y_i += exp(A_i) S_prev q_i                             what earlier chunks contribute
+    4. inter-chunk output   y_i += exp(g_i) S_prev q_i                             what earlier chunks contribute
 
 Pieces 1, 2 and 4 are matrix products, independent across chunks; only piece 3 is sequential, over nc steps. Every
-exponent is a difference A_i - A_j with i >= j (or A_i itself), so with log_decay <= 0 it is <= 0: nothing
-overflows however negative the decay, and as A restarts every chunk its magnitude never grows with L. Entries with
+exponent is a difference g_i - g_j with i >= j (or g_i itself), so with log_decay <= 0 it is <= 0: nothing
+overflows however negative the decay, and as g restarts every chunk its magnitude never grows with L. Entries with
 j > i are masked to -inf before exponentiating, never computed and then zeroed.
 
-A decay per key channel makes A_i a vector over n, and piece 1's product sum_n q_i[n] k_j[n] exp(A_i[n] - A_j[n]):
+A decay per key channel makes g_i a vector over n, and piece 1's product sum_n q_i[n] k_j[n] exp(g_i[n] - g_j[n]):
 the decay sits inside the sum, no longer scaling a (C, C) matrix of products q_i . k_j from outside. Factoring
 through a reference position r makes it a matrix product again:
-    exp(A_i - A_j) = exp(A_i - A_r) exp(A_r - A_j),   then   sum_n (q_i exp(A_i - A_r))[n] (k_j exp(A_r - A_j))[n]
+    exp(g_i - g_j) = exp(g_i - g_r) exp(g_r - g_j),   then   sum_n (q_i exp(g_i - g_r))[n] (k_j exp(g_r - g_j))[n]
 Both factors are <= 1 only when j <= r <= i; for any other pair one grows like exp(sum of the decays between i and
 j), which for a decay of -1e3 per step overflows at once. GLA's answer is sub-chunks of c positions inside a chunk:
 between two sub-chunks r is their boundary, and both factors are <= 1. Inside one there is no such position: the
-PyTorch path takes its last position and keeps c small enough that exp(A_i - A_r) <= exp(MAX_EXPONENT)
+PyTorch path takes its last position and keeps c small enough that exp(g_i - g_r) <= exp(MAX_EXPONENT)
 (_sub_chunk_sizes); the Triton kernels, in sub-chunks of 16 rows (a matrix product's smallest tile), compute those
-products exactly, elementwise over n. Pieces 2-4 only need exp(A_i), exp(A_last - A_j) and exp(A_last), elementwise
+products exactly, elementwise over n. Pieces 2-4 only need exp(g_i), exp(g_last - g_j) and exp(g_last), elementwise
 over n, all <= 1.
 
 The file reads: the step-by-step definition (scan_reference, in float64, which every fast path is tested against;
@@ -173,7 +173,7 @@ def dense_scan(q, k, v, log_decay, initial_state=None, chunk_size=64):
     v = _to_chunks(v, C)  # (B, nc, C, H, P)
     log_decay = _to_chunks(log_decay, C).permute(0, 3, 1, 2)  # (B, H, nc, C)
     cum = log_decay.cumsum(-1)
-    within = torch.exp(_segment_sums(log_decay))  # exp(A_i - A_j), i >= j: (B, H, nc, C, C)
+    within = torch.exp(_segment_sums(log_decay))  # exp(g_i - g_j), i >= j: (B, H, nc, C, C)
     y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", q, k, within, v)  # 1.
     decay_to_end = torch.exp(cum[..., -1:] - cum)
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", k, decay_to_end, v)  # 2. X of each chunk
@@ -189,7 +189,7 @@ def dense_scan(q, k, v, log_decay, initial_state=None, chunk_size=64):
 # The chunked algorithm in PyTorch
 # ----------------------------------------------------------------------------------------------------------------
 
-# Inside a sub-chunk the per-channel path factors exp(A_i - A_j) through the sub-chunk's last position, with a factor
+# Inside a sub-chunk the per-channel path factors exp(g_i - g_j) through the sub-chunk's last position, with a factor
 # up to exp(MAX_EXPONENT). 16 keeps it (9e6) far from float32's limit (3e38) and costs little precision: an
 # exponent near 16 carries an absolute rounding error of about 1e-6, which is the factor's relative error.
 MAX_EXPONENT = 16.0
@@ -249,7 +249,7 @@ def _chunk_views(x, chunk_size, groups):
 
 
 def _masked_decay(cum_decay, causal):
-    """exp(A_i - A_j) for i >= j and 0 above the diagonal.  (..., C) -> (..., C, C); causal (C, C) bool, i >= j.
+    """exp(g_i - g_j) for i >= j and 0 above the diagonal.  (..., C) -> (..., C, C); causal (C, C) bool, i >= j.
 
     The mask is applied to the exponent (-inf) rather than to the result, so exp never sees a positive number and
     no inf * 0 = nan can arise in the backward pass.
@@ -269,11 +269,11 @@ def _scan_torch_scalar(q, k, v, log_decay, initial_state, chunk_size):
     B, L, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
     R, C = H // G, chunk_size
-    cum = _to_chunks(log_decay, C).cumsum(2)  # A_i, restarted at every chunk: (B, nc, C, H)
+    cum = _to_chunks(log_decay, C).cumsum(2)  # g_i, restarted at every chunk: (B, nc, C, H)
     cum = cum.unflatten(3, (G, R)).permute(1, 0, 3, 4, 2).contiguous()  # (nc, B, G, R, C)
-    decay_from_start = torch.exp(cum)[..., None]  # exp(A_i): (nc, B, G, R, C, 1)
-    decay_to_end = torch.exp(cum[..., -1:] - cum)[..., None]  # exp(A_last - A_j): (nc, B, G, R, C, 1)
-    chunk_decay = decay_from_start[..., -1:, :]  # exp(A_last): (nc, B, G, R, 1, 1)
+    decay_from_start = torch.exp(cum)[..., None]  # exp(g_i): (nc, B, G, R, C, 1)
+    decay_to_end = torch.exp(cum[..., -1:] - cum)[..., None]  # exp(g_last - g_j): (nc, B, G, R, C, 1)
+    chunk_decay = decay_from_start[..., -1:, :]  # exp(g_last): (nc, B, G, R, 1, 1)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # True where i >= j
 
     state = (torch.zeros(B, G, R, P, N, dtype=v.dtype, device=v.device) if initial_state is None
@@ -291,7 +291,7 @@ def _scan_torch_scalar(q, k, v, log_decay, initial_state, chunk_size):
         outputs.append(y.permute(0, 3, 1, 2, 4))  # (B, C, G, R, P): stacked below straight into y's layout
         # 2. what the chunk writes, decayed to its end; 3. the hand-over to the next chunk
         written = (v_c * to_end).transpose(-1, -2) @ k_c  # (B, G, R, P, N)
-        state = torch.addcmul(written, decay, state)  # exp(A_last) S_prev + X; the final state leaves after the loop
+        state = torch.addcmul(written, decay, state)  # exp(g_last) S_prev + X; the final state leaves after the loop
     y = torch.stack(outputs, dim=1).reshape(B, -1, H, P)[:, :L]  # (B, nc, C, G, R, P) -> (B, L, H, P)
     return y, state.reshape(B, H, P, N)
 
@@ -301,9 +301,9 @@ def _scan_torch_per_channel(q, k, v, log_decay, initial_state, chunk_size):
     v (B, L, H, P); log_decay (B, L, H, N); initial_state (B, H, P, N) or None; all in the state's dtype.
     Returns y (B, L, H, P) and the final state (B, H, P, N).
 
-    Each chunk is cut into ns = C / c sub-chunks of c positions (_sub_chunk_sizes), with A restarted at every
-    sub-chunk. Inside a sub-chunk, piece 1 factors through its last position r: q_i exp(A_i - A_r), whose exponent
-    is >= 0 but at most MAX_EXPONENT, times k_j exp(A_r - A_j) <= 1. Between sub-chunks, pieces 2-4 run as for whole
+    Each chunk is cut into ns = C / c sub-chunks of c positions (_sub_chunk_sizes), with g restarted at every
+    sub-chunk. Inside a sub-chunk, piece 1 factors through its last position r: q_i exp(g_i - g_r), whose exponent
+    is >= 0 but at most MAX_EXPONENT, times k_j exp(g_r - g_j) <= 1. Between sub-chunks, pieces 2-4 run as for whole
     chunks, with the per-channel decays multiplying columns of the state.
     """
     B, L, G, N = q.shape
@@ -317,13 +317,13 @@ def _scan_torch_per_channel(q, k, v, log_decay, initial_state, chunk_size):
         ns = C // c
         q_s, k_s = (x.contiguous().unflatten(3, (ns, c)) for x in (q_c, k_c))  # (B, G, 1, ns, c, N)
         v_s = v_c.contiguous().unflatten(3, (ns, c))  # (B, G, R, ns, c, P)
-        cum = decay_c.contiguous().unflatten(3, (ns, c)).cumsum(4)  # A restarted every sub-chunk: (B,G,R,ns,c,N)
-        last = cum[..., -1:, :]  # A_r: (B, G, R, ns, 1, N)
-        to_end = torch.exp(last - cum)  # exp(A_r - A_j) in [exp(-MAX_EXPONENT), 1], by the choice of c
-        sub_decay = torch.exp(last)  # exp(A_r), each column's decay across its sub-chunk: (B, G, R, ns, 1, N)
+        cum = decay_c.contiguous().unflatten(3, (ns, c)).cumsum(4)  # g restarted every sub-chunk: (B,G,R,ns,c,N)
+        last = cum[..., -1:, :]  # g_r: (B, G, R, ns, 1, N)
+        to_end = torch.exp(last - cum)  # exp(g_r - g_j) in [exp(-MAX_EXPONENT), 1], by the choice of c
+        sub_decay = torch.exp(last)  # exp(g_r), each column's decay across its sub-chunk: (B, G, R, ns, 1, N)
         k_to_end = k_s * to_end  # what k_j writes, decayed to the sub-chunk's end
-        q_from_end = q_s / to_end  # q_i exp(A_i - A_r): the division is safe since to_end >= exp(-MAX_EXPONENT)
-        q_from_start = q_from_end * sub_decay  # q_i exp(A_i): reads the state entering the sub-chunk
+        q_from_end = q_s / to_end  # q_i exp(g_i - g_r): the division is safe since to_end >= exp(-MAX_EXPONENT)
+        q_from_start = q_from_end * sub_decay  # q_i exp(g_i): reads the state entering the sub-chunk
         # 1. inside each sub-chunk; the entries above the diagonal are finite (bounded as above) and masked
         causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # True where i >= j
         scores = (q_from_end @ k_to_end.transpose(-1, -2)).masked_fill_(~causal, 0.0)
@@ -374,7 +374,7 @@ def _sub_chunk_sizes(log_decay, chunk_size):
     """For each chunk, the largest divisor c of C with (c - 1) * (its strongest decay) <= MAX_EXPONENT: a list of nc
     ints.  log_decay (B, L, H, N).
 
-    (c - 1) steps separate a sub-chunk's first position from its last, so exp(A_i - A_r) <= exp(MAX_EXPONENT).
+    (c - 1) steps separate a sub-chunk's first position from its last, so exp(g_i - g_r) <= exp(MAX_EXPONENT).
     Mild decays get c = C, one matrix product per chunk as for a scalar decay; a decay of -1e3 gets c = 1, the
     recurrence itself.
     """
@@ -430,8 +430,8 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
 # Kernels for the forward and a hand-written backward, wired through torch.autograd.Function: pieces 1, 2 and 4
 # run for all chunks at once, one program per (chunk, row, head), and only piece 3 walks the chunks.
 #
-# Layouts: q, k (B, L, G, N), v and dy (B, L, H, P) contiguous; cum float32 holds A restarted per chunk (zero-padded,
-# so the padding repeats A_last), (B, H, nc*C) for a scalar decay and (B, H, nc*C, N) for a per-channel one; states
+# Layouts: q, k (B, L, G, N), v and dy (B, L, H, P) contiguous; cum float32 holds g restarted per chunk (zero-padded,
+# so the padding repeats g_last), (B, H, nc*C) for a scalar decay and (B, H, nc*C, N) for a per-channel one; states
 # (B, nc, H, P, N) float32. Every program first moves each base pointer to its own batch row, chunk and head, so the
 # tile loads below it only add offsets inside one chunk. Those shifts are int64: the axis-0 program id, which
 # carries the large count (chunks x rows x heads; its limit is 2^31 - 1, while axes 1 and 2 stop at 65535), is
@@ -441,20 +441,20 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
 # Scalar decay
 # Forward:   _chunk_state_kernel (piece 2) -> _state_pass_kernel (piece 3) -> _chunk_output_kernel (pieces 1 + 4)
 # Backward:  the same three pieces run backwards. The gradient of the state at the end of chunk c obeys
-#                dS_end[c-1] = exp(A_last[c]) dS_end[c] + sum_i exp(A_i) dy_i q_i^T
+#                dS_end[c-1] = exp(g_last[c]) dS_end[c] + sum_i exp(g_i) dy_i q_i^T
 #            which is piece 3 again, in reverse, fed by a piece-2-like sum (_chunk_state_kernel with dy and q).
 #            Then _grad_qk_kernel and _grad_v_kernel differentiate pieces 1, 2 and 4 chunk by chunk.
-#            The log_decay gradient uses an identity: inside a chunk A enters only through exp(A_i) q_i,
-#            exp(-A_j) k_j and exp(A_last) S_end, so dL/dA_t = q_t.dq_t - k_t.dk_t (+ <dS_end, S_end> at the
+#            The log_decay gradient uses an identity: inside a chunk g enters only through exp(g_i) q_i,
+#            exp(-g_j) k_j and exp(g_last) S_end, so dL/dA_t = q_t.dq_t - k_t.dk_t (+ <dS_end, S_end> at the
 #            chunk's last position), with dq, dk the gradients of head h alone; log_decay_s then collects
 #            dA_t for t >= s in its chunk (a reverse cumulative sum).
 #
 # Per-channel decay
-# The same pieces, with A a vector over n. Pieces 2 and 3 and the backward pass over chunks are the kernels above
+# The same pieces, with g a vector over n. Pieces 2 and 3 and the backward pass over chunks are the kernels above
 # with PER_CHANNEL set: the decay multiplies the state's columns. Pieces 1 + 4 and their gradients are
 # _channel_output_kernel, _channel_grad_v_kernel and _channel_grad_qk_kernel. They walk a chunk one sub-chunk of
 # SUB_CHUNK rows at a time: between two sub-chunks the decay factors through the last position b before the later
-# one, exp(A_i - A_j) = exp(A_i - A_b) exp(A_b - A_j) with both factors <= 1, so the products are tile matmuls;
+# one, exp(g_i - g_j) = exp(g_i - g_b) exp(g_b - g_j) with both factors <= 1, so the products are tile matmuls;
 # inside a sub-chunk, _within_sub_chunk computes them exactly, elementwise over n, one key position at a time. The
 # log_decay identity holds column by column: dL/dA_t[n] = q_t[n] dq_t[n] - k_t[n] dk_t[n], plus
 # sum_p dS_end[p, n] S_end[p, n] at the chunk's last position.
@@ -494,7 +494,7 @@ def _chunk_and_head(num_chunks, H, G):
 @triton.jit
 def _load_chunk_qk(q_ptr, k_ptr, cum_ptr, b, h, g, start, n, L, H, G, N, num_chunks, CHUNK: tl.constexpr):
     """What the output and v-gradient programs read first: q and k (C, BLOCK_N) of group g at columns n, zero past
-    the sequence's end and past N, then A (C,) and A_last of head h.  start: the chunk's first position."""
+    the sequence's end and past N, then g (C,) and g_last of head h.  start: the chunk's first position."""
     q_ptr += ((b * L + start) * G + g) * N
     k_ptr += ((b * L + start) * G + g) * N
     cum_ptr += (b * H + h) * num_chunks * CHUNK + start
@@ -507,27 +507,27 @@ def _load_chunk_qk(q_ptr, k_ptr, cum_ptr, b, h, g, start, n, L, H, G, N, num_chu
 
 @triton.jit
 def _causal_decay(cum):
-    """exp(A_i - A_j) where i >= j, else 0; the exponent is masked before exp.  (C,) -> (C, C)"""
+    """exp(g_i - g_j) where i >= j, else 0; the exponent is masked before exp.  (C,) -> (C, C)"""
     i = tl.arange(0, cum.shape[0])
     return tl.exp(tl.where(i[:, None] >= i[None, :], cum[:, None] - cum[None, :], float("-inf")))
 
 
 @triton.jit
 def _cum_tile(cum_ptr, rows, n, N):
-    """A of a per-channel decay at rows (R,) of a chunk and columns n (BLOCK_N,): (R, BLOCK_N), zero past N.
+    """g of a per-channel decay at rows (R,) of a chunk and columns n (BLOCK_N,): (R, BLOCK_N), zero past N.
     cum_ptr: the chunk's first row."""
     return tl.load(cum_ptr + rows[:, None] * N + n[None, :], mask=n[None, :] < N, other=0.0)
 
 
 @triton.jit
 def _cum_row(cum_ptr, row, n, N):
-    """A of a per-channel decay at one row of a chunk and columns n: (BLOCK_N,), zero past N."""
+    """g of a per-channel decay at one row of a chunk and columns n: (BLOCK_N,), zero past N."""
     return tl.load(cum_ptr + row * N + n, mask=n < N, other=0.0)
 
 
 @triton.jit
 def _chunk_decay(cum_ptr, offs, N, CHUNK: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """exp(A_last) of one chunk for the state entries offs (flattened p * N + n): that of each entry's column n with
+    """exp(g_last) of one chunk for the state entries offs (flattened p * N + n): that of each entry's column n with
     PER_CHANNEL (cum_ptr: the chunk's first row; offs % N is a valid column even past the state's end), else one
     number (cum_ptr: the chunk's first position)."""
     if PER_CHANNEL:
@@ -543,7 +543,7 @@ def _chunk_state_kernel(rows_ptr, cols_ptr, cum_ptr, out_ptr, L, H, G, P, N, num
                         WEIGHT_TO_END: tl.constexpr, PER_CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out[b, c, h] = sum_i rows_i (w_i cols_i)^T over chunk c: a (P, N) tile per program.
 
-    Forward (piece 2): rows = v, cols = k, w_i = exp(A_last - A_i).  Backward: rows = dy, cols = q, w_i = exp(A_i).
+    Forward (piece 2): rows = v, cols = k, w_i = exp(g_last - g_i).  Backward: rows = dy, cols = q, w_i = exp(g_i).
     With PER_CHANNEL, w_i is a vector over the columns n (cum is (B, H, nc*C, N)); otherwise a number per row.
     Grid: (nc * B * H, P-blocks * N-blocks).
     """
@@ -580,7 +580,7 @@ def _chunk_state_kernel(rows_ptr, cols_ptr, cum_ptr, out_ptr, L, H, G, P, N, num
 def _state_pass_kernel(states_ptr, cum_ptr, initial_ptr, final_ptr, H, N, state_size, num_chunks,
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_INITIAL: tl.constexpr,
                        PER_CHANNEL: tl.constexpr):
-    """Piece 3, forward: S_end = exp(A_last) S_prev + X, chunk after chunk (exp(A_last) per column with PER_CHANNEL).
+    """Piece 3, forward: S_end = exp(g_last) S_prev + X, chunk after chunk (exp(g_last) per column with PER_CHANNEL).
 
     On entry states[b, c, h] holds X (the chunk's own contribution); on exit it holds S_prev, the state entering
     chunk c, which is what the output kernel reads. Each program owns BLOCK entries of one (b, h) state.
@@ -611,9 +611,9 @@ def _state_pass_kernel(states_ptr, cum_ptr, initial_ptr, final_ptr, H, N, state_
 def _state_pass_backward_kernel(dstates_ptr, states_ptr, final_ptr, dfinal_ptr, cum_ptr, dinitial_ptr,
                                 end_dot_ptr, H, N, state_size, num_chunks,
                                 CHUNK: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """Piece 3, backward: dS_end[c-1] = exp(A_last[c]) dS_end[c] + D[c], from the last chunk to the first.
+    """Piece 3, backward: dS_end[c-1] = exp(g_last[c]) dS_end[c] + D[c], from the last chunk to the first.
 
-    On entry dstates[b, c, h] holds D[c] = sum_i dy_i (exp(A_i) q_i)^T; on exit it holds dS_end[c], the gradient of
+    On entry dstates[b, c, h] holds D[c] = sum_i dy_i (exp(g_i) q_i)^T; on exit it holds dS_end[c], the gradient of
     the state leaving chunk c. Also writes the initial state's gradient and, for a scalar decay, this block's share
     of <dS_end[c], S_end[c]> (for the log_decay gradient) to end_dot[bh, block, c]; a per-channel decay needs it per
     column, which the caller computes from the states (end_dot_ptr is None then). Grid: (B * H, ceil(P * N / BLOCK)).
@@ -651,7 +651,7 @@ def _state_pass_backward_kernel(dstates_ptr, states_ptr, final_ptr, dfinal_ptr, 
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, y_ptr, L, H, G, P, N, num_chunks,
                          CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
-    """Pieces 1 + 4: y_i = sum_{j<=i} exp(A_i - A_j)(q_i.k_j) v_j + exp(A_i) S_prev q_i for one chunk, one head and
+    """Pieces 1 + 4: y_i = sum_{j<=i} exp(g_i - g_j)(q_i.k_j) v_j + exp(g_i) S_prev q_i for one chunk, one head and
     BLOCK_P value columns.  Grid: (nc * B * H, P-blocks)."""
     chunk, b, h, g = _chunk_and_head(num_chunks, H, G)
     start = chunk * CHUNK
@@ -681,10 +681,10 @@ def _grad_qk_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, cum_ptr, states_ptr, dstates_pt
                     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """Gradients of q and k for one chunk, one group and BLOCK_N key columns, summed over the group's R heads
-    inside the program (no atomics, deterministic). Per head h, with ds_ij = exp(A_i - A_j)(dy_i . v_j), j <= i:
+    inside the program (no atomics, deterministic). Per head h, with ds_ij = exp(g_i - g_j)(dy_i . v_j), j <= i:
 
-        dq_i += sum_j ds_ij k_j + exp(A_i) S_prev^T dy_i              (pieces 1 and 4)
-        dk_j += sum_i ds_ij q_i + exp(A_last - A_j) dS_end^T v_j      (pieces 1 and 2)
+        dq_i += sum_j ds_ij k_j + exp(g_i) S_prev^T dy_i              (pieces 1 and 4)
+        dk_j += sum_i ds_ij q_i + exp(g_last - g_j) dS_end^T v_j      (pieces 1 and 2)
 
     and head h's share of dL/dA_t = q_t.dq_t - k_t.dk_t over these columns goes to dcum[n_block, b, h, t].
     Grid: (nc * B * G, N-blocks).
@@ -746,7 +746,7 @@ def _grad_v_kernel(q_ptr, k_ptr, dy_ptr, cum_ptr, dstates_ptr, dv_ptr, L, H, G, 
                    DOT_PRECISION: tl.constexpr):
     """Gradient of v for one chunk, one head and BLOCK_P value columns (pieces 1 and 2):
 
-        dv_j = sum_{i>=j} exp(A_i - A_j)(q_i . k_j) dy_i + exp(A_last - A_j) dS_end k_j
+        dv_j = sum_{i>=j} exp(g_i - g_j)(q_i . k_j) dy_i + exp(g_last - g_j) dS_end k_j
 
     Grid: (nc * B * H, P-blocks).
     """
@@ -790,8 +790,8 @@ def _key_row(k_ptr, row, seq_left, G, N, n):
 
 @triton.jit
 def _within_sub_chunk(q, cum, k_ptr, cum_ptr, first, seq_left, G, N, n, SUB: tl.constexpr):
-    """Piece 1 inside one sub-chunk, exactly: scores[i, j] = sum_n q_i[n] k_j[n] exp(A_i[n] - A_j[n]) for j <= i,
-    0 above the diagonal.  q, cum (SUB, BLOCK_N) float32: the sub-chunk's queries and A; k_ptr, cum_ptr: the chunk's
+    """Piece 1 inside one sub-chunk, exactly: scores[i, j] = sum_n q_i[n] k_j[n] exp(g_i[n] - g_j[n]) for j <= i,
+    0 above the diagonal.  q, cum (SUB, BLOCK_N) float32: the sub-chunk's queries and g; k_ptr, cum_ptr: the chunk's
     first row; first: the sub-chunk's first row in the chunk.  -> (SUB, SUB) float32
 
     One key position j at a time: its column is a sum over n of elementwise products, with the exponent masked to
@@ -810,7 +810,7 @@ def _within_sub_chunk(q, cum, k_ptr, cum_ptr, first, seq_left, G, N, n, SUB: tl.
 @triton.jit
 def _within_sub_chunk_grads(dscores, q, cum, k_ptr, cum_ptr, first, seq_left, G, N, n, SUB: tl.constexpr):
     """The gradients of _within_sub_chunk's scores, given dscores (SUB, SUB) float32 (ignored above the diagonal):
-    dq_i = sum_{j<=i} dscores_ij k_j exp(A_i - A_j) and dk_j = sum_{i>=j} dscores_ij q_i exp(A_i - A_j),
+    dq_i = sum_{j<=i} dscores_ij k_j exp(g_i - g_j) and dk_j = sum_{i>=j} dscores_ij q_i exp(g_i - g_j),
     elementwise over n.  Arguments as _within_sub_chunk.  -> dq, dk (SUB, BLOCK_N) float32"""
     i = tl.arange(0, SUB)
     dq = tl.zeros((SUB, n.shape[0]), dtype=tl.float32)
@@ -843,9 +843,9 @@ def _channel_output_kernel(q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, y_ptr, L, H
     """Pieces 1 + 4 for a per-channel decay, for one chunk, one head and BLOCK_P value columns, a sub-chunk I of
     rows at a time:
 
-        y_i = sum_{J<I} sum_{j in J} (q_i exp(A_i - A_b)) . (k_j exp(A_b - A_j)) v_j      earlier sub-chunks, b the
-            + sum_{j<=i in I} (sum_n q_i k_j exp(A_i - A_j)) v_j                         row before I; I itself,
-            + S_prev (q_i exp(A_i))                                                      exactly; earlier chunks
+        y_i = sum_{J<I} sum_{j in J} (q_i exp(g_i - g_b)) . (k_j exp(g_b - g_j)) v_j      earlier sub-chunks, b the
+            + sum_{j<=i in I} (sum_n q_i k_j exp(g_i - g_j)) v_j                         row before I; I itself,
+            + S_prev (q_i exp(g_i))                                                      exactly; earlier chunks
 
     Grid: (nc * B * H, P-blocks).
     """
@@ -896,9 +896,9 @@ def _channel_grad_v_kernel(q_ptr, k_ptr, dy_ptr, cum_ptr, dstates_ptr, dv_ptr, L
     """Gradient of v for a per-channel decay (pieces 1 and 2), for one chunk, one head and BLOCK_P value columns, a
     sub-chunk J of key rows at a time:
 
-        dv_j = sum_{I>J} sum_{i in I} ((q_i exp(A_i - A_b)) . (k_j exp(A_b - A_j))) dy_i     later sub-chunks
-             + sum_{i>=j in J} (sum_n q_i k_j exp(A_i - A_j)) dy_i                          J itself, exactly
-             + dS_end (k_j exp(A_last - A_j))                                               the chunk's end state
+        dv_j = sum_{I>J} sum_{i in I} ((q_i exp(g_i - g_b)) . (k_j exp(g_b - g_j))) dy_i     later sub-chunks
+             + sum_{i>=j in J} (sum_n q_i k_j exp(g_i - g_j)) dy_i                          J itself, exactly
+             + dS_end (k_j exp(g_last - g_j))                                               the chunk's end state
 
     Grid: (nc * B * H, P-blocks).
     """
@@ -952,11 +952,11 @@ def _channel_grad_qk_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, cum_ptr, states_ptr, ds
     """Gradients of q and k for a per-channel decay, from head h alone, for one chunk and BLOCK_N key columns, a
     sub-chunk X at a time. With dscores_ij = dy_i . v_j for j <= i, elementwise over n:
 
-        dq_i = sum_{j<=i} dscores_ij k_j exp(A_i - A_j) + exp(A_i) S_prev^T dy_i               (pieces 1 and 4)
-        dk_j = sum_{i>=j} dscores_ij q_i exp(A_i - A_j) + exp(A_last - A_j) dS_end^T v_j      (pieces 1 and 2)
+        dq_i = sum_{j<=i} dscores_ij k_j exp(g_i - g_j) + exp(g_i) S_prev^T dy_i               (pieces 1 and 4)
+        dk_j = sum_{i>=j} dscores_ij q_i exp(g_i - g_j) + exp(g_last - g_j) dS_end^T v_j      (pieces 1 and 2)
 
     pairs in different sub-chunks again factored through the row b before the later one. Writes dq, dk of this
-    head (B, L, H, N) float32, which the caller sums over each group's heads, and dL/dA = q dq - k dk to dcum
+    head (B, L, H, N) float32, which the caller sums over each group's heads, and dL/dg = q dq - k dk to dcum
     (B, H, nc*C, N). Grid: (nc * B * H, N-blocks).
     """
     start, group_rows, head_rows, cum_at, state_at = _channel_chunk(num_chunks, L, H, G, P, N, CHUNK)
@@ -1075,7 +1075,7 @@ def _triton_chunk_size(chunk_size, L):
 
 def _triton_chunk_sums(rows, cols, cum, chunk_size, weight_to_end):
     """What each chunk sums, for either kind of decay (cum's layout tells which): piece 2's X[c] = sum_i v_i
-    (exp(A_last - A_i) k_i)^T (weight_to_end, rows = v, cols = k) or the backward's D[c] = sum_i dy_i (exp(A_i) q_i)^T
+    (exp(g_last - g_i) k_i)^T (weight_to_end, rows = v, cols = k) or the backward's D[c] = sum_i dy_i (exp(g_i) q_i)^T
     (rows = dy, cols = q).  rows (B, L, H, P), cols (B, L, G, N) -> (B, nc, H, P, N) float32."""
     B, L, H, P = rows.shape
     G, N = cols.shape[2], cols.shape[3]
