@@ -445,9 +445,9 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
 #            which is piece 3 again, in reverse, fed by a piece-2-like sum (_chunk_state_kernel with dy and q).
 #            Then _grad_qk_kernel and _grad_v_kernel differentiate pieces 1, 2 and 4 chunk by chunk.
 #            The log_decay gradient uses an identity: inside a chunk g enters only through exp(g_i) q_i,
-#            exp(-g_j) k_j and exp(g_last) S_end, so dL/dA_t = q_t.dq_t - k_t.dk_t (+ <dS_end, S_end> at the
+#            exp(-g_j) k_j and exp(g_last) S_end, so dL/dg_t = q_t.dq_t - k_t.dk_t (+ <dS_end, S_end> at the
 #            chunk's last position), with dq, dk the gradients of head h alone; log_decay_s then collects
-#            dA_t for t >= s in its chunk (a reverse cumulative sum).
+#            dg_t for t >= s in its chunk (a reverse cumulative sum).
 #
 # Per-channel decay
 # The same pieces, with g a vector over n. Pieces 2 and 3 and the backward pass over chunks are the kernels above
@@ -456,7 +456,7 @@ def chunked_scan(q, k, v, log_decay, initial_state=None, *, chunk_size=64, backe
 # SUB_CHUNK rows at a time: between two sub-chunks the decay factors through the last position b before the later
 # one, exp(g_i - g_j) = exp(g_i - g_b) exp(g_b - g_j) with both factors <= 1, so the products are tile matmuls;
 # inside a sub-chunk, _within_sub_chunk computes them exactly, elementwise over n, one key position at a time. The
-# log_decay identity holds column by column: dL/dA_t[n] = q_t[n] dq_t[n] - k_t[n] dk_t[n], plus
+# log_decay identity holds column by column: dL/dg_t[n] = q_t[n] dq_t[n] - k_t[n] dk_t[n], plus
 # sum_p dS_end[p, n] S_end[p, n] at the chunk's last position.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -686,7 +686,7 @@ def _grad_qk_kernel(q_ptr, k_ptr, v_ptr, dy_ptr, cum_ptr, states_ptr, dstates_pt
         dq_i += sum_j ds_ij k_j + exp(g_i) S_prev^T dy_i              (pieces 1 and 4)
         dk_j += sum_i ds_ij q_i + exp(g_last - g_j) dS_end^T v_j      (pieces 1 and 2)
 
-    and head h's share of dL/dA_t = q_t.dq_t - k_t.dk_t over these columns goes to dcum[n_block, b, h, t].
+    and head h's share of dL/dg_t = q_t.dq_t - k_t.dk_t over these columns goes to dcum[n_block, b, h, t].
     Grid: (nc * B * G, N-blocks).
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -1124,8 +1124,8 @@ def _triton_state_grads(dy, q, cum, states, final, dfinal, chunk_size):
 
 
 def _log_decay_grad(dcum, end_dot, L, dtype):
-    """d log_decay from dcum (B, H, nc * C[, N]), dL/dA_t, and end_dot (B, H, nc[, N]), <dS_end, S_end>.
-    log_decay_s collects dA_t for t >= s within its chunk; <dS_end, S_end> sits at every chunk's last position, so
+    """d log_decay from dcum (B, H, nc * C[, N]), dL/dg_t, and end_dot (B, H, nc[, N]), <dS_end, S_end>.
+    log_decay_s collects dg_t for t >= s within its chunk; <dS_end, S_end> sits at every chunk's last position, so
     after the reverse cumulative sum it reaches every position of the chunk.  -> (B, L, H[, N])"""
     B, H, nc = end_dot.shape[:3]
     dcum = dcum.view(B, H, nc, -1, *end_dot.shape[3:])  # (B, H, nc, C[, N])
