@@ -604,8 +604,8 @@ def estimate_table():
             model = LM(cfg).to(torch.bfloat16)
         n = model.num_parameters()
         tokens_per_micro_batch = args.batch_size * args.seq_len
-        fixed = runs.training_memory(model, 0, torch.bfloat16)
-        need = runs.training_memory(model, tokens_per_micro_batch, torch.bfloat16)
+        fixed = runs.training_memory(model, 0, torch.bfloat16, seq_len=args.seq_len)
+        need = runs.training_memory(model, tokens_per_micro_batch, torch.bfloat16, seq_len=args.seq_len)
         per_sequence = (need - fixed) / args.batch_size
         fits = need <= 0.9 * GPU_MEMORY
         largest = int((0.9 * GPU_MEMORY - fixed) // per_sequence)

@@ -763,7 +763,7 @@ def check_memory(args, device, cfg=None, model=None, compute_dtype=torch.float32
             one, two = (LM(dataclasses.replace(cfg, n_layer=n)).num_parameters() for n in (1, 2))
         need = 16 * (one + (two - one) * (cfg.n_layer - 1))
     else:
-        need = training_memory(model, args.batch_size * args.seq_len, compute_dtype, autocast)
+        need = training_memory(model, args.batch_size * args.seq_len, compute_dtype, autocast, args.seq_len)
     need += 16 * args.eval_seqs * (8 if args.task == "lm" else args.batch_size) * args.seq_len - held  # validation
     need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type != "cuda" else 1  # processes sharing the RAM
     free = available_memory(device)
@@ -773,13 +773,14 @@ def check_memory(args, device, cfg=None, model=None, compute_dtype=torch.float32
                          f"the {args.batch_size * args.grad_accum} sequences per step), --seq_len or the model's size")
 
 
-def training_memory(model, tokens, compute_dtype=torch.float32, autocast=None):
+def training_memory(model, tokens, compute_dtype=torch.float32, autocast=None, seq_len=None):
     """Bytes that training model on micro-batches of `tokens` tokens needs, at least: 16 per parameter (float32
     weights, gradients and AdamW's two moments), 2 more under bfloat16 (the weights' bfloat16 copies) and 1.5 times
     the activations autograd keeps for the backward pass (the factor covers what the backward pass holds on top;
     RESULTS.md gives its calibration). With recompute, only each block's input is kept, and one block's activations
-    are live in the backward pass. The activations are measured (activations_per_token), not modelled."""
-    per_block, outside = activations_per_token(model, autocast)
+    are live in the backward pass. The activations are measured (activations_per_token, on sequences of seq_len
+    tokens at most), not modelled."""
+    per_block, outside = activations_per_token(model, autocast, seq_len)
     cfg, params = model.cfg, model.num_parameters()
     if cfg.recompute:
         per_token = outside + 4 * cfg.d_model * cfg.n_layer + 2 * per_block
@@ -789,12 +790,13 @@ def training_memory(model, tokens, compute_dtype=torch.float32, autocast=None):
     return 16 * params + copies + 1.5 * per_token * tokens
 
 
-def activations_per_token(model, autocast=None):
+def activations_per_token(model, autocast=None, seq_len=None):
     """(bytes per token that one block keeps for the backward pass, bytes per token kept outside the blocks:
     embedding, final norm, logits), measured as autograd saves them while the model itself reads one sequence of
-    C and one of 2C tokens (C its chunk size), without recomputation, taking the difference: what does not grow
-    with the length (masks, the bfloat16 copies of the weights under autocast) cancels. A model built on the meta
-    device is measured without computing or allocating anything."""
+    C and one of 2C tokens, without recomputation, taking the difference: what does not grow with the length
+    (masks, the bfloat16 copies of the weights under autocast) cancels. C is the chunk the scan runs on sequences
+    of seq_len tokens, both times: its chunk size, or seq_len when shorter (so a huge --chunk_size is never read
+    whole). A model built on the meta device is measured without computing or allocating anything."""
     from torch.multiprocessing.reductions import StorageWeakRef  # names a storage, even on the meta device
 
     device = next(model.parameters()).device
@@ -810,9 +812,11 @@ def activations_per_token(model, autocast=None):
     hooks = [hook for block in model.backbone.layers for hook in (
         block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
         block.register_forward_hook(lambda *_: inside.__setitem__(0, False)))]
-    recompute, model.cfg.recompute = model.cfg.recompute, False
+    C = min(model.cfg.chunk_size, seq_len or model.cfg.chunk_size)  # what the scan runs on seq_len tokens
+    settings = model.cfg.recompute, model.cfg.chunk_size
+    model.cfg.recompute, model.cfg.chunk_size = False, C
     try:
-        for length in (model.cfg.chunk_size, 2 * model.cfg.chunk_size):
+        for length in (C, 2 * C):
             saved.clear()
             tokens = torch.zeros(1, length, dtype=torch.long, device=device)
             with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast or \
@@ -821,11 +825,10 @@ def activations_per_token(model, autocast=None):
             in_blocks = sum(size for size, block in saved.values() if block)
             totals.append((in_blocks, sum(size for size, _ in saved.values()) - in_blocks))
     finally:
-        model.cfg.recompute = recompute
+        model.cfg.recompute, model.cfg.chunk_size = settings
         for hook in hooks:
             hook.remove()
     (blocks_1, outside_1), (blocks_2, outside_2) = totals
-    C = model.cfg.chunk_size
     return (blocks_2 - blocks_1) / C / model.cfg.n_layer, (outside_2 - outside_1) / C
 
 

@@ -619,6 +619,17 @@ def test_memory_estimate_grows_with_the_run_and_refuses_what_cannot_fit(tiny_cor
     assert "--batch_size" in error and not Path("big").exists()
 
 
+def test_the_activations_are_measured_on_chunks_no_longer_than_a_training_sequence():
+    """The scan never runs a chunk longer than the sequence, so neither does the measurement: a --chunk_size far
+    beyond --seq_len measures what training at seq_len keeps, and never reads a sequence that long."""
+    def per_token(chunk_size):
+        cfg = ModelConfig(vocab_size=257, d_model=32, n_layer=2, mixer="mamba2", d_state=16, headdim=16,
+                          chunk_size=chunk_size)
+        return runs.activations_per_token(LM(cfg), seq_len=16)
+
+    assert per_token(4096) == per_token(16)
+
+
 def test_recompute_lowers_the_memory_estimate_and_the_large_presets_use_it():
     cfg = ModelConfig(vocab_size=257, d_model=64, n_layer=4, mixer="mamba2", d_state=16, headdim=16)
     kept = runs.training_memory(LM(cfg), 8 * 256)
