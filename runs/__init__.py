@@ -812,7 +812,8 @@ def activations_per_token(model, autocast=None, seq_len=None):
     hooks = [hook for block in model.backbone.layers for hook in (
         block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
         block.register_forward_hook(lambda *_: inside.__setitem__(0, False)))]
-    C = min(model.cfg.chunk_size, seq_len or model.cfg.chunk_size)  # what the scan runs on seq_len tokens
+    C = min(model.cfg.chunk_size, seq_len or model.cfg.chunk_size)  # what the scan runs on seq_len tokens; Triton
+    C = model.cfg.chunk_size if model.cfg.backend == "triton" else C  # takes powers of two up to 128 only: as given
     settings = model.cfg.recompute, model.cfg.chunk_size
     model.cfg.recompute, model.cfg.chunk_size = False, C
     try:
