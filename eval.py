@@ -176,8 +176,10 @@ def effrem_T(args, checkpoints):  # the one T of every model's EffRem: --effrem_
 def measure_state_stats(checkpoints, reading):
     """The state along the evaluation text; for a copy task, along copy examples of strings 4 n_train long, with
     the largest norm reached along examples of the longest training strings (the range training saw)."""
-    if reading.task is not None:
-        return reading.task_module.measure_states(checkpoints, reading)
+    if reading.task is not None:  # the copy task: along its examples
+        import tasks.copy
+
+        return tasks.copy.measure_states(checkpoints, reading)
     n, L = reading.sequences.shape[0], reading.sequences.shape[1] - 1
     positions = np.unique(np.round(np.geomspace(1, L, 40)).astype(int)).tolist()
     records = []
@@ -293,7 +295,6 @@ class Reading:
     corpus: object = None  # data.Corpus
     sequences: torch.Tensor = None  # (num_seqs, len + 1) int64, on the CPU
     task: object = None  # a task of tasks/
-    task_module: object = None  # the module of tasks/ that measures it
 
     def progress(self, total, desc):  # a bar counting tokens read, left on screen when done
         return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)
@@ -425,7 +426,6 @@ def evaluate(args):
     else:
         import tasks.copy
 
-        reading.task_module = tasks.copy
         record = tasks.copy.prepare(reading)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # now: an unwritable folder fails before hours of reading
