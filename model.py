@@ -13,7 +13,7 @@ in uneven pieces that hand the State on, or token by token gives the same output
     logits, loss, state = model(idx, targets, state)       idx (B, L) -> logits (B, L, V); state None: zero
     logits_t, state = model.step(idx_t, state)             idx_t (B,) -> logits_t (B, V), O(1) per token
 
-Every mixer reduces its sequence mixing to kernels.chunked_scan, S_t = S_{t-1} diag(exp(log_decay_t)) + v_t k_t^T,
+Every mixer reduces its sequence mixing to scan_kernels.chunked_scan, S_t = S_{t-1} diag(exp(log_decay_t)) + v_t k_t^T,
 y_t = S_t q_t, with a decay per head or per key channel:
     mamba2  the official Mamba-2 block: q and k are the projections the Mamba-2 paper calls C and B, v = x * dt,
             log_decay = A * dt per head (A = -exp(A_log), the head's rate), after a short causal convolution whose
@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels import chunked_scan, scan_step
+from scan_kernels import chunked_scan, scan_step
 
 MIXERS = {}  # --mixer NAME -> its class; filled in below the mixer classes (adding a mixer adds one entry)
 
@@ -82,7 +82,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # the output layer is the embedding matrix (False: a weight of its own)
     # how the model is computed (COMPUTATION): these may differ from a checkpoint's without changing the model
     chunk_size: int = option(64, "scan chunk size")
-    backend: str = option("auto", "scan implementation (see kernels.chunked_scan)", choices=("auto", "torch", "triton"))
+    backend: str = option("auto", "scan implementation (see scan_kernels.chunked_scan)", choices=("auto", "torch", "triton"))
     recompute: bool = option(False, "recompute each block's activations in the backward pass instead of keeping "
                                     "them: a fraction of the memory for about a third more compute")
 
@@ -352,7 +352,7 @@ class Mamba1(nn.Module):
     Per inner channel d (of E = expand * d_model) and state element n (of N = d_state):
         h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] x_t[d],   y_t[d] = C_t . h_t[d] + D[d] x_t[d]
     with x the convolved input, dt = softplus(dt_proj(x_proj(x)_dt)) from a low-rank projection (rank ceil(D/16)),
-    and B_t, C_t (N) shared by all channels. That is kernels.chunked_scan with a head per channel (H = E, P = 1),
+    and B_t, C_t (N) shared by all channels. That is scan_kernels.chunked_scan with a head per channel (H = E, P = 1),
     q = C, k = B, v = dt * x and a decay per key channel, log_decay[d, n] = dt[d] A[d, n]."""
 
     flags = ("d_state", "expand", "dt_min", "dt_max")

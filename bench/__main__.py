@@ -1,4 +1,4 @@
-"""python -m bench: speed and memory of the chunked scan in kernels.py, printed as tables.
+"""python -m bench: speed and memory of the chunked scan in scan_kernels.py, printed as tables.
 
     python -m bench                  CPU: the torch backend, scalar and per-channel decays, against
                                      flash-linear-attention's naive_chunk_simple_gla and naive_recurrent_gla, the
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import runs
-from kernels import chunked_scan, dense_scan, scan_reference
+from scan_kernels import chunked_scan, dense_scan, scan_reference
 from model import LM, ModelConfig, option
 
 REPO = Path(__file__).resolve().parent.parent  # the measurements in fresh processes run python -m bench from here

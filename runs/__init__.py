@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from interventions import INITS
-from kernels import triton_refusal
+from scan_kernels import triton_refusal
 from model import LM, MIXERS, ModelConfig
 from runs.presets import PRESETS, TASK_DEFAULTS
 

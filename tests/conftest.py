@@ -3,7 +3,7 @@
 TRITON_INTERPRET=1 must be set before triton is first imported: it makes the Triton kernels run on the CPU through
 triton's interpreter, which is how the triton backend is tested on machines without a GPU. The interpreter's tl.dot
 is then patched to multiply bfloat16 correctly (_widen_bfloat16_in_interpreted_dot): test-only support, which is why
-it lives here and not in kernels.py.
+it lives here and not in scan_kernels.py.
 """
 import os
 import sys

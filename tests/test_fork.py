@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-PROJECT = ["model.py", "kernels.py", "interventions.py", "train.py", "eval.py", "data.py", "runs", "corpora", "tasks",
+PROJECT = ["model.py", "scan_kernels.py", "interventions.py", "train.py", "eval.py", "data.py", "runs", "corpora", "tasks",
            "pretrained", "plots"]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON
+from scan_kernels import HAS_TRITON
 from model import LM, MIXERS, GatedLinearAttention, ModelConfig, State
 
 VOCAB = 97
@@ -40,7 +40,7 @@ CONFIGS = [("mamba2", {}), ("mamba2", {"ngroups": 2, "mlp": True}), ("gla", {}),
 def test_whole_equals_pieces_equals_steps(backend, mixer, overrides):
     require_backend(backend)
     if mixer == "mamba1" and backend == "triton":
-        pytest.skip("Mamba-1's 64 one-channel heads take minutes in triton's interpreter; tests/test_kernels.py "
+        pytest.skip("Mamba-1's 64 one-channel heads take minutes in triton's interpreter; tests/test_scan_kernels.py "
                     "checks the per-channel kernels at P = 1 on smaller shapes")
     model = LM(small_config(mixer, backend, **overrides)).eval()
     idx = torch.randint(0, VOCAB, (2, 40))

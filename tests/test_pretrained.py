@@ -2,7 +2,7 @@
 mamba_ssm's equations say; every unsupported field and every broken file is a one-line PretrainedError.
 
 The reference forward below is written from the official Mamba2 module's equations as a token-by-token float64
-recurrence over the raw tensors, read by their official names; it shares no code with model.py or kernels.py. The
+recurrence over the raw tensors, read by their official names; it shares no code with model.py or scan_kernels.py. The
 float32 model differs from it by float32 rounding only (measured 4e-7 of the largest logit, ~35), so 1e-5 relative
 catches any real difference: an ungrouped gated norm, a dropped D or a reversed convolution moves the logits by
 0.4 to 0.95 of the largest.

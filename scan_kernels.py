@@ -1,4 +1,4 @@
-"""kernels.py: the chunked scan of a gated linear recurrence, with an initial and a final state.
+"""scan_kernels.py: the chunked scan of a gated linear recurrence, with an initial and a final state.
 
 Every sequence mixer in this project is the same recurrence. Per batch row and head, with a state S of shape (P, N):
 
@@ -17,7 +17,7 @@ The paper this project reproduces is about S_{-1}: models trained only from the 
 long sequences reach, so the scan must start from any state and hand its final state on.
 
     import torch
-    from kernels import chunked_scan
+    from scan_kernels import chunked_scan
     q, k = torch.randn(2, 1000, 1, 32), torch.randn(2, 1000, 1, 32)   # (B, L, G, N): one q/k group, 4 heads read it
     v, log_decay = torch.randn(2, 1000, 4, 64), -torch.rand(2, 1000, 4)   # (B, L, H, P), (B, L, H)
     y, state = chunked_scan(q, k, v, log_decay)              # y (B, L, H, P), state (B, H, P, N) = (2, 4, 64, 32)

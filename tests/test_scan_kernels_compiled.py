@@ -2,7 +2,7 @@
 
 The other kernel tests run the kernels through triton's interpreter, which checks their arithmetic but never
 compiles them. Here triton compiles each kernel, those of the scalar and of the per-channel decay, ahead of time for
-NVIDIA sm_80 (A100) and sm_90 (H100), with the launch options kernels.py uses, at the largest tiles it accepts. That
+NVIDIA sm_80 (A100) and sm_90 (H100), with the launch options scan_kernels.py uses, at the largest tiles it accepts. That
 catches kernels that do not compile for a GPU, and checks that triton_shared_memory (what backend="auto" compares
 with the GPU's shared memory before choosing triton) really bounds the shared memory of every compiled kernel.
 
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from kernels import HAS_TRITON
+from scan_kernels import HAS_TRITON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels as K
+import scan_kernels as K
 
 dtype, P, N, C, arch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 decays = sys.argv[6].split(",")  # which kernels: those of the "scalar" decay, of the "per-channel" one, or both
@@ -44,7 +44,7 @@ def compile_kernel(kernel, pointers, constants, **options):
 
 
 def compile_tile_kernel(name, pointers, **constants):
-    # the tile widths and launch options kernels.py uses for this kernel
+    # the tile widths and launch options scan_kernels.py uses for this kernel
     block_p, block_n = K._tiles(name, P, N)
     constants = dict(constants, CHUNK=C, DOT_PRECISION="ieee", BLOCK_P=block_p, BLOCK_N=block_n)
     return compile_kernel(getattr(K, "_" + name + "_kernel"), pointers, constants, **K._launch_options(name, C))
@@ -120,7 +120,7 @@ KERNELS = {"scalar": {"chunk_state", "chunk_output", "grad_qk", "grad_v", "state
     ("fp32", 128, 128, 16, 80, ("per-channel",)),             # the widest float32 heads at the smallest chunk
 ])
 def test_kernels_compile_within_the_shared_memory_bound(dtype, P, N, chunk, arch, decays):
-    from kernels import triton_shared_memory
+    from scan_kernels import triton_shared_memory
 
     shared = compile_for_gpu(dtype, P, N, chunk, arch, decays)
     bound = triton_shared_memory(P, N, chunk, element_size=2 if dtype == "bf16" else 4)

@@ -1,4 +1,4 @@
-"""Tests of kernels.py: the step-by-step definition against the equations unrolled by hand, both backends and the
+"""Tests of scan_kernels.py: the step-by-step definition against the equations unrolled by hand, both backends and the
 dense einsum form against the definition, split consistency, stability, for the scalar decay (B, L, H) and the decay
 per key channel (B, L, H, N).
 
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from kernels import HAS_TRITON, chunked_scan, dense_scan, scan_reference
+from scan_kernels import HAS_TRITON, chunked_scan, dense_scan, scan_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 BACKENDS = ["torch", "triton"]
@@ -110,7 +110,7 @@ CASES = [
 
 # A decay per key channel. The triton kernels cut chunks into sub-chunks of 16 rows, so chunks of 32 and 64 are what
 # exercise the products between sub-chunks; the torch path picks its sub-chunks from the decays (make_inputs' reach
-# -2 per step: sub-chunks of 8), and takes the recurrence itself for P <= kernels.RECURRENT_MAX_P.
+# -2 per step: sub-chunks of 8), and takes the recurrence itself for P <= scan_kernels.RECURRENT_MAX_P.
 PER_CHANNEL_CASES = [
     # B, L, G, H, N,   P,  C,  initial, contiguous
     (2, 37, 1, 2, 16, 16, 16, True, True),    # L not a multiple of the chunk
@@ -170,7 +170,7 @@ def test_per_channel_torch_float64_is_exact(P, decay_scale):
     """In float64 the torch path must equal the definition to float64 roundoff, whatever sub-chunks the decays lead
     it to (mild decays: one per chunk; -2 per step: sub-chunks of 8; -1e3: single positions) and for the recurrence
     (P = 1), with grouped heads: a wrong factor or a missed pair shows as an O(1) error, not 1e-12."""
-    import kernels
+    import scan_kernels as kernels
 
     B, L, G, H, N, C = 2, 45, 2, 4, 8, 16
     inputs = make_inputs(B, L, G, H, N, P, per_channel=True)
@@ -276,7 +276,7 @@ def test_chunk_longer_than_the_sequence_is_shortened(backend, per_channel, monke
     """chunk_size far above L runs with a chunk of L (torch) or the smallest power of two >= 16 covering L (triton),
     not with (C, C) tiles of the size asked for; the results are those of a chunk that fits."""
     require_backend(backend)
-    import kernels
+    import scan_kernels as kernels
 
     inputs = make_inputs(1, 20, 1, 2, 16, 16, per_channel=per_channel)
     chunks = []  # the chunk each torch scan runs with, its last argument
@@ -337,7 +337,7 @@ def test_triton_refuses_sizes_its_tiles_do_not_cover(N, P, chunk):
 def test_triton_refuses_tiles_beyond_the_gpus_shared_memory(monkeypatch):
     """On a GPU with little shared memory, explicit triton says why and what to do, and auto would not pick it."""
     require_backend("triton")
-    import kernels
+    import scan_kernels as kernels
 
     q, k, v, log_decay, initial = make_inputs(1, 8, 1, 1, 128, 128)
     needed_fp32 = kernels.triton_shared_memory(128, 128, 64, element_size=4)
