@@ -836,9 +836,10 @@ def activations_per_token(model, autocast=None, seq_len=None):
 def warn_if_slow(model, args, device):
     """Say before the first step when a step will take far longer than a person waits for a first result: the
     compute of a step (6 x parameters x tokens) over what this device just did in a short matrix product."""
-    size, started, repeats = 512, time.perf_counter(), 0
+    size, repeats = 512, 0
     a = torch.randn(size, size, device=device)
-    while time.perf_counter() - started < 0.05:
+    started = time.perf_counter()
+    while repeats == 0 or time.perf_counter() - started < 0.05:  # at least one: a loaded machine may take 50 ms
         a @ a
         repeats += 1
     if device.type == "cuda":

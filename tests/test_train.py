@@ -409,6 +409,16 @@ def test_a_step_far_beyond_the_machine_is_announced(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_speed_probe_survives_a_machine_too_busy_to_finish_one_product(monkeypatch, capsys):
+    # a clock that jumps 1 s per reading: the 50 ms timing loop is over before its first product on a loaded machine
+    clock = iter(range(0, 10 ** 6))
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: float(next(clock)))
+    model = LM(ModelConfig(vocab_size=257, d_model=64, n_layer=1, mixer="mamba2", d_state=16, headdim=16))
+    runs.warn_if_slow(model, argparse.Namespace(batch_size=1, grad_accum=1, seq_len=16, max_steps=1),
+                      torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Nothing lost: output folders, interrupted runs, numbers that are not finite
 # ----------------------------------------------------------------------------------------------------------------
