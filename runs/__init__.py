@@ -133,6 +133,8 @@ def check(values, rules, only_for=None, setting=None):
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, float) and not abs(item) < FLOAT32_MAX:
                 raise UsageError(f"--{name} must be a finite number; got {item}")
+            if isinstance(item, str) and not item.strip():  # --out_dir '' would mean the default, silently
+                raise UsageError(f"--{name} is empty: give a value or leave the flag out")
     for names, what, test in rules:
         for name in names:
             value = values.get(name)
@@ -389,6 +391,7 @@ ONLY_FOR = {"data": ("task", ("lm",)), "seq_len": ("task", ("lm",)), "alphabet_s
             "n_train": ("task", ("copy",)), "context": ("task", ("copy",)),
             **{o: ("init", tuple(n for n, cls in INITS.items() if o in cls.options))
                for cls in INITS.values() for o in cls.options},
+            **{o: ("init", tuple(n for n in INITS if n != "zero")) for o in ("from_scratch", "base_steps")},
             **{o: ("mixer", tuple(n for n, cls in MIXERS.items() if o in cls.flags))
                for cls in MIXERS.values() for o in cls.flags}}
 # The values each option may take (any option not named here takes what its type allows).
@@ -462,6 +465,10 @@ def check_options(given, args=None, base=None, reads_text=None):
             raise UsageError("--resume continues a run as it was started; drop --init_from/--from_scratch")
         if given.get("init_from") and given.get("from_scratch"):
             raise UsageError("--init_from and --from_scratch contradict each other; give one")
+        skips = [k for k in ("init_from", "from_scratch", "resume") if given.get(k)]
+        if "base_steps" in given and skips:
+            raise UsageError(f"--base_steps sets the automatic pre-training of out/zero, which --{skips[0]} does "
+                             f"not do: drop --base_steps")
         if given.get("out_dir") and Path(given["out_dir"]).is_file():
             raise UsageError(f"--out_dir {given['out_dir']} is a file: give a folder (it will hold ckpt.pt and "
                              f"log.jsonl)")
@@ -477,6 +484,9 @@ def check_options(given, args=None, base=None, reads_text=None):
         if differ:
             raise UsageError(f"{args.init_from} holds a {base.cfg.mixer} model that {', '.join(differ)} would "
                              f"change: drop the flags or post-train another checkpoint")
+    if args.stop_at is not None and args.stop_at > args.max_steps:
+        raise UsageError(f"--stop_at {args.stop_at} is beyond --max_steps {args.max_steps}, where the run ends "
+                         f"anyway: lower it or raise --max_steps")
     for name, limit in (("warmup_steps", "max_steps"), ("min_lr", "lr")):  # a preset's value yields to the limit
         if values[name] > values[limit]:
             if name in given:
@@ -489,11 +499,19 @@ def resume_options(given, defaults):
     in RESUMABLE (how it runs: device, backend, max_steps, ...)."""
     out_dir = given.get("out_dir") or default_out_dir(given.get("task", "lm"), given.get("preset", "demo"),
                                                       given.get("init", "zero"))
-    saved = load_checkpoint(out_dir, require=("args",))["args"]
+    ckpt = load_checkpoint(out_dir, require=("args", "step"))
+    saved, reached = ckpt["args"], ckpt["step"]
     changed = [k for k in given if k not in RESUMABLE and k in saved and given[k] != saved[k]]
     if changed:
         raise UsageError(f"--resume continues the run in {out_dir} as it was started; "
                          f"{', '.join('--' + k for k in changed)} differ from it: drop them or use another --out_dir")
+    for name in ("stop_at", "max_steps"):
+        if given.get(name) is not None and given[name] <= reached:
+            raise UsageError(f"--{name} {given[name]}: the run in {out_dir} is at step {reached} already; give a "
+                             f"later step")
+    if given.get("stop_at") is not None and given["stop_at"] > given.get("max_steps", saved["max_steps"]):
+        raise UsageError(f"--stop_at {given['stop_at']} is beyond --max_steps "
+                         f"{given.get('max_steps', saved['max_steps'])}, where the run ends anyway: lower it")
     resumable = {k: v for k, v in given.items() if k in RESUMABLE}
     return argparse.Namespace(**{**defaults, **saved, **resumable, "resume": True, "out_dir": out_dir,
                                  "stop_at": given.get("stop_at")})  # a stop belongs to one invocation only

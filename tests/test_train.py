@@ -257,6 +257,10 @@ def test_a_preset_value_yields_to_the_limit_it_passes_but_a_given_one_is_refused
     (["--d_state", "0"], "--d_state"), (["--headdim", "0"], "--headdim"), (["--expand", "0"], "--expand"),
     (["--dt_min", "-1"], "--dt_min"), (["--dt_min", "0.5", "--dt_max", "0.1"], "dt_min"),
     (["--stop_at", "0"], "--stop_at"), (["--stop_at", "-1"], "--stop_at"),
+    (["--stop_at", "5"], "--stop_at"),  # beyond --max_steps 4: the run ends first
+    (["--out_dir", ""], "--out_dir"), (["--data", " "], "--data"),  # empty: not the default in disguise
+    (["--from_scratch"], "--from_scratch"), (["--base_steps", "3"], "--base_steps"),  # --init zero: nothing to skip
+    (["--init", "tbptt", "--from_scratch", "--base_steps", "3"], "--base_steps"),  # no pre-training to size
     (["--seed", "1e20"], "--seed"), (["--seed", "100000000000000000000"], "--seed"),
     (["--n_heads", "2"], "--n_heads"),  # a gla flag with the mamba2 mixer
     (["--mixer", "gla", "--gate", "none"], "--d_state"),  # tiny_run_flags' mamba2 flags with gla
@@ -315,6 +319,9 @@ def test_resume_refuses_changed_training_flags_and_takes_those_marked_resume(tin
     out = tmp_path / "r"
     assert run_main(tiny_run_flags(tiny_corpus, out, "--stop_at", "2")) is None
     assert "--lr" in run_main(["--resume", "--out_dir", str(out), "--lr", "0.5"])
+    for flag, step in (("--stop_at", "2"), ("--max_steps", "1"), ("--stop_at", "5")):  # reached, or past the end
+        assert flag in run_main(["--resume", "--out_dir", str(out), flag, step])
+    assert load(out)["step"] == 2
     assert run_main(["--resume", "--out_dir", str(out), "--chunk_size", "8", "--backend", "torch"]) is None
     ckpt = load(out)
     assert ckpt["step"] == 4 and ckpt["model_config"]["chunk_size"] == 8
