@@ -642,14 +642,21 @@ class BenchConfig:
 RULES = [(("repeats", "len", "num_seqs"), "at least 1", lambda x: x >= 1),
          (("repeats",), "at most 1,000", lambda x: x <= 1000), (("len",), "at most 16,777,216", lambda x: x <= 2 ** 24),
          (("num_seqs",), "at most 4,096", lambda x: x <= 4096)]
+# --eval times eval.py's job, with its own flags; the scan tables take --repeats and --device. --estimate computes.
+ONLY_FOR = {**{name: ("eval", (True,)) for name in ("len", "num_seqs", "model")},
+            **{name: ("eval", (False,)) for name in ("repeats", "device")}}
 MEASUREMENTS = [(f"_{kind}", str, argparse.SUPPRESS, None) for kind in ("measure", "eval_measure", "model_measure")]
 
 
 def main(argv=None):
-    given = runs.parse("python -m bench", __doc__, argv, {"options": BenchConfig, "": MEASUREMENTS})
+    given = runs.parse("python -m bench", __doc__, argv, {"benchmark (BenchConfig)": BenchConfig,
+                                                          "": MEASUREMENTS})
     hidden = {k: given.pop(k, None) for k in ("_measure", "_eval_measure", "_model_measure")}  # one measurement,
-    runs.check(given, RULES)  # in a fresh process
-    args = BenchConfig(**given)
+    args = BenchConfig(**given)  # in a fresh process
+    runs.check(given, RULES, ONLY_FOR, vars(args))
+    others = [name for name in given if name != "estimate"]
+    if args.estimate and others:
+        raise runs.UsageError(f"--estimate prints the GPU estimates alone: drop --{others[0]}")
     official = args.model != "demo"
     if hidden["_measure"]:
         print(json.dumps(measure(**json.loads(hidden["_measure"]))))

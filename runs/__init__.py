@@ -127,6 +127,10 @@ def check(values, rules, only_for=None, setting=None):
     for name in values:
         key, allowed = (only_for or {}).get(name, (None, ()))
         if key in (setting or {}) and setting[key] not in allowed:
+            if allowed == (True,):  # a switch: --len means something with --eval only
+                raise UsageError(f"--{name} applies with --{key} only: add --{key} or drop --{name}")
+            if allowed == (False,):
+                raise UsageError(f"--{name} does not apply with --{key}: drop --{name}")
             raise UsageError(f"--{name} applies to --{key} {' or '.join(allowed)} only, not --{key} "
                              f"{setting[key]}: drop it")
     for name, value in values.items():
