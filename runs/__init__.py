@@ -582,6 +582,7 @@ class RunFolder:
     as they are until its first checkpoint: its log waits in memory until then. Ctrl-C or SIGTERM asks for a stop
     at the end of the current step (stop_requested()); another one a second or more later stops at once."""
     run: object
+    then: str = None  # what follows in the same command (post-training after the automatic pre-training)
 
     def __enter__(self):
         self.args, self.path, self.started, self.train_seconds = self.run.args, Path(self.run.args.out_dir), \
@@ -705,10 +706,21 @@ class RunFolder:
         if self.run.step < self.args.max_steps:
             print(f"train.py: stopped at step {self.run.step} (--stop_at); continue with python train.py --resume "
                   f"--out_dir {self.args.out_dir}")
+        elif self.then:
+            print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); {self.then}")
         else:  # a post-trained model is read beside the model it started from
             models = " ".join(f"--ckpt {path}" for path in (self.args.init_from, self.args.out_dir) if path)
             print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); next: python eval.py "
-                  f"{models}")
+                  f"{models}{eval_out(self.args.out_dir)}")
+
+
+def eval_out(out_dir):
+    """The --out that keeps eval.py's figures of a run apart from the quick start's (eval/): out/la/zero -> eval/la,
+    elsewhere/run -> elsewhere/eval; nothing for a run directly under out/."""
+    parent = Path(out_dir).parent
+    if parent == Path("out"):
+        return ""
+    return f" --out {Path('eval', *parent.parts[1:]) if parent.parts[:1] == ('out',) else parent / 'eval'}"
 
 
 def restore(run, ckpt):

@@ -108,11 +108,13 @@ def test_intervention_during_pretraining(tiny_corpus, tmp_path):
     assert load(out)["args"]["init_from"] is None
 
 
-def test_one_command_recipe_pretrains_the_base_first(tiny_corpus, tmp_path):
+def test_one_command_recipe_pretrains_the_base_first(tiny_corpus, tmp_path, capsys):
     flags = tiny_run_flags(tiny_corpus, "unused")
     i = flags.index("--out_dir")
     del flags[i:i + 2]
     assert run_main(flags + ["--init", "fitted_noise", "--base_steps", "3"]) is None
+    done = [line for line in capsys.readouterr().out.splitlines() if "done" in line]
+    assert len(done) == 2 and "eval.py" not in done[0] and "eval.py" in done[1]  # one next command, at the end
     assert load(tmp_path / "out" / "zero")["args"]["init"] == "zero" and load(tmp_path / "out" / "zero")["step"] == 3
     assert load(tmp_path / "out" / "fitted_noise")["args"]["init_from"] == os.path.join("out", "zero")
 
@@ -403,7 +405,13 @@ def test_start_and_end_lines_say_what_happens(tiny_corpus, tmp_path, capsys):
     assert run_main(tiny_run_flags(tiny_corpus, tmp_path / "r", "--grad_accum", "2")) is None
     out, err = capsys.readouterr()
     assert "8 sequences of 16 tokens per step" in err
-    assert out.strip().splitlines()[-1].endswith(f"python eval.py --ckpt {tmp_path / 'r'}")
+    assert out.strip().splitlines()[-1].endswith(f"python eval.py --ckpt {tmp_path / 'r'} --out {tmp_path / 'eval'}")
+
+
+@pytest.mark.parametrize("out_dir,hint", [("out/zero", ""), ("out/la/state_passing", " --out eval/la"),
+                                          ("out/copy/gla/zero", " --out eval/copy/gla"), ("runs/x", " --out runs/eval")])
+def test_the_next_command_keeps_figures_apart_from_the_quick_starts(out_dir, hint):
+    assert runs.eval_out(out_dir) == hint
 
 
 def test_a_step_far_beyond_the_machine_is_announced(capsys):
