@@ -5,9 +5,11 @@ prepare(input, name, tokenizer) reads a text file, a folder of text files, or .j
 document goes to train or val by the md5 of its name, the same on every machine; a single text file is one document,
 whose last val_fraction of tokens is val. Damaged lines and cut-off streams are counted and kept apart.
 
-Nothing is lost: the corpus is written into a work folder data/.NAME.RANDOM.PID@HOST and renamed into place when
-complete; a corpus being replaced waits as data/.NAME.old and comes back if anything fails, even after a hard kill.
-The next run removes the work folders of dead processes.
+Nothing is lost: data_dir/NAME is replaced only when it is a corpus written here (its three files and nothing else) or
+an empty folder; anything else is refused before anything is written. The corpus is written into a work folder
+data/.NAME.RANDOM.PID@HOST and renamed into place when complete; a corpus being replaced waits as data/.NAME.old and
+comes back if anything fails, even after a hard kill. The next run removes the work folders of dead processes; a
+folder holding anything but a corpus's files is never removed or renamed, whatever its name.
 
 Memory stays bounded whatever a document's size: files are read in blocks, and documents are tokenised in pieces of
 256 K characters (4 M at most), cut where the tokenizer splits the text anyway, so that the tokens are the whole
@@ -52,7 +54,8 @@ PIECE, MAX_PIECE = 2 ** 18, 2 ** 22  # characters of a piece of a document; a ba
 # a new pre-token right after it, so text cut there gets the tokens of the whole.
 SAFE_CUT = re.compile(r"\S\n(?=\S)")
 LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape for half a character, which UTF-8 cannot hold
-WORK_FOLDER = re.compile(r"\..+\.(\d{1,7})@([^@]+)")  # .NAME.RANDOM.PID@HOST
+WORK_FOLDER = re.compile(r"\..+\.[a-z0-9_]{8}\.(\d{1,7})@([^@]+)")  # .NAME.RANDOM.PID@HOST, as mkdtemp names it
+CORPUS_FILES = ("train.bin", "val.bin", "meta.json")  # all that a corpus, or its work folder, ever holds
 
 RULES = [(("val_fraction",), "in (0, 1)", lambda x: 0 < x < 1), (("workers",), "at least 1", lambda x: x >= 1)]
 
@@ -180,18 +183,20 @@ def is_validation(key, val_fraction):
 def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fraction=VAL_FRACTION, workers=None):
     """Tokenise a corpus into data_dir/NAME/{train.bin, val.bin, meta.json}, say what was read, return the folder.
     input None: the default corpus; name None: one made from the input's and the tokenizer's names. Every option is
-    checked (DataError, UsageError) before anything is written."""
+    checked (DataError, UsageError) before anything is written, and so is data_dir/NAME: only a corpus written here,
+    or an empty folder, is replaced."""
     runs.check({"val_fraction": val_fraction, "workers": workers}, RULES)
     if name is not None:
         check_name(name)
     root, files, source = _input(input)  # before the tokenizer, which may wait for a download
     enc = get_tokenizer(tokenizer)
     name = check_name(name if name is not None else _default_name(DEFAULT_CORPUS if input is None else root, enc))
+    final, old = Path(data_dir) / name, Path(data_dir) / f".{name}.old"
+    _check_destination(final, old)
     _require(zstandard or not any(f.name.endswith(".zst") for f in files), "reading .zst files needs the zstandard "
              "package: pip install zstandard")
     single_document = root.is_file() and not root.name.endswith(JSONL)
     report = dict.fromkeys(("documents", "bad_lines", "lines_without_text", "unreadable_files", "truncated_files"), 0)
-    final, old = Path(data_dir) / name, Path(data_dir) / f".{name}.old"
     work = _make_work_folder(Path(data_dir), name)
     try:
         with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenising") as bar:
@@ -209,10 +214,14 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
                     created=f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{uuid.uuid4().hex[:16]}")
         (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         with _signals_held():  # once the new corpus is in place, the old one goes, and the user is told
-            if final.exists():
+            replacing = _written_here(final)
+            if replacing:
                 final.rename(old)  # until the new corpus is in place: if anything fails, _clean_up puts it back
+            elif final.is_dir() and not final.is_symlink():
+                final.rmdir()  # an empty folder (_check_destination): rmdir removes nothing else
             work.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            if replacing:
+                shutil.rmtree(old, ignore_errors=True)
             for split, counts in splits.items():
                 print(f"{split:5s} {counts['documents']:9,} documents {counts['tokens']:15,} tokens")
             print(f"read {_summary(report)}\nwrote {final}")
@@ -315,19 +324,53 @@ def _make_work_folder(data_dir, name):
     return work
 
 
+def _check_destination(final, old):
+    """Refuse, before anything is written, to replace what this module did not write: data_dir/NAME (and .NAME.old,
+    where a replaced corpus waits) may be missing, an empty folder, or a corpus written here."""
+    for path in (final, old):
+        if not (path.exists() or path.is_symlink()) or _written_here(path):
+            continue
+        if path.is_symlink() or not path.is_dir():
+            held = "a link" if path.is_symlink() else "a file"
+        else:
+            names = sorted(p.name for p in path.iterdir())
+            if not names:
+                continue  # an empty folder: replacing it loses nothing
+            held = f"it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        raise DataError(f"{path} is not a corpus written by python -m corpora ({held}): choose another --name or "
+                        f"--data_dir, or move it away; nothing was written")
+
+
+def _written_here(folder, finished=True):
+    """Whether folder is one this module wrote: a folder (not a link) holding nothing but a corpus's files and, if
+    finished, a corpus's meta.json. Nothing else is ever replaced, renamed or removed, whatever its name."""
+    try:
+        if folder.is_symlink() or not folder.is_dir() or not {p.name for p in folder.iterdir()} <= set(CORPUS_FILES):
+            return False
+        if not finished:
+            return True
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"tokenizer", "vocab_size", "dtype"} <= meta.keys()
+
+
 def _clean_up(data_dir, name):
     """Finish what runs killed hard left behind: the work folders of this machine's dead processes, and a replacement
-    of corpus NAME cut short (.NAME.old is the corpus when NAME is missing, else a leftover)."""
+    of corpus NAME cut short (.NAME.old is the corpus when NAME is missing, else a leftover). Only folders that this
+    module wrote are touched."""
     for folder in data_dir.glob(".*@*"):
         owner = WORK_FOLDER.fullmatch(folder.name)
         if owner and owner[2] == socket.gethostname() and os.name != "nt":  # on Windows, os.kill would end it
-            if not runs.process_alive(owner[1]):
+            if not runs.process_alive(owner[1]) and _written_here(folder, finished=False):
                 shutil.rmtree(folder, ignore_errors=True)
     old, final = data_dir / f".{name}.old", data_dir / name
-    if old.exists() and final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
+    if not _written_here(old):
+        return
+    if not (final.exists() or final.is_symlink()):
         old.rename(final)
+    elif _written_here(final):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

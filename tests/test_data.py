@@ -520,6 +520,55 @@ def test_names_that_are_not_one_plain_folder_are_refused_before_anything_is_writ
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "somedir"]
 
 
+def user_files(folder):
+    """Every file under folder, with its content: what must still be there after a refusal."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_only_a_corpus_written_here_or_an_empty_folder_is_replaced(tmp_path):
+    source, data_dir = write_folder(tmp_path / "in"), tmp_path / "data"
+    write_folder(data_dir / "mine", {"notes.txt": "my own notes", "sub/more.txt": "and more"})
+    (data_dir / "a_file").write_text("not a folder")
+    write_folder(data_dir / "nano", {"train.bin": b"\1\0", "val.bin": b"\2\0", "meta.pkl": b"another project's"})
+    (data_dir / "link").symlink_to(prepare(source, name="corpus", data_dir=tmp_path / "elsewhere", val_fraction=0.4))
+    write_folder(data_dir / ".x.old", {"keep.txt": "where a replaced corpus would wait"})
+    before = user_files(data_dir)
+    for name, in_the_way in (("mine", "mine"), ("a_file", "a_file"), ("nano", "nano"), ("link", "link"),
+                             ("x", ".x.old")):
+        status, message = run_cli(["--input", source, "--name", name, "--data_dir", data_dir, "--val_fraction", 0.4])
+        assert status == 1 and str(data_dir / in_the_way) in message and "\n" not in message
+        assert user_files(data_dir) == before and sorted(p.name for p in data_dir.iterdir()) == sorted(
+            ["mine", "a_file", "nano", "link", ".x.old"])  # nothing created, renamed or deleted
+    (data_dir / "empty").mkdir()
+    for name in ("empty", "empty", "fresh"):  # an empty folder, then the corpus written there: both replaced
+        assert Corpus(prepare(source, name=name, data_dir=data_dir, val_fraction=0.4)).meta["input"]["documents"] == 5
+    assert {k: v for k, v in user_files(data_dir).items() if k in before} == before
+
+
+def test_clean_up_removes_only_what_preparing_left(tmp_path):
+    """A killed preparation leaves a work folder .NAME.RANDOM.PID@HOST or .NAME.old; a folder of someone else's by
+    such a name, holding anything but a corpus's files, is neither removed nor renamed, by load_corpus or prepare."""
+    source, data_dir = write_folder(tmp_path / "in"), tmp_path / "data"
+    prepare(source, name="x", data_dir=data_dir, val_fraction=0.4)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    host = socket.gethostname()
+    write_folder(data_dir / f".mine.abcdefgh.{dead}@{host}", {"notes.txt": "named like a work folder"})
+    write_folder(data_dir / f".w.abcdefgh.{dead}@{host}", {"train.bin": b"\1\0"})  # a killed run's: removed
+    write_folder(data_dir / ".x.old", {"keep.txt": "named like a replaced corpus"})
+    write_folder(data_dir / ".y.old", {"keep.txt": "named like a replaced corpus, with no corpus y"})
+    before = user_files(data_dir)
+    assert load_corpus("x", data_dir=data_dir).meta["input"]["documents"] == len(DOCS)
+    with pytest.raises(DataError, match="'y'"):
+        load_corpus("y", data_dir=data_dir)
+    prepare(source, name="z", data_dir=data_dir, val_fraction=0.4)
+    assert not (data_dir / f".w.abcdefgh.{dead}@{host}").exists()
+    assert {k: v for k, v in user_files(data_dir).items() if k in before} == {
+        k: v for k, v in before.items() if not k.startswith(".w.")}
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(
+        [f".mine.abcdefgh.{dead}@{host}", ".x.old", ".y.old", "x", "z"])
+
+
 def test_a_replacement_cut_short_puts_the_old_corpus_back(tmp_path, monkeypatch):
     source = write_folder(tmp_path / "in")
     folder = prepare(source, name="x", data_dir=tmp_path / "data", val_fraction=0.4)
