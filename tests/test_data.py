@@ -172,7 +172,7 @@ def test_jsonl_and_gzip_inputs(tmp_path):
         corpus = Corpus(prepare(tmp_path / name, name=name.replace(".", "_"), data_dir=tmp_path / "data"))
         assert all_documents(corpus) == sorted(texts)
         assert corpus.meta["input"] == {"documents": 31, "bad_lines": 1, "lines_without_text": 3,
-                                        "unreadable_files": 0, "truncated_files": 0}
+                                        "unreadable_files": 0, "truncated_files": 0, "invalid_utf8_replaced": 0}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
@@ -217,18 +217,43 @@ def test_single_text_file_is_split_by_position(tmp_path):
     assert len(corpus.tokens("val")) == max(1, int(len(tokens) * 0.1))
 
 
-def test_unreadable_files_are_skipped_whole_and_counted(tmp_path, monkeypatch):
+def test_files_of_a_folder_that_are_not_text_are_skipped_whole_counted_and_named(tmp_path, monkeypatch, capsys):
     source = write_folder(tmp_path / "in")
     (source / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (source / "late.txt").write_bytes(b"fine text\n" * 1997 + b"\xff")  # not UTF-8 only after many pieces
+    (source / "zeros.dat").write_bytes(b"header\n" * 300 + b"\0" * 64)  # valid UTF-8, but binary
     (source / ".hidden.txt").write_text("hidden files are not documents")
     monkeypatch.setattr(PREP, "PIECE", 100)
     monkeypatch.setattr(PREP, "MAX_PIECE", 400)
     corpus = Corpus(prepare(source, data_dir=tmp_path / "data", val_fraction=0.4))
-    assert corpus.meta["input"]["unreadable_files"] == 2 and corpus.meta["input"]["documents"] == len(DOCS)
+    assert corpus.meta["input"]["unreadable_files"] == 3 and corpus.meta["input"]["documents"] == len(DOCS)
     assert all_documents(corpus) == sorted(DOCS.values())
     size = sum(len(corpus.tokens(split)) for split in ("train", "val"))
     assert size == sum(len(text.encode()) + 1 for text in DOCS.values())  # nothing of late.txt, whose start was written
+    warning = capsys.readouterr().err
+    assert all(name in warning for name in ("latin1.txt", "late.txt", "zeros.dat"))
+
+
+def test_a_text_file_given_alone_keeps_its_text_despite_a_stray_byte_and_is_refused_when_binary(tmp_path, monkeypatch):
+    """A single file is the whole corpus: a few invalid bytes become U+FFFD (and are counted), where skipping it
+    left nothing and ended in a negative seek; a binary file, or one in another encoding, is refused in one line."""
+    text = (b"a" * (PREP.BLOCK - 1) + "é, cut in two by the end of a block\n".encode() +  # valid all the same
+            "".join(f"line {i} of a book, and a real \ufffd\n" for i in range(300)).encode())  # 74 KB in all
+    (tmp_path / "book.txt").write_bytes(text[:70_000] + b"\xff" + text[70_000:] + "世".encode()[:2])  # 2 invalid
+    corpus = Corpus(prepare(tmp_path / "book.txt", data_dir=tmp_path / "data"))
+    tokens = np.concatenate([corpus.tokens("train"), corpus.tokens("val")]).astype(np.int64)
+    replaced = (text[:70_000] + "\ufffd".encode() + text[70_000:]).decode() + "\ufffd"  # they, and only they
+    assert corpus.tokenizer().decode(tokens[:-1].tolist()) == replaced
+    assert corpus.meta["input"]["invalid_utf8_replaced"] == 2 and corpus.meta["input"]["unreadable_files"] == 0
+    refused = {"binary.dat": bytes(range(256)) * 300, "utf16.txt": "text".encode("utf-16"),
+               "latin1.txt": "Grüße aus Köln, ça va? ".encode("latin-1") * 100, "empty.txt": b""}
+    for name, content in refused.items():
+        (tmp_path / name).write_bytes(content)
+        status, message = run_cli(["--input", tmp_path / name, "--data_dir", tmp_path / "new"])
+        assert status == 1 and name in message and "\n" not in message and not (tmp_path / "new").exists()
+    monkeypatch.setattr(PREP, "check_text_file", lambda f: 0)  # a file that turns out unreadable while it is read
+    status, message = run_cli(["--input", tmp_path / "latin1.txt", "--data_dir", tmp_path / "new"])
+    assert status == 1 and str(tmp_path / "latin1.txt") in message and not (tmp_path / "new").exists()
 
 
 def test_rewriting_a_corpus_replaces_it_whole(tmp_path):
@@ -412,9 +437,9 @@ def test_inputs_without_documents(tmp_path):
     with pytest.raises(DataError, match="binary"):
         prepare(tmp_path / "binary", data_dir=tmp_path / "data")
     (tmp_path / "one.txt").write_text("")
-    with pytest.raises(DataError, match="--val_fraction"):  # one empty document: a split with no token
+    with pytest.raises(DataError, match="one.txt"):
         prepare(tmp_path / "one.txt", data_dir=tmp_path / "data")
-    assert list((tmp_path / "data").iterdir()) == []  # nothing half-written left behind
+    assert not (tmp_path / "data").exists()  # nothing half-written left behind, not even the folder made for it
 
 
 def test_tokenizer_that_cannot_be_downloaded(monkeypatch, tmp_path):
@@ -890,4 +915,4 @@ def test_jsonl_zst_gives_the_same_documents_as_jsonl(tmp_path, bpe):
 
     assert documents(corpora[0]) == documents(corpora[1]) and len(documents(corpora[0])) == 41
     assert corpora[1].meta["input"] == {"documents": 41, "bad_lines": 1, "lines_without_text": 1,
-                                        "unreadable_files": 1, "truncated_files": 0}
+                                        "unreadable_files": 1, "truncated_files": 0, "invalid_utf8_replaced": 0}
