@@ -23,7 +23,7 @@ FLAGS = [  # (name, type, help, choices)
                        "folder) or a hub name (EleutherAI/gpt-neox-20b)", None),
     ("val_fraction", float, f"share of documents (of a single file's tokens) for validation (default {VAL_FRACTION})",
      None),
-    ("workers", int, "tokenising threads (default: all cores, at most 8)", None),
+    ("workers", int, "tokenising threads, at most 256 (default: all cores, at most 8)", None),
     ("data_dir", str, f"where corpora live (default: {DATA_DIR})", None),
 ]
 

@@ -6,7 +6,7 @@ document goes to train or val by the md5 of its name, the same on every machine;
 whose last val_fraction of tokens is val. Damaged lines and cut-off streams are counted and kept apart. Documents
 are UTF-8 text: in a folder, a file that is not (binary, another encoding) is skipped whole and named; a single text
 file may hold a few invalid bytes (each becomes U+FFFD, and is counted), and is refused when it is binary or mostly
-not UTF-8.
+not UTF-8. Hidden files and folders (.git) are not read, nor data_dir.
 
 Nothing is lost: data_dir/NAME is replaced only when it is a corpus written here (its three files and nothing else) or
 an empty folder; anything else is refused before anything is written. The corpus is written into a work folder
@@ -61,17 +61,21 @@ SAFE_CUT = re.compile(r"\S\n(?=\S)")
 LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape for half a character, which UTF-8 cannot hold
 WORK_FOLDER = re.compile(r"\..+\.[a-z0-9_]{8}\.(\d{1,7})@([^@]+)")  # .NAME.RANDOM.PID@HOST, as mkdtemp names it
 CORPUS_FILES = ("train.bin", "val.bin", "meta.json")  # all that a corpus, or its work folder, ever holds
+MAX_WORKERS = 256  # a batch holds about PIECE characters per thread: this bounds its memory (a few hundred MB)
 MAX_INVALID = 0.01  # the share of a single text file's characters that may be invalid UTF-8 (each becomes U+FFFD)
 
-RULES = [(("val_fraction",), "in (0, 1)", lambda x: 0 < x < 1), (("workers",), "at least 1", lambda x: x >= 1)]
+RULES = [(("val_fraction",), "in (0, 1)", lambda x: 0 < x < 1),
+         (("workers",), f"between 1 and {MAX_WORKERS}", lambda x: 1 <= x <= MAX_WORKERS)]
 
 
 def check_name(name):
     """A corpus name is one plain folder name under data_dir, so that no name can reach (and replace) a folder
-    elsewhere; a leading dot is kept for the work and replaced folders."""
-    _require(name and not name.startswith(".") and Path(name).name == name and not any(c in name for c in "\\\0"),
-             f"corpus name {name!r} is not a plain folder name: use letters, digits, '-', '_' or '.', without '/' "
-             f"and not starting with '.'")
+    elsewhere; a leading dot is kept for the work and replaced folders, and 100 bytes leave room for their suffixes.
+    Control characters and spaces at either end are refused too: such a folder is hard to name again."""
+    _require(name and not name.startswith(".") and Path(name).name == name and "\\" not in name and
+             name.isprintable() and name == name.strip() and len(name.encode()) <= 100,
+             f"corpus name {name!r} is not a plain folder name: give --name with up to 100 letters, digits, '-', '_' "
+             f"or '.', without '/' and not starting with '.'")
     return name
 
 
@@ -228,12 +232,15 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
     checked (DataError, UsageError) before anything is written, and so is data_dir/NAME: only a corpus written here,
     or an empty folder, is replaced."""
     runs.check({"val_fraction": val_fraction, "workers": workers}, RULES)
+    for flag, value in (("input", input), ("tokenizer", tokenizer), ("data_dir", data_dir)):
+        _require(value is None or str(value).strip(), f"--{flag} is empty: give one, or leave the flag out")
     if name is not None:
         check_name(name)
-    root, files, source, invalid = _input(input)  # before the tokenizer, which may wait for a download
+    data_dir = Path(data_dir)
+    root, files, source, invalid = _input(input, data_dir)  # before the tokenizer, which may wait for a download
     enc = get_tokenizer(tokenizer)
     name = check_name(name if name is not None else _default_name(DEFAULT_CORPUS if input is None else root, enc))
-    final, old = Path(data_dir) / name, Path(data_dir) / f".{name}.old"
+    final, old = data_dir / name, data_dir / f".{name}.old"
     _check_destination(final, old)
     _require(zstandard or not any(f.name.endswith(".zst") for f in files), "reading .zst files needs the zstandard "
              "package: pip install zstandard")
@@ -243,9 +250,8 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
     report["invalid_utf8_replaced"], skipped = invalid, []
     if invalid:
         print(f"warning: {root} holds {invalid:,} invalid UTF-8 sequence(s), read as U+FFFD", file=sys.stderr)
-    # the folders made for the corpus: removed again if nothing is written
-    made = [folder for folder in (Path(data_dir), *Path(data_dir).parents) if not folder.exists()]
-    work = _make_work_folder(Path(data_dir), name)
+    made = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]  # removed if nothing is written
+    work = _make_work_folder(data_dir, name)
     try:
         with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenising") as bar:
             documents = read_documents(files, root, report, skipped, "replace" if invalid else "strict")
@@ -256,6 +262,8 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
                   f"encoding, or unreadable): {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}",
                   file=sys.stderr)
         _require(report["documents"], f"no documents found in {root} ({_summary(report)}); nothing was written")
+        _require(sum(counts["tokens"] for counts in splits.values()) > report["documents"], f"no text found in {root}: "
+                 f"its {report['documents']:,} document(s) are empty; nothing was written")
         for split, counts in splits.items():
             _require(counts["tokens"], f"the {split} split of {root} is empty: give more documents or change "
                                        f"--val_fraction")
@@ -280,7 +288,7 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
             print(f"read {_summary(report)}\nwrote {final}")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        _clean_up(Path(data_dir), name)
+        _clean_up(data_dir, name)
         for folder in made:  # the folders made for it, deepest first; rmdir removes empty ones only
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -288,7 +296,7 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
     return final
 
 
-def _input(input):
+def _input(input, data_dir):
     """(root, files, source, invalid UTF-8 sequences to replace) of an --input path; None is the default corpus, the
     Python standard library."""
     if input is None:
@@ -299,10 +307,19 @@ def _input(input):
     _require(root.exists(), f"--input {root} does not exist: give a text file, a folder of text files or .jsonl file")
     if root.is_file():
         return root, [root], str(root), 0 if root.name.endswith(JSONL) else check_text_file(root)
-    files = [f for f in sorted(root.rglob("*")) if f.is_file() and not any(
-        part.startswith(".") for part in f.relative_to(root).parts)]  # hidden files are not documents
-    _require(files, f"--input {root} holds no files")
+    files = _folder_files(root, data_dir.resolve())
+    _require(files, f"--input {root} holds no files (hidden files and folders are not read)")
     return root, files, str(root), 0
+
+
+def _folder_files(root, data_dir):
+    """The files under folder root, in order, but for hidden ones, those in hidden folders (.git, never walked) and
+    those in data_dir (the corpora): they are not documents. Links to folders are not followed."""
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".") and Path(folder, name) != data_dir]
+        files += [Path(folder, name) for name in names if not name.startswith(".")]
+    return sorted(f for f in files if f.is_file())
 
 
 def _default_name(base, enc):

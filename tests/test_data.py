@@ -265,6 +265,13 @@ def test_rewriting_a_corpus_replaces_it_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "x"]  # no work folders left behind
 
 
+def test_hidden_folders_and_the_corpora_themselves_are_not_documents(tmp_path):
+    source = write_folder(tmp_path / "project", {**DOCS, ".git/HEAD": "ref: main\n", ".git/objects/ab/cd": "x"})
+    prepare(write_folder(tmp_path / "other"), name="earlier", data_dir=source / "data", val_fraction=0.4)
+    corpus = Corpus(prepare(source, data_dir=source / "data", val_fraction=0.4))  # --input . in the repository
+    assert all_documents(corpus) == sorted(DOCS.values()) and corpus.meta["input"]["unreadable_files"] == 0
+
+
 def test_names_made_from_the_input_are_plain_folder_names(tmp_path):
     (tmp_path / ".hidden.txt").write_text("x" * 100)
     assert prepare(tmp_path / ".hidden.txt", data_dir=tmp_path / "data").name == "corpus"
@@ -401,6 +408,11 @@ def test_too_little_text_names_the_options_to_lower(tmp_path):
     (["--val_fraction", "nan"], "--val_fraction"),
     (["--workers", "0"], "--workers"),
     (["--workers", "-3"], "--workers"),
+    (["--workers", "100000"], "--workers"),
+    (["--input", ""], "--input"),
+    (["--input", " "], "--input"),
+    (["--data_dir", ""], "--data_dir"),
+    (["--tokenizer", ""], "--tokenizer"),
     (["--input", "nowhere"], "nowhere"),
     (["--input", "empty"], "empty"),
     (["--data_dir", "file"], "--data_dir"),
@@ -416,6 +428,8 @@ def test_usage_errors_are_one_line_that_names_the_flag_or_file(tmp_path, monkeyp
     status, message = run_cli(argv + [x for flag, value in defaults.items() if flag not in argv for x in (flag, value)])
     assert status == 1 and named in message and "\n" not in message and "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # checked before anything was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "in"]
+    assert user_files(tmp_path / "in") == {name: text.encode() for name, text in DOCS.items()}
 
 
 def test_options_are_checked_in_the_library_too(tmp_path):
@@ -431,15 +445,18 @@ def test_a_missing_input_is_named_before_any_tokenizer_is_loaded(tmp_path, monke
         prepare(tmp_path / "nowhere", tokenizer="EleutherAI/gpt-neox-20b", data_dir=tmp_path / "data")
 
 
-def test_inputs_without_documents(tmp_path):
+def test_inputs_without_text(tmp_path):
     (tmp_path / "binary").mkdir()
     (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\x00\x81" * 11)
-    with pytest.raises(DataError, match="binary"):
-        prepare(tmp_path / "binary", data_dir=tmp_path / "data")
     (tmp_path / "one.txt").write_text("")
-    with pytest.raises(DataError, match="one.txt"):
-        prepare(tmp_path / "one.txt", data_dir=tmp_path / "data")
-    assert not (tmp_path / "data").exists()  # nothing half-written left behind, not even the folder made for it
+    (tmp_path / "empty.jsonl").write_bytes(jsonl_bytes([""] * 50))  # documents, but not a character of text
+    (tmp_path / "data").mkdir()
+    for given in ("binary", "one.txt", "empty.jsonl"):
+        with pytest.raises(DataError, match=given):
+            prepare(tmp_path / given, data_dir=tmp_path / "data")
+        status, _ = run_cli(["--input", tmp_path / given, "--data_dir", tmp_path / "new" / "data"])
+        assert status == 1 and not (tmp_path / "new").exists()  # the folders it made for the corpus are gone too
+    assert list((tmp_path / "data").iterdir()) == []  # nothing half-written left behind
 
 
 def test_tokenizer_that_cannot_be_downloaded(monkeypatch, tmp_path):
@@ -532,7 +549,8 @@ def test_an_interrupt_while_tokenising_keeps_the_old_corpus_and_ends_every_threa
 
 # --- Names, replacement, interruption and killed runs -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "./../somedir", "", ".hidden", "a\\b"])
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "./../somedir", "", ".hidden", "a\\b", " ", " x", "x\n",
+                                  "a\tb", "n" * 101])
 def test_names_that_are_not_one_plain_folder_are_refused_before_anything_is_written(tmp_path, name):
     source = write_folder(tmp_path / "in")
     (tmp_path / "somedir").mkdir()
