@@ -17,6 +17,7 @@ Presets (whole configurations, as data) are in runs/presets.py.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -285,13 +286,23 @@ def first_nonfinite(obj, name=""):
 
 def save_checkpoint(path, payload):
     """Write payload (a dict with the weights under "model") to path (a file or run folder) atomically. A payload
-    holding a number that is not finite is refused, so a good checkpoint is never replaced by a broken one."""
+    holding a number that is not finite is refused, so a good checkpoint is never replaced by a broken one; a write
+    that fails (a full disk) is an OSError, and the checkpoint that was there stays as it was."""
     path = checkpoint_path(path)
     broken = first_nonfinite(payload)
     if broken:
         raise CheckpointError(f"not saving {path}: {broken} is not finite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: torch.save(payload, f))
+
+    def write(f):
+        try:
+            torch.save(payload, f)
+        except RuntimeError as error:  # torch's zip writer reports a failed write as a RuntimeError, not an OSError
+            if "PytorchStreamWriter" not in str(error) and "inline_container" not in str(error):
+                raise
+            raise OSError(errno.EIO, "writing the checkpoint failed", str(path)) from None
+
+    write_atomically(path, write)
 
 
 def model_payload(model, **extra):

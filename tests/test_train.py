@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -511,6 +512,36 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tiny_corpus, tmp_pa
 def test_checkpoints_are_written_atomically(tmp_path):
     save_checkpoint(tmp_path / "run", {"format": CHECKPOINT_FORMAT, "model": {"x": torch.ones(3)}})
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt"]  # no temporary file left
+
+
+def test_a_checkpoint_write_that_fails_inside_torch_save_is_one_line_and_keeps_the_last_checkpoint(tiny_corpus,
+                                                                                                   base_run, tmp_path,
+                                                                                                   monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError (PytorchStreamWriter failed writing file): told in
+    one line like any failed write, the checkpoint it would have replaced intact and no temporary file left."""
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert str(out / "ckpt.pt") in run_main(["--resume", "--out_dir", str(out), "--max_steps", "5"])
+    assert (out / "ckpt.pt").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["ckpt.pt",
+                                                                                                  "log.jsonl"]
+    with pytest.raises(OSError):
+        save_checkpoint(out, {"format": CHECKPOINT_FORMAT, "model": {"x": torch.ones(3)}})
+
+    def broken(obj, f, *args, **kwargs):  # any other error of torch.save is a bug to see, not a full disk
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        save_checkpoint(out, {"format": CHECKPOINT_FORMAT, "model": {"x": torch.ones(3)}})
+    assert (out / "ckpt.pt").read_bytes() == before
 
 
 def test_existing_runs_and_folders_are_never_overwritten_silently(tiny_corpus, base_run, tmp_path):
