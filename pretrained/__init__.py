@@ -242,8 +242,8 @@ def _mamba1_from_transformers(config):
 def _from_transformers(config):
     """ModelConfig keyword arguments from the transformers layout (defaults: transformers' Mamba2Config).
 
-    With n_groups > 1 the gated norm is taken per group, as mamba_ssm and transformers' CUDA path compute it
-    (transformers' pure-torch path normalises over all channels at once)."""
+    With n_groups > 1 the gated norm is taken per group, as mamba_ssm and transformers compute it (the pure-torch
+    path of transformers 4 normalised over all channels at once; tests/test_transformers.py compares with 5.25)."""
     if config.get("model_type") == "mamba":
         return _mamba1_from_transformers(config)
     if config.get("model_type") != "mamba2":
