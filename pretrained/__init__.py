@@ -159,7 +159,20 @@ def _number(value, field, whole=True):
     if not (number and math.isfinite(value) and value > 0 and (not whole or value == int(value))):
         wanted = "a positive whole number" if whole else "a positive number"
         raise PretrainedError(f"config.json: {field}={json.dumps(value)} must be {wanted}")
+    if whole and value > MAX_SIZE:  # 1e20 would overflow torch's sizes before any memory check could refuse it
+        raise PretrainedError(f"config.json: {field}={json.dumps(value)} is beyond any model (at most {MAX_SIZE:,})")
     return int(value) if whole else float(value)
+
+
+MAX_SIZE = 2 ** 24  # vocabularies of 256k and widths of 16k stay far below; the memory check sees the products
+
+
+def _switch(section, name, default):
+    """A true/false field of config.json: a JSON boolean, nothing else ("false" is a true value to Python)."""
+    value = section.get(name, default)
+    if not isinstance(value, bool):
+        raise PretrainedError(f"config.json: {name}={json.dumps(value)} must be true or false")
+    return value
 
 
 def _field(section, name, default, prefix="", whole=True):
@@ -222,7 +235,7 @@ def _mamba_ssm_sizes(config):
     return dict(vocab_size=_field(config, "vocab_size", 50277),
                 pad_vocab_multiple=_field(config, "pad_vocab_size_multiple", 8), n_layer=_field(config, "n_layer", 64),
                 norm_eps=1e-5,  # mamba_ssm's block norms and Mamba-2's gated norm all use 1e-5
-                tie_embeddings=config.get("tie_embeddings", True))
+                tie_embeddings=_switch(config, "tie_embeddings", True))
 
 
 def _mamba_ssm_mixer(ssm, d_state):
@@ -268,7 +281,7 @@ def _mamba1_from_transformers(config):
                                   f"({wanted})")
     return dict(mixer="mamba1", vocab_size=_field(config, "vocab_size", 50280), pad_vocab_multiple=1,
                 d_model=hidden, n_layer=layers, expand=expand, d_state=_field(config, "state_size", 16),
-                **_transformers_mixer(config), tie_embeddings=config.get("tie_word_embeddings", True))
+                **_transformers_mixer(config), tie_embeddings=_switch(config, "tie_word_embeddings", True))
 
 
 def _transformers_mixer(config):
@@ -298,7 +311,7 @@ def _from_transformers(config):
     return dict(mixer="mamba2", vocab_size=_field(config, "vocab_size", 32768), pad_vocab_multiple=1,  # rows = vocab
                 d_model=hidden, n_layer=_field(config, "num_hidden_layers", 64), expand=expand, headdim=head_dim,
                 d_state=_field(config, "state_size", 128), ngroups=_field(config, "n_groups", 8),
-                **_transformers_mixer(config), tie_embeddings=config.get("tie_word_embeddings", False))
+                **_transformers_mixer(config), tie_embeddings=_switch(config, "tie_word_embeddings", False))
 
 
 def config_from_json(config, **overrides):

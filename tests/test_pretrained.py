@@ -583,6 +583,8 @@ BAD_NUMBERS = [
     ("mamba_ssm", "ssm_cfg.headdim", 8.5), ("mamba_ssm", "ssm_cfg.dt_min", None),
     ("mamba_ssm", "ssm_cfg.A_init_range", [1, "16"]), ("mamba_ssm mamba1", "ssm_cfg.dt_rank", 2.5),
     ("mamba_ssm mamba1", "ssm_cfg.expand", float("inf")),
+    ("transformers", "hidden_size", 1e20), ("mamba_ssm", "vocab_size", 10 ** 30),  # beyond torch's sizes
+    ("transformers", "tie_word_embeddings", "false"), ("mamba_ssm", "tie_embeddings", 0),  # not a JSON boolean
 ]
 
 
