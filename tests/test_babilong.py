@@ -1,0 +1,235 @@
+"""Tests of tasks/babilong: generated samples obey bAbI's rules and have their exact length, the answer check agrees
+with BABILong's rule, the published sets are read in the hub's layout, and bad input is refused in one line."""
+import json
+import random
+import re
+
+import pytest
+
+from corpora import DataError
+from corpora.tokenizer import get_tokenizer
+from runs import UsageError
+from tasks.babilong import (LABELS, Haystack, background_sentences, format_prompt, generated_set, is_correct,
+                            make_story, read_set, shortest_length)
+from tasks.babilong.babi import PERSONS
+
+BACKGROUND = [  # prose that names nothing of bAbI's world, some sentences with words of several tokens
+    "The river ran quietly past the old mill and into the valley below.",
+    "Nobody in the village remembered who had first planted the orchard.",
+    "Extraordinarily unpredictable weather characterised that particular autumn.",
+    "A lantern swung from the beam, throwing long shadows across the floor.",
+    "They spoke of harvests, of debts, and of the long winter ahead.",
+    "Somewhere beyond the hills a dog barked twice and then fell silent.",
+]
+
+
+def gpt2_or_skip():
+    try:
+        return get_tokenizer("gpt2")
+    except DataError:
+        pytest.skip("the gpt2 vocabulary is neither cached nor downloadable here")
+
+
+def tokenizer(name):
+    return gpt2_or_skip() if name == "gpt2" else get_tokenizer(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An independent reasoner: reads the facts back from the text and works out the answer
+# ----------------------------------------------------------------------------------------------------------------
+
+FACT = re.compile(r"(Mary|John|Daniel|Sandra) (?:(moved to|went to|went back to|journeyed to|travelled to) the "
+                  r"(\w+)|(picked up|got|grabbed|took) the (\w+) there|(dropped|discarded|put down|left) the (\w+))\.")
+
+
+def facts_in(text):
+    return [m.group(0) for m in FACT.finditer(text)]
+
+
+def answer_of(facts, question):
+    """Where the person or object asked about is, by replaying the facts; asserts that each fact is possible (a
+    pick-up by someone whose place is known, of an object nobody holds; a drop by its holder) and that the answer
+    is determined."""
+    place, holder, lies = {}, {}, {}
+    for fact in facts:
+        person, _, to, _, taken, _, dropped = FACT.fullmatch(fact).groups()
+        if to:
+            place[person] = to
+        elif taken:
+            assert person in place and taken not in holder
+            assert lies.get(taken, place[person]) == place[person]  # it lies where they are, or was never seen
+            holder[taken] = person
+        else:
+            assert holder.pop(dropped) == person
+            lies[dropped] = place[person]
+    asked = re.fullmatch(r"Where is (?:the )?(\w+)\?", question).group(1)
+    if asked in PERSONS:
+        return place[asked]
+    return place[holder[asked]] if asked in holder else lies[asked]
+
+
+@pytest.mark.parametrize("task", ["qa1", "qa2"])
+def test_generated_answers_follow_from_the_facts(task):
+    samples = generated_set(task, 2000, 60, get_tokenizer("bytes"), sentences=BACKGROUND)
+    assert len({s["target"] for s in samples}) >= 4  # the answers vary over the locations
+    for sample in samples:
+        facts = facts_in(sample["input"])
+        assert len(facts) == len(sample["facts"]) >= 2
+        assert answer_of(facts, sample["question"]) == sample["target"]
+        assert sample["target"] in LABELS[task]
+        asked = sample["question"].rstrip("?").split()[-1]
+        supporting = [facts[i] for i in sample["supporting"]]  # the facts the answer rests on
+        if task == "qa1":  # the person's last move
+            assert supporting == [[f for f in facts if f.startswith(asked)][-1]]
+        assert any(asked in f for f in supporting) and any(sample["target"] in f for f in supporting)
+
+def test_qa2_needs_two_facts():
+    """qa2's answer rests on two facts: the object's pick-up or drop, and its holder's move."""
+    rng = random.Random(3)
+    stories = [make_story("qa2", rng) for _ in range(200)]
+    assert all(len(s.supporting) == 2 for s in stories)
+    assert all(s.target in s.facts[s.supporting[0]] + s.facts[s.supporting[1]] for s in stories)
+    held = [s for s in stories if any(verb in s.facts[s.supporting[0]] for verb in (" picked", " got", " grabbed",
+                                                                                       " took"))]
+    assert 20 < len(held) < 190  # both kinds of answer occur: held objects and dropped ones
+
+
+@pytest.mark.parametrize("name", ["bytes", "gpt2"])
+@pytest.mark.parametrize("extra", [None, 0, 1, 333, 3000])
+def test_facts_keep_their_order_and_the_context_its_exact_length(name, extra):
+    tok = tokenizer(name)
+    haystack = Haystack(tok, BACKGROUND)
+    rng = random.Random(1)
+    length = 0 if extra is None else shortest_length("qa2", tok) + extra  # None: the facts alone
+    for _ in range(10):
+        story = make_story("qa2", rng)
+        text, offsets = haystack.hide(story.facts, length, rng)
+        assert facts_in(text) == list(story.facts)  # all of them, in their order, each whole
+        tokens = tok.encode_ordinary(text)
+        if length:
+            assert len(tokens) == length and not text.startswith(story.facts[0])  # background comes first
+        for offset, fact in zip(offsets, story.facts):  # each fact's tokens start where the offsets say
+            assert tok.decode(tokens[offset:]).lstrip().startswith(fact)
+
+
+def test_the_standard_library_background():
+    sentences = background_sentences()
+    assert len(sentences) > 1000 and len(set(sentences)) > 0.8 * len(sentences)
+    assert not any(facts_in(s) for s in sentences)
+    samples = generated_set("qa1", 2048, 3, gpt2_or_skip(), seed=5)
+    assert samples == generated_set("qa1", 2048, 3, gpt2_or_skip(), seed=5)  # the same for the same seed
+    assert samples != generated_set("qa1", 2048, 3, gpt2_or_skip(), seed=6)
+    assert all(len(gpt2_or_skip().encode_ordinary(s["input"])) == 2048 for s in samples)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The answer check
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output, correct", [
+    ("The most recent location of Mary is kitchen.", True),
+    ("\nAnswer: kitchen. Question: Where is John? Answer: garden.", True),  # what follows the first sentence: ignored
+    ("KITCHEN", True),
+    ("The most recent location of Mary is garden.", False),
+    ("Mary is in the kitchen or the garden.", False),  # two labels
+    ("Mary is not here. She is in the kitchen.", False),  # right, but in the second sentence
+    ("kitchen <example> garden", True),  # a model writing an example of its own: cut there
+    ("", False),
+])
+def test_answer_check_agrees_with_babilongs_rule(output, correct):
+    assert is_correct("qa1", output, "kitchen", "Where is Mary?") is correct
+
+
+def test_labels_of_the_question_do_not_count():
+    question = "Where was the apple before the kitchen?"  # a label in the question is never the answer
+    assert is_correct("qa1", "Before the kitchen the apple was in the garden.", "garden", question)
+    assert not is_correct("qa1", "Before the kitchen the apple was in the garden.", "kitchen", question)
+
+
+def test_prompt_is_babilongs_template():
+    prompt = format_prompt("qa2", "  Mary got the milk there. ", "Where is the milk?")
+    assert prompt.startswith("I give you context") and prompt.endswith(
+        "<context>\nMary got the milk there.\n</context>\n\nQuestion: Where is the milk?")
+    assert "<example>" in prompt and "The \u2019item\u2019 is in \u2019location\u2019." in prompt
+    assert format_prompt("qa1", "x", "Where is Mary?", few_shot=False) == \
+        "<context>\nx\n</context>\n\nQuestion: Where is Mary?"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the published sets
+# ----------------------------------------------------------------------------------------------------------------
+
+def hub_sample(target="bathroom"):
+    return {"input": "Some text. Mary moved to the bathroom. More text.", "question": "Where is Mary?",
+            "target": target}
+
+
+def test_a_folder_in_the_hubs_layout_is_read(tmp_path):
+    (tmp_path / "babilong" / "data" / "qa1").mkdir(parents=True)
+    (tmp_path / "babilong" / "data" / "qa1" / "4k.json").write_text(json.dumps([hub_sample()] * 3))
+    assert read_set(str(tmp_path / "babilong"), "qa1", "4k") == [hub_sample()] * 3
+    (tmp_path / "generated" / "qa2").mkdir(parents=True)  # BABILong's generator's layout, in JSON Lines
+    (tmp_path / "generated" / "qa2" / "0k.json").write_text("\n".join(json.dumps(hub_sample("garden"))
+                                                                      for _ in range(2)) + "\n")
+    assert read_set(str(tmp_path / "generated"), "qa2", "0k") == [hub_sample("garden")] * 2
+    assert read_set(str(tmp_path / "babilong" / "data" / "qa1" / "4k.json"), "qa1", "4k")[0]["target"] == "bathroom"
+
+
+def test_a_hub_name_is_read_through_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    (tmp_path / "cached.json").write_text(json.dumps([hub_sample()]))
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, filename, repo_type: asked.append((repo, filename, repo_type)) or
+                        str(tmp_path / "cached.json"))
+    assert read_set("RMT-team/babilong", "qa1", "16k") == [hub_sample()]
+    assert asked == [("RMT-team/babilong", "data/qa1/16k.json", "dataset")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("records", [
+    [hub_sample(), {"input": "x", "question": "Where is Mary?"}],  # no target
+    [{"input": "x", "question": "Where is Mary?", "target": 3}],  # not a string
+    [{"input": ["x"], "question": "Where is Mary?", "target": "garden"}],
+    [hub_sample("yes")],  # not an answer of qa1
+    ["just a string"],
+    [],
+    {"input": "x"},
+])
+def test_bad_samples_are_refused(tmp_path, records):
+    (tmp_path / "set.json").write_text(json.dumps(records))
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(DataError):
+        read_set(str(tmp_path / "set.json"), "qa1", "0k")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_bad_names_and_lengths_are_refused(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def offline(*args, **kwargs):
+        raise errors.LocalEntryNotFoundError("cannot reach huggingface.co and the file is not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE"):  # names the way out
+        read_set("nobody/no-such-set", "qa1", "0k")
+    with pytest.raises(DataError):
+        read_set(str(tmp_path / "missing.json"), "qa1", "0k")
+    with pytest.raises(DataError):
+        read_set(str(tmp_path), "qa1", "0k")  # a folder without the set
+    with pytest.raises(UsageError):
+        read_set("RMT-team/babilong", "qa21", "0k")
+    with pytest.raises(UsageError):
+        read_set("RMT-team/babilong", "qa1", "4kb")
+    with pytest.raises(UsageError):
+        generated_set("qa3", 1000, 1, get_tokenizer("bytes"), sentences=BACKGROUND)
+    shortest = shortest_length("qa1", get_tokenizer("bytes"))
+    with pytest.raises(UsageError):
+        generated_set("qa1", shortest - 1, 1, get_tokenizer("bytes"), sentences=BACKGROUND)
+    assert len(generated_set("qa1", shortest, 2, get_tokenizer("bytes"), sentences=BACKGROUND)) == 2
+    assert list(tmp_path.iterdir()) == []
