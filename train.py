@@ -127,9 +127,9 @@ class TrainConfig:
     # what to train
     init: str = option("zero", "initial-state intervention (interventions.py)", choices=INITS)
     preset: str = option("demo", "defaults of a whole configuration (runs/presets.py)", choices=runs.PRESETS)
-    task: str = option("lm", "lm: language modelling on --data; copy: the copying task (tasks/copy.py); passkey: "
-                             "fine-tune --init_from on passkey examples in its own tokenizer", choices=("lm", "copy",
-                                                                                                          "passkey"))
+    task: str = option("lm", "lm: language modelling on --data; copy: the copying task (tasks/copy.py); passkey, "
+                             "babilong: fine-tune --init_from on passkey or BABILong examples in its own tokenizer",
+                       choices=("lm", "copy", "passkey", "babilong"))
     init_from: str = option(None, "post-train this with a fresh optimizer: a checkpoint (file or run folder), an "
                                   "official Mamba-2 (state-spaces/mamba2-370m) or a folder with its config.json and "
                                   "weights; default for --init other than zero: out/zero (pre-trained first if "

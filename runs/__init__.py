@@ -385,8 +385,8 @@ INHERITED = ("task", "alphabet_size", "n_train", "context", "data", "data_dir", 
 POST_ONLY = ("init", "init_from", "base_steps", "from_scratch", "resume", "overwrite", "out_dir", "max_steps", "lr",
              "min_lr", "warmup_steps", "eval_interval", "stop_at", *{o for cls in INITS.values() for o in cls.options})
 # Options that mean something for some values of another option only: given for any other, they are refused.
-ONLY_FOR = {"data": ("task", ("lm",)), "seq_len": ("task", ("lm",)), "alphabet_size": ("task", ("copy",)),
-            "n_train": ("task", ("copy",)), "context": ("task", ("copy",)),
+ONLY_FOR = {"data": ("task", ("lm",)), "seq_len": ("task", ("lm", "babilong")),
+            "alphabet_size": ("task", ("copy",)), "n_train": ("task", ("copy",)), "context": ("task", ("copy",)),
             **{o: ("init", tuple(n for n, cls in INITS.items() if o in cls.options))
                for cls in INITS.values() for o in cls.options},
             **{o: ("mixer", tuple(n for n, cls in MIXERS.items() if o in cls.flags))

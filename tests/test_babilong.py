@@ -5,10 +5,12 @@ import random
 import re
 
 import pytest
+import torch
 
 from corpora import DataError
 from corpora.tokenizer import get_tokenizer
-from runs import UsageError
+from model import LM, ModelConfig
+from runs import UsageError, load_checkpoint, model_payload, save_checkpoint
 from tasks.babilong import (LABELS, Haystack, background_sentences, format_prompt, generated_set, is_correct,
                             make_story, read_set, shortest_length)
 from tasks.babilong.babi import PERSONS
@@ -233,3 +235,28 @@ def test_bad_names_and_lengths_are_refused(tmp_path, monkeypatch):
         generated_set("qa1", shortest - 1, 1, get_tokenizer("bytes"), sentences=BACKGROUND)
     assert len(generated_set("qa1", shortest, 2, get_tokenizer("bytes"), sentences=BACKGROUND)) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning (train.py --task babilong) and evaluation (eval.py --task babilong)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_training_examples_count_the_answer_only():
+    from tasks.babilong.task import BabilongTask
+
+    bytes_tokens = get_tokenizer("bytes")
+    task = BabilongTask(bytes_tokens, seq_len=1200, sentences=BACKGROUND)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        inputs, targets = task.batch(3, generator)
+        assert inputs.shape == targets.shape and task.min_len <= inputs.shape[1] <= 1200
+        for row, target in zip(inputs.tolist(), targets.tolist()):
+            text = bytes_tokens.decode(row)
+            context, question = re.fullmatch(r"<context>\n(.*)\n</context>\n\nQuestion: (.*\?)\nAnswer: \w+\.", text,
+                                             re.S).groups()
+            answer = bytes_tokens.decode([t for t in target if t >= 0])
+            assert answer == f"\nAnswer: {answer_of(facts_in(context), question)}."
+            counted = [i for i, t in enumerate(target) if t >= 0]  # the answer's tokens, predicted one step early
+            assert counted == list(range(len(row) - len(answer) - 1, len(row) - 1))
+    with pytest.raises(ValueError):
+        BabilongTask(bytes_tokens, seq_len=task.min_len - 1, sentences=BACKGROUND)
