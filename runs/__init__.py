@@ -685,8 +685,9 @@ class RunFolder:
                   f"--out_dir {self.args.out_dir}")
         else:  # a post-trained model is read beside the model it started from
             models = " ".join(f"--ckpt {path}" for path in (self.args.init_from, self.args.out_dir) if path)
+            task = "--task babilong " if self.args.task == "babilong" else ""  # evaluated on its task, not on text
             print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); next: python eval.py "
-                  f"{models}")
+                  f"{task}{models}")
 
 
 def restore(run, ckpt):

@@ -260,3 +260,82 @@ def test_training_examples_count_the_answer_only():
             assert counted == list(range(len(row) - len(answer) - 1, len(row) - 1))
     with pytest.raises(ValueError):
         BabilongTask(bytes_tokens, seq_len=task.min_len - 1, sentences=BACKGROUND)
+
+
+def save_random_model(path, task):
+    """A checkpoint of random weights in byte tokens, trained (it says) on task at T = 16."""
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=257, d_model=16, n_layer=1, mixer="mamba2", d_state=8, headdim=8,
+                           chunk_size=16))
+    save_checkpoint(path, model_payload(model, args={"seq_len": 16, "init": "zero", "task": task}, step=2,
+                                        corpus={"name": "tiny", "tokenizer": "bytes"}))
+
+
+def test_evaluation_scores_every_answer(tmp_path, monkeypatch):
+    """An oracle in place of greedy decoding reads each prompt as a model would and answers qa1 right and qa2 with
+    a wrong location: accuracy 1 and 0 at every length, so the prompts hold the context and the question and the
+    answers are scored and counted where they belong."""
+    import eval as evaluation
+    import tasks.babilong.evaluation as babilong_eval
+
+    save_random_model(tmp_path / "lm", "lm")
+    save_random_model(tmp_path / "tuned", "babilong")
+    bytes_tokens, prompts_read = get_tokenizer("bytes"), []
+
+    def oracle(model, prompts, new_tokens, autocast, chunk):
+        said = []
+        for prompt in prompts:
+            text = bytes_tokens.decode(prompt)
+            prompts_read.append(text)
+            context = text.split("<context>\n")[1].split("\n</context>")[0]
+            answer = answer_of(facts_in(context), text.split("Question: ")[-1])
+            wrong = next(place for place in LABELS["qa2"] if place != answer)
+            said.append(bytes_tokens.encode_ordinary(f"\nAnswer: {answer if 'Where is the' not in text else wrong}."
+                                                     f" More words.")[:new_tokens])
+        return said
+
+    monkeypatch.setattr(babilong_eval, "greedy_answers", oracle)
+    evaluation.main(["--task", "babilong", "--ckpt", str(tmp_path / "lm"), "--ckpt", str(tmp_path / "tuned"), "--len",
+                     "1500", "--num_seqs", "3", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    records = json.loads((tmp_path / "out" / "babilong.json").read_text())["checkpoints"]
+    assert [r["prompt"] for r in records] == ["few-shot", "fine-tuned"]
+    for r in records:
+        assert r["lengths"] == [0, 1024] and r["accuracy"] == {"qa1": [1.0, 1.0], "qa2": [0.0, 0.0]}
+        assert r["mean"] == [0.5, 0.5] and all(len(a) == 3 for a in r["answers"]["qa1"])
+    assert len(prompts_read) == 2 * 2 * 2 * 3  # every sample of every task and length, once per model
+    assert sum(p.startswith("I will give you context") for p in prompts_read) == 2 * 3  # few-shot qa1, lm only
+    assert (tmp_path / "out" / "babilong.png").exists() and (tmp_path / "out" / "babilong.csv").exists()
+
+
+def test_a_tiny_model_fine_tunes_and_is_evaluated_by_length(tiny_corpus, tmp_path, capsys):
+    import eval as evaluation
+    import train
+    from tests.conftest import tiny_run_flags
+
+    base, tuned = tmp_path / "base", tmp_path / "babilong"
+    train.main(tiny_run_flags(tiny_corpus, base, "--max_steps", "2"))
+    train.main(["--task", "babilong", "--init_from", str(base), "--seq_len", "1100", "--batch_size", "2",
+                "--eval_seqs", "1", "--max_steps", "2", "--eval_interval", "2", "--device", "cpu",
+                "--out_dir", str(tuned)])
+    assert "python eval.py --task babilong" in capsys.readouterr().out
+    saved = load_checkpoint(tuned)
+    assert saved["args"]["task"] == "babilong" and saved["args"]["seq_len"] == 1100 and saved["step"] == 2
+    evaluation.main(["--task", "babilong", "--ckpt", str(base), "--ckpt", str(tuned), "--len", "1024",
+                     "--num_seqs", "2", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    records = json.loads((tmp_path / "out" / "babilong.json").read_text())["checkpoints"]
+    assert [(r["prompt"], r["T"], r["lengths"]) for r in records] == [("few-shot", 16, [0, 1024]),
+                                                                     ("fine-tuned", 1100, [0, 1024])]
+    assert all(0 <= a <= 1 for r in records for task in r["accuracy"].values() for a in task)
+    assert "BABILong accuracy" in capsys.readouterr().out
+
+
+def test_evaluation_refuses_bad_input_before_writing(tmp_path):
+    import eval as evaluation
+
+    save_random_model(tmp_path / "lm", "lm")
+    for extra in (["--data", str(tmp_path / "nowhere")], ["--state_stats"], ["--effrem"]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluation.main(["--task", "babilong", "--ckpt", str(tmp_path / "lm"), "--len", "1024", "--out",
+                             str(tmp_path / "out"), "--device", "cpu"] + extra)
+        assert str(exit_info.value.code).startswith("eval.py: error:") and "\n" not in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,6 @@ question whose answer the story implies. BABILong hides those stories in long ba
 The stories are written here from the tasks' definitions (not read from bAbI's files): a story is a random walk of
 the world's state, told one event per sentence, and the question asks about something the told events determine.
 """
-import random
 from dataclasses import dataclass
 
 PERSONS = ("Mary", "John", "Daniel", "Sandra")
