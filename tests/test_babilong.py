@@ -10,7 +10,7 @@ import torch
 from corpora import DataError
 from corpora.tokenizer import get_tokenizer
 from model import LM, ModelConfig
-from runs import UsageError, load_checkpoint, model_payload, save_checkpoint
+from runs import UsageError, load_checkpoint, load_model, model_payload, save_checkpoint
 from tasks.babilong import (LABELS, Haystack, background_sentences, format_prompt, generated_set, is_correct,
                             make_story, read_set, shortest_length)
 from tasks.babilong.babi import PERSONS
@@ -339,3 +339,22 @@ def test_evaluation_refuses_bad_input_before_writing(tmp_path):
                              str(tmp_path / "out"), "--device", "cpu"] + extra)
         assert str(exit_info.value.code).startswith("eval.py: error:") and "\n" not in str(exit_info.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def test_answers_are_read_without_a_graph(tmp_path):
+    """Reading a long prompt in pieces hands the state on from piece to piece: with autograd on, every piece's
+    activations would stay alive through it and memory would grow with the length."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import tasks.babilong.evaluation as babilong_eval
+
+    save_random_model(tmp_path / "lm", "lm")
+    model = load_model(tmp_path / "lm")
+    grad_enabled = []
+    model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    reading = SimpleNamespace(autocast=contextlib.nullcontext(), args=SimpleNamespace(chunk=64))
+    bar = SimpleNamespace(update=lambda n: None)
+    said = babilong_eval.answers(model, [[1] * 300, [2] * 300, [3] * 200], reading, bar)
+    assert [len(s) for s in said] == [babilong_eval.ANSWER_TOKENS] * 3
+    assert len(grad_enabled) > 5 and not any(grad_enabled)  # read in pieces of 64 tokens, then stepped

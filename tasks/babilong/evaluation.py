@@ -16,6 +16,7 @@ table in the paper's form, printed and in babilong.csv.
 import csv
 
 import numpy as np
+import torch
 
 from runs import UsageError, print_table, pyplot
 from tasks.babilong.babi import TASKS
@@ -66,6 +67,7 @@ def prepare(reading):
             "samples": args.num_seqs, "chunk": args.chunk}
 
 
+@torch.no_grad()  # no graph: the state handed from piece to piece would keep every piece's activations alive
 def answers(model, prompts, reading, bar):
     """Greedy answers (lists of ids) to prompts (lists of ids), those of equal length read together."""
     found = [None] * len(prompts)
