@@ -13,6 +13,8 @@ state passing and TBTT.
     dataset.py   samples {input, question, target}: read from the published sets (the hub dataset
                  RMT-team/babilong, or a folder in its layout) or generated
     prompts.py   the benchmark's few-shot prompt and its answer check
+    task.py      BabilongTask: generated fine-tuning examples of at most T tokens (train.py --task babilong)
+    evaluation.py  accuracy by task and length, its table and figure (eval.py --task babilong)
 
     from tasks.babilong import read_set, generated_set, format_prompt, is_correct
     for sample in read_set("RMT-team/babilong", "qa1", "4k"):     # or generated_set("qa1", 4000, 100, tokenizer)
