@@ -29,6 +29,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -147,6 +148,11 @@ class TrainConfig:
     n_train: int = option(16, "copy: training strings have lengths 1 .. n_train")
     context: int = option(0, "copy: 0: one example per row, each read from the zero state; C: rows of C tokens "
                              "packed with examples back to back (the original task's layout)")
+    # text tasks from scratch, and BABILong's stories (tasks/babilong/)
+    tokenizer: str = option(None, "--task passkey or babilong without --init_from: train a fresh model on examples "
+                                  "in this tokenizer (bytes, gpt2, a tokenizer.json)")
+    babilong_tasks: List[str] = option(None, "babilong: the bAbI tasks trained on (default: qa1 qa2)")
+    babilong_facts: List[int] = option(None, "babilong: the fewest and the most facts a story (default: bAbI's)")
     # data and optimisation
     data: str = option(DEFAULT_CORPUS, "a prepared corpus name under --data_dir, or its folder (python -m corpora)")
     data_dir: str = option(str(DATA_DIR), "where corpora live")

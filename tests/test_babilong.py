@@ -358,3 +358,86 @@ def test_answers_are_read_without_a_graph(tmp_path):
     said = babilong_eval.answers(model, [[1] * 300, [2] * 300, [3] * 200], reading, bar)
     assert [len(s) for s in said] == [babilong_eval.ANSWER_TOKENS] * 3
     assert len(grad_enabled) > 5 and not any(grad_enabled)  # read in pieces of 64 tokens, then stepped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The small-T experiment: fewer facts, the depth of the facts, a fresh model in byte tokens
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", ["early", "late"])
+def test_facts_go_where_the_depth_says(depth):
+    """early: every fact ends within the first span tokens; late: every fact starts within the last span tokens.
+    The samples keep their exact length, their answer and bAbI's order of the facts."""
+    bytes_tokens, length, span = get_tokenizer("bytes"), 3000, 400
+    samples = generated_set("qa1", length, 12, bytes_tokens, sentences=BACKGROUND, facts=(2, 3), depth=depth,
+                            span=span)
+    for sample in samples:
+        text, facts = sample["input"], facts_in(sample["input"])
+        assert len(bytes_tokens.encode_ordinary(text)) == length and 2 <= len(facts) <= 3
+        assert sample["target"] == answer_of(facts, sample["question"])
+        ends = [offset + len(bytes_tokens.encode_ordinary(" " + fact)) for offset, fact in zip(sample["facts"], facts)]
+        if depth == "early":
+            assert max(ends) <= span
+        else:
+            assert min(sample["facts"]) >= length - span
+    anywhere = generated_set("qa1", length, 12, bytes_tokens, sentences=BACKGROUND, facts=(2, 3))
+    assert min(min(s["facts"]) for s in anywhere) < length - span and max(max(s["facts"]) for s in anywhere) > span
+
+
+def test_number_of_facts_is_an_option():
+    from tasks.babilong.task import BabilongTask
+
+    bytes_tokens = get_tokenizer("bytes")
+    single = generated_set("qa1", 0, 20, bytes_tokens, sentences=BACKGROUND, facts=(1, 1))
+    assert all(len(facts_in(s["input"])) == 1 for s in single)
+    few = BabilongTask(bytes_tokens, seq_len=300, babilong_tasks=("qa1",), babilong_facts=(1, 2),
+                       sentences=BACKGROUND)
+    assert few.min_len < BabilongTask(bytes_tokens, seq_len=1200, sentences=BACKGROUND).min_len
+    inputs, _ = few.batch(4, torch.Generator().manual_seed(0))
+    for row in inputs.tolist():
+        assert "Where is the" not in bytes_tokens.decode(row) and 1 <= len(facts_in(bytes_tokens.decode(row))) <= 2
+    for bad in ((0, 2), (3, 2), (1, 2, 3)):
+        with pytest.raises(UsageError):
+            generated_set("qa1", 0, 1, bytes_tokens, sentences=BACKGROUND, facts=bad)
+    with pytest.raises(UsageError):  # qa2's question needs an object picked up: at least two facts
+        BabilongTask(bytes_tokens, seq_len=300, babilong_tasks=("qa2",), babilong_facts=(1, 2), sentences=BACKGROUND)
+    with pytest.raises(UsageError):
+        generated_set("qa1", 1000, 1, bytes_tokens, sentences=BACKGROUND, depth="middle", span=10)
+
+
+def test_a_fresh_model_trains_in_byte_tokens_and_is_evaluated_by_depth(tmp_path, capsys):
+    import eval as evaluation
+    import train
+
+    run = tmp_path / "fresh"
+    train.main(["--task", "babilong", "--tokenizer", "bytes", "--babilong_tasks", "qa1", "--babilong_facts", "1", "2",
+                "--seq_len", "160", "--d_model", "16", "--n_layer", "1", "--d_state", "8", "--headdim", "8",
+                "--batch_size", "2", "--eval_seqs", "1", "--max_steps", "2", "--eval_interval", "2",
+                "--device", "cpu", "--out_dir", str(run)])
+    saved = load_checkpoint(run)
+    assert saved["args"]["babilong_facts"] == [1, 2] and saved["model_config"]["vocab_size"] == 257
+    post = tmp_path / "post"
+    train.main(["--task", "babilong", "--init", "state_passing", "--init_from", str(run), "--max_steps", "1",
+                "--eval_interval", "1", "--device", "cpu", "--out_dir", str(post)])
+    assert load_checkpoint(post)["args"]["babilong_tasks"] == ["qa1"]  # inherited from the run it starts from
+    evaluation.main(["--task", "babilong", "--ckpt", str(run), "--len", "512", "--num_seqs", "2", "--depth", "late",
+                     "--out", str(tmp_path / "out"), "--device", "cpu"])
+    saved = json.loads((tmp_path / "out" / "babilong.json").read_text())
+    assert saved["depth"] == "late" and saved["span"] == 80 and saved["tasks"] == ["qa1"]
+    assert list(saved["checkpoints"][0]["accuracy"]) == ["qa1"]
+    assert saved["checkpoints"][0]["lengths"] == [0, 128, 256, 512]
+
+
+@pytest.mark.parametrize("flags", [["--task", "babilong", "--tokenizer", "bytes", "--init_from", "{base}"],
+                                   ["--task", "copy", "--tokenizer", "bytes"],
+                                   ["--task", "babilong"],
+                                   ["--task", "babilong", "--tokenizer", "bytes", "--babilong_tasks", "qa7"]])
+def test_fresh_training_refuses_contradictions(tmp_path, flags):
+    import train
+
+    save_random_model(tmp_path / "base", "lm")
+    flags = [f.format(base=tmp_path / "base") for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags + ["--max_steps", "1", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    assert str(exit_info.value.code).startswith("train.py: error:") and "\n" not in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists()

@@ -110,7 +110,7 @@ STORIES = {"qa1": qa1_story, "qa2": qa2_story}
 
 def make_story(task, rng, facts=None):
     """A random story of task (qa1 or qa2) with a number of facts uniform in facts = (fewest, most), by default
-    FACTS[task]. rng: a random.Random."""
+    FACTS[task] (qa1 needs at least 1, qa2 at least 2: dataset.check_facts). rng: a random.Random."""
     fewest, most = facts or FACTS[task]
     return STORIES[task](rng, rng.randint(fewest, most))
 

@@ -17,7 +17,10 @@ of samples, or JSON Lines).
 Generated sets (babi.py's stories in haystack.py's background) are the same every time for a seed, task, length
 and tokenizer (and Python version: the background is its standard library's docstrings unless sentences are
 given). A generated sample also says where its facts are: "facts" (the token offsets at which they start) and
-"supporting" (the indices of the facts the answer rests on), for accuracy by the depth of the fact.
+"supporting" (the indices of the facts the answer rests on), for accuracy by the depth of the fact. Their facts
+can go anywhere (depth "any", as BABILong), or all within the first span tokens of the context ("early": the
+question comes a long context after them, which measures memory) or the last span tokens ("late": a short
+dependency after a long context, which measures whether the state that context leaves still works).
 """
 import json
 import random
@@ -136,6 +139,34 @@ def check_samples(records, task, where):
 # Generated sets
 # ----------------------------------------------------------------------------------------------------------------
 
+DEPTHS = ("any", "early", "late")  # where the facts go in a generated context
+
+
+def check_facts(task, facts):
+    """facts = (fewest, most) facts a story of task may have, or None (bAbI's own, FACTS[task]). UsageError unless
+    1 <= fewest <= most (qa2: fewest 2, since its question needs an object that someone has picked up)."""
+    if facts is None:
+        return
+    least = 2 if task == "qa2" else 1
+    if len(facts) != 2 or not least <= facts[0] <= facts[1]:
+        raise UsageError(f"facts per {task} story: give two numbers, the fewest and the most, with {least} <= fewest "
+                         f"<= most (not {' '.join(map(str, facts))})")
+
+
+def fact_region(depth, length, span, fact_tokens):
+    """Where the facts go (Haystack.hide's within) in a context of length tokens, for depth: any (anywhere, as
+    BABILong), early (in the first span tokens: the question comes after a long context, a test of memory) or late
+    (in the last span tokens: a short dependency after a long context, a test of robustness to what came before)."""
+    if depth not in DEPTHS:
+        raise UsageError(f"unknown depth {depth!r}: one of {', '.join(DEPTHS)}")
+    if depth == "any" or length == 0:
+        return None
+    if span is None or span < 1:
+        raise UsageError(f"depth {depth} needs a span of at least 1 token, where the facts go")
+    room = length - fact_tokens  # the background's tokens
+    return (0, max(span - fact_tokens, 0)) if depth == "early" else (max(room - span + fact_tokens, 0), room)
+
+
 def shortest_length(task, tokenizer, facts=None):
     """The fewest tokens that hold any story of task: its most facts, each as long as the longest fact can be,
     and one token of background."""
@@ -143,10 +174,13 @@ def shortest_length(task, tokenizer, facts=None):
     return most * max(len(tokenizer.encode_ordinary(" " + s)) for s in fact_sentences(task)) + 1
 
 
-def generated_set(task, length, count, tokenizer, seed=0, sentences=None, facts=None):
+def generated_set(task, length, count, tokenizer, seed=0, sentences=None, facts=None, depth="any", span=None):
     """count samples of task with contexts of exactly length tokens (0: the facts alone), the same for the same
-    arguments. sentences: the background (default: background_sentences()); facts: (fewest, most) facts a story."""
+    arguments. sentences: the background (default: background_sentences()); facts: (fewest, most) facts a story;
+    depth, span: where the facts go (fact_region: any, or within the first or last span tokens)."""
     check_task(task)
+    check_facts(task, facts)
+    fact_region(depth, length, span, 0)  # refuse a bad depth before any work
     shortest = shortest_length(task, tokenizer, facts)
     if 0 < length < shortest:
         raise UsageError(f"a context of {length} tokens is too short to hold the facts of {task} (up to {shortest - 1} "
@@ -156,7 +190,8 @@ def generated_set(task, length, count, tokenizer, seed=0, sentences=None, facts=
     samples = []
     for _ in range(count):
         story = make_story(task, rng, facts)
-        text, offsets = haystack.hide(story.facts, length, rng)
+        fact_tokens = sum(haystack.count(" " + f) for f in story.facts)
+        text, offsets = haystack.hide(story.facts, length, rng, fact_region(depth, length, span, fact_tokens))
         samples.append({"input": text, "question": story.question, "target": story.target, "facts": offsets,
                         "supporting": list(story.supporting)})
     return samples

@@ -30,9 +30,11 @@ class Samples:
     """What every model answers: sets[(task, length)], a list of samples; lengths, their names (published) or
     context tokens (generated), and tokens, their lengths in tokens, for the plot's axis."""
 
-    def __init__(self, tokenizer, source, sets, lengths, tokens):
+    def __init__(self, tokenizer, source, sets, lengths, tokens, tasks=TASKS):
         self.tokenizer, self.source, self.sets, self.lengths, self.tokens = tokenizer, source, sets, lengths, tokens
-        self.description = f"BABILong {', '.join(TASKS)}, " + (f"{source}" if source else "generated samples")
+        self.tasks = tasks  # the bAbI tasks asked
+        self.where = ""  # where the facts are, when not anywhere: for the plot's title
+        self.description = f"BABILong {', '.join(tasks)}, " + (f"{source}" if source else "generated samples")
 
     def tokens_read(self, few_shot):
         """About how many tokens a model reads (each set's first prompt times its samples), for a progress bar."""
@@ -53,18 +55,28 @@ def prepare(reading):
         raise UsageError(f"{first.label} does not say which tokenizer it was trained with, so it cannot read "
                          f"BABILong's text: give a model trained on a prepared corpus, or an official one")
     tokenizer = get_tokenizer(spec)
+    trained = first.args if first.args.get("task") == "babilong" else {}  # stories as the first model learnt them
+    tasks, facts = tuple(trained.get("babilong_tasks") or TASKS), trained.get("babilong_facts")
+    span = args.span or first.T // 2
     if args.data:
+        if args.depth != "any":
+            raise UsageError(f"--depth {args.depth} places the facts of generated samples; the published sets have "
+                             f"theirs anywhere: drop --data or --depth")
         lengths = [name for name in LENGTH_NAMES if length_tokens(name) <= args.len]
         tokens = [length_tokens(name) for name in lengths]
-        sets = {(task, name): read_set(args.data, task, name)[:args.num_seqs] for task in TASKS for name in lengths}
+        sets = {(task, name): read_set(args.data, task, name)[:args.num_seqs] for task in tasks for name in lengths}
     else:
-        shortest = max(shortest_length(task, tokenizer) for task in TASKS)
+        shortest = max(shortest_length(task, tokenizer, facts) for task in tasks)
         lengths = [0] + [2 ** k for k in range(40) if shortest <= 2 ** k <= args.len]
         tokens = lengths
-        sets = {(task, n): generated_set(task, n, args.num_seqs, tokenizer) for task in TASKS for n in lengths}
-    reading.task = Samples(tokenizer, args.data, sets, lengths, tokens)
-    return {"task": "babilong", "source": args.data or "generated", "tasks": list(TASKS), "lengths": lengths,
-            "samples": args.num_seqs, "chunk": args.chunk}
+        sets = {(task, n): generated_set(task, n, args.num_seqs, tokenizer, facts=facts, depth=args.depth, span=span)
+                for task in tasks for n in lengths}
+    reading.task = Samples(tokenizer, args.data, sets, lengths, tokens, tasks)
+    if args.depth != "any":
+        reading.task.where = f", facts in the {'first' if args.depth == 'early' else 'last'} {span} tokens"
+    return {"task": "babilong", "source": args.data or "generated", "tasks": list(tasks), "lengths": lengths,
+            "samples": args.num_seqs, "chunk": args.chunk, "facts": facts, "depth": args.depth,
+            "span": None if args.depth == "any" else span}
 
 
 @torch.no_grad()  # no graph: the state handed from piece to piece would keep every piece's activations alive
@@ -94,7 +106,7 @@ def measure(checkpoints, reading):
         record = {**c.record(), "prompt": "few-shot" if few_shot else "fine-tuned", "lengths": samples.lengths,
                   "tokens": samples.tokens, "accuracy": {}, "answers": {}}
         with reading.progress(samples.tokens_read(few_shot), f"{c.label}: BABILong") as bar:
-            for task in TASKS:
+            for task in samples.tasks:
                 record["accuracy"][task], record["answers"][task] = [], []
                 for length in samples.lengths:
                     sets = samples.sets[task, length]
@@ -104,7 +116,7 @@ def measure(checkpoints, reading):
                     right = [is_correct(task, a, s["target"], s["question"]) for a, s in zip(said, sets)]
                     record["accuracy"][task].append(float(np.mean(right)))
                     record["answers"][task].append(said)
-        record["mean"] = np.mean([record["accuracy"][task] for task in TASKS], axis=0).tolist()
+        record["mean"] = np.mean([record["accuracy"][task] for task in samples.tasks], axis=0).tolist()
         records.append(record)
     return records
 
@@ -126,21 +138,21 @@ def plot(records, path, reading):
     x = np.arange(len(samples.lengths))
     for i, r in enumerate(records):
         ax.plot(x, r["mean"], color=f"C{i}", marker="o", linewidth=1.8, label=f"{r['label']} ({r['prompt']})")
-        for task, style in zip(TASKS, (":", "-.")):
+        for task, style in zip(samples.tasks if len(samples.tasks) > 1 else (), (":", "-.")):
             ax.plot(x, r["accuracy"][task], color=f"C{i}", linestyle=style, linewidth=0.9, alpha=0.7)
         ax.axvline(where(r["T"]), color=f"C{i}", linestyle="--", linewidth=1)
-    for task, style in zip(TASKS, (":", "-.")):
+    for task, style in zip(samples.tasks if len(samples.tasks) > 1 else (), (":", "-.")):
         ax.plot([], [], color="gray", linestyle=style, linewidth=0.9, label=task)
     ax.plot([], [], color="gray", linestyle="--", linewidth=1, label="training length T")
     ax.set_xticks(x, [str(n) for n in samples.lengths])
     ax.set_xlabel("length (" + ("the benchmark's, thousands of tokens" if samples.source else
                                 "context tokens") + ")")
-    ax.set_ylabel(f"accuracy (mean of {', '.join(TASKS)})")
+    ax.set_ylabel(f"accuracy (mean of {', '.join(samples.tasks)})")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"BABILong: is the answer right?\n{samples.description}, "
-                 f"{len(next(iter(samples.sets.values())))} samples per task and length", fontsize=10)
+                 f"{len(next(iter(samples.sets.values())))} samples per task and length{samples.where}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -151,7 +163,7 @@ def tabulate(records, out, reading):
     lengths = [str(n) for n in reading.task.lengths]
     rows = [[r["label"], r["prompt"], "mean"] + [f"{a:.2f}" for a in r["mean"]] for r in records]
     rows += [[r["label"], r["prompt"], task] + [f"{a:.2f}" for a in r["accuracy"][task]] for r in records
-             for task in TASKS]
+             for task in reading.task.tasks]
     print_table([["model", "prompt", "task"] + lengths] + rows, left=3, title="BABILong accuracy", rule=True)
     with open(out / "babilong.csv", "w", newline="") as f:
         csv.writer(f).writerows([["model", "prompt", "task"] + lengths] + rows)

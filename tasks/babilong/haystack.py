@@ -22,6 +22,7 @@ first background sentence, so that the text always starts with the same, counted
 encoded once more to check the count, so a tokenizer that splits otherwise is refused rather than miscounted.
 """
 import functools
+import itertools
 import re
 import sysconfig
 from pathlib import Path
@@ -87,11 +88,13 @@ class Haystack:
     def count(self, text):
         return len(self.tokenizer.encode_ordinary(text))
 
-    def hide(self, facts, length, rng):
+    def hide(self, facts, length, rng, within=None):
         """text of exactly length tokens: background sentences from a random place in order, the facts (strings)
         between them in order at random places, never before the first. length 0: the facts alone, as BABILong's
-        0k. Returns (text, offsets): offsets[i], the token at which fact i starts. ValueError when the facts leave
-        no room for background text."""
+        0k. within: (lo, hi), to put the facts only between sentences that lie lo to hi tokens into the background
+        (the nearest such place when none does), for the depth of the fact; None: anywhere. Returns (text,
+        offsets): offsets[i], the token at which fact i starts. ValueError when the facts leave no room for
+        background text."""
         spaced_facts = [self.count(" " + f) for f in facts]
         if length == 0:
             first = self.count(facts[0]) - spaced_facts[0] if facts else 0  # the first fact has no leading space
@@ -101,7 +104,8 @@ class Haystack:
             raise ValueError(f"{length} tokens cannot hold these {len(facts)} facts ({sum(spaced_facts)} tokens) "
                              f"and background text")
         background, costs = self._fill(room, rng.randrange(len(self.sentences)))
-        slots = sorted(rng.randint(1, len(background)) for _ in facts)  # fact i goes before background[slots[i]]
+        places = self._places(costs, within)
+        slots = sorted(rng.choice(places) for _ in facts)  # fact i goes before background[slots[i]]
         pieces = background[:]
         for i, slot in reversed(list(enumerate(slots))):
             pieces.insert(slot, facts[i])
@@ -110,6 +114,19 @@ class Haystack:
             raise DataError(f"tokenizer {getattr(self.tokenizer, 'name', '?')} does not split text at spaces as "
                             f"byte-level BPE does, so samples of an exact length cannot be built with it")
         return text, self._offsets(costs, slots, spaced_facts)
+
+    @staticmethod
+    def _places(costs, within):
+        """Where facts may go: the indices b (1 .. len(costs)) of the background pieces they may precede (b =
+        len(costs): after the last), those whose background tokens before them, sum(costs[:b]), lie in within =
+        (lo, hi); the nearest one when none does."""
+        before = list(itertools.accumulate(costs))  # before[b - 1]: background tokens ahead of place b
+        places = list(range(1, len(costs) + 1))
+        if within is None:
+            return places
+        lo, hi = within
+        inside = [b for b in places if lo <= before[b - 1] <= hi]
+        return inside or [min(places, key=lambda b: min(abs(before[b - 1] - lo), abs(before[b - 1] - hi)))]
 
     def _fill(self, room, start):
         """Background pieces taking exactly room tokens: whole sentences from start on (round the list again when

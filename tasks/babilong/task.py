@@ -16,7 +16,7 @@ import random
 import torch
 
 from tasks.babilong.babi import LOCATIONS, OBJECTS, PERSONS, TASKS, make_story
-from tasks.babilong.dataset import shortest_length
+from tasks.babilong.dataset import check_facts, check_task, shortest_length
 from tasks.babilong.haystack import Haystack, background_sentences
 from tasks.babilong.prompts import answer_text, format_prompt
 
@@ -32,20 +32,26 @@ def prompt_tokens(tokenizer, task, context, question, few_shot):
 
 class BabilongTask:
     """Generated BABILong examples for fine-tuning in a model's own tokenizer (needs_tokenizer), of at most seq_len
-    tokens, the training length T. tasks: the bAbI tasks drawn from, one per batch; sentences: the background
-    (default: the standard library's docstrings). ValueError when seq_len cannot hold the longest story."""
+    tokens, the training length T. babilong_tasks: the bAbI tasks drawn from, one per batch; babilong_facts:
+    (fewest, most) facts a story (default: bAbI's); sentences: the background (default: the standard library's
+    docstrings). ValueError when seq_len cannot hold the longest story; UsageError for an unknown task or a bad
+    number of facts."""
 
     name = "babilong"
     needs_tokenizer = True
 
-    def __init__(self, tokenizer, seq_len=2048, tasks=TASKS, sentences=None):
-        self.tokenizer, self.max_len, self.tasks = tokenizer, seq_len, tuple(tasks)
+    def __init__(self, tokenizer, seq_len=2048, babilong_tasks=TASKS, babilong_facts=None, sentences=None):
+        self.tokenizer, self.max_len, self.tasks = tokenizer, seq_len, tuple(babilong_tasks)
+        self.facts = tuple(babilong_facts) if babilong_facts else None  # (fewest, most) a story, or bAbI's
+        for task in self.tasks:
+            check_task(task)
+            check_facts(task, self.facts)
         self.haystack = Haystack(tokenizer, background_sentences() if sentences is None else sentences)
         questions = [f"Where is {who}?" for who in PERSONS] + [f"Where is the {thing}?" for thing in OBJECTS]
         around = max(len(prompt_tokens(tokenizer, task, "", question, False)) for task in self.tasks
                      for question in questions)  # the most tokens the text around a context can take
         around += max(len(tokenizer.encode_ordinary(answer_text(place))) for place in LOCATIONS)
-        self.min_len = around + max(shortest_length(task, tokenizer) for task in self.tasks)
+        self.min_len = around + max(shortest_length(task, tokenizer, self.facts) for task in self.tasks)
         if seq_len < self.min_len:
             raise ValueError(f"a BABILong example needs up to {self.min_len} tokens with this tokenizer; the "
                              f"training length {seq_len} is too short: give --seq_len {self.min_len} or more")
@@ -61,7 +67,7 @@ class BabilongTask:
     def example(self, task, length, rng):
         """(inputs, targets), each (length,) int64: a random story of task hidden in background text, in the
         fine-tuned prompt, then its answer; targets -1 except where the next token is part of the answer."""
-        story = make_story(task, rng)
+        story = make_story(task, rng, self.facts)
         encode = self.tokenizer.encode_ordinary
         before, after = format_prompt(task, MARK, story.question, few_shot=False).split(MARK)
         before, after, answer = encode(before), encode(after), encode(answer_text(story.target))
