@@ -395,13 +395,18 @@ class EvalConfig:
     copy_lengths: List[int] = option(None, "string lengths to copy (default: every length from 1 to 4 n_train)")
     copy_strings: int = option(256, "strings per length (256: a standard error of at most 0.031 per length)")
     along_training: bool = option(False, "copy: accuracy against training step, from a run's ckpt_STEP.pt files")
+    depth: str = option("any", "babilong, generated: where the facts go: anywhere; early, in the first --span tokens "
+                               "(memory); late, in the last --span tokens (robustness)",
+                        choices=("any", "early", "late"))
+    span: int = option(None, "babilong: tokens of the context that hold the facts with --depth early or late "
+                             "(default: half the first model's T)")
     device: str = option("auto", "cpu, cuda, ... (default: cuda when available)")
     backend: str = option(None, "scan implementation (default: auto)", choices=("auto", "torch", "triton"))
 
 
 RULES = [  # the values each option may take (runs.check)
     (("train_len", "len", "num_seqs", "chunk", "bins", "effrem_points", "passkey_lengths", "passkey_trials",
-      "copy_lengths", "copy_strings"), "at least 1", lambda x: x >= 1),
+      "copy_lengths", "copy_strings", "span"), "at least 1", lambda x: x >= 1),
     (("len", "effrem_T"), "at most 16,777,216", lambda x: x <= 2 ** 24),
     (("num_seqs", "bins", "effrem_points", "copy_lengths", "copy_strings"), "at most 4,096", lambda x: x <= 4096),
     (("chunk", "passkey_lengths"), "at most 4,194,304", lambda x: x <= 2 ** 22),
