@@ -6,6 +6,8 @@
                                                       an official Mamba-2 (pretrained/), passkey retrieval
     python eval.py --task copy                        copy accuracy of every run under out/copy/ (tasks/copy.py),
                                                       the runs of one name (out/copy/s0/zero, s1/zero, ...) as seeds
+    python eval.py --task babilong --ckpt state-spaces/mamba2-370m --data RMT-team/babilong --len 16384
+                                                      BABILong accuracy by task and length (tasks/babilong/)
 
 The diagnostics of Buitrago Ruiz & Gu (arXiv 2507.02782), Section 3, each measured the same way for every model,
 on the same text:
@@ -19,7 +21,8 @@ on the same text:
     --state_stats  norm and standard deviation of each layer's SSM state against position: states beyond T that
                    training never produced show up as norms that keep growing past the dashed line.
     --passkey      passkey retrieval (tasks/passkey.py); --task copy: copy accuracy against the string length
-                   (tasks/copy.py, with --state_stats and --along_training).
+                   (tasks/copy.py, with --state_stats and --along_training); --task babilong: BABILong's accuracy
+                   (tasks/babilong/evaluation.py).
 Every forward pass reads at most --chunk tokens (rows x length), so memory stays flat as --len grows. Outputs in
 --out (default eval/): NAME.png, NAME.json (the numbers) and for some a .csv, plus a printed table (plots/ draws
 them). Models are named by their run folder (out/zero -> zero) or by --label, in the order given. Reading order:
@@ -214,6 +217,10 @@ def diagnostics(task, args):
         import tasks.copy
 
         chosen += [d for d in tasks.copy.DIAGNOSTICS if d["flag"] is None or getattr(args, d["flag"])]
+    if task == "babilong":
+        import tasks.babilong.evaluation
+
+        chosen.append(tasks.babilong.evaluation.DIAGNOSTIC)
     return chosen
 
 
@@ -238,7 +245,7 @@ class Checkpoint:
             self.path, self.args, self.step = str(runs.checkpoint_path(spec)), ckpt.get("args") or {}, ckpt.get("step")
             self.folder = Path(self.path).resolve().parent
         self.init, self.task = self.args.get("init"), self.args.get("task", "lm")
-        self.task = "lm" if self.task == "passkey" else self.task  # fine-tuned on passkeys: still a language model
+        self.task = "lm" if self.task in ("passkey", "babilong") else self.task  # fine-tuned in words: still an LM
         self.T = self.model.trained_on["seq_len"] or train_len
         if not self.T:
             raise runs.CheckpointError(f"{spec} does not record its training length: give it as --train_len T")
@@ -313,6 +320,8 @@ def the_task(args, checkpoints):
         raise UsageError(f"these checkpoints were trained on different things ({', '.join(trained)}): evaluate them "
                          f"separately")
     task = next(iter(trained))
+    if args.task == "babilong" and task == "lm":  # any language model answers BABILong's questions
+        return args.task
     if args.task not in (None, task):
         raise UsageError(f"--task {args.task}, but {checkpoints[0].label} was trained on {task}: give --task {task} "
                          f"or other checkpoints")
@@ -363,14 +372,15 @@ class EvalConfig:
                                    "(default: every out/*/ckpt.pt, out/zero first; --task copy: out/copy/*, */*)")
     label: List[str] = option(None, "the name of each --ckpt in legends and tables (default: its run folder's); "
                                     "with --task copy, checkpoints of one name are seeds of one model")
-    task: str = option(None, "lm: text from a corpus; copy: the copy task (default: what the checkpoints were "
-                             "trained on)", choices=("lm", "copy"))
+    task: str = option(None, "lm: text from a corpus; copy: the copy task; babilong: BABILong (tasks/babilong/) "
+                             "(default: what the checkpoints were trained on)", choices=("lm", "copy", "babilong"))
     train_len: int = option(None, "the training length T of models that do not record it")
     len: int = option(131072, "tokens per evaluation sequence")
     num_seqs: int = option(8, "evaluation sequences")
     chunk: int = option(8192, "tokens one forward pass reads, all rows together (fewer for large vocabularies)")
     out: str = option("eval", "output folder")
-    data: str = option(None, "corpus to read (default: the one the first checkpoint was trained on)")
+    data: str = option(None, "corpus to read (default: the one the first checkpoint was trained on); --task "
+                             "babilong: its published sets, RMT-team/babilong or a folder (default: generated)")
     data_dir: str = option(str(DATA_DIR), "where corpora live")
     ppl: bool = option(None, "plot perplexity on a log axis (default: unless the corpus is byte tokens)")
     bins: int = option(48, "log-spaced bins of the curves")
@@ -385,13 +395,18 @@ class EvalConfig:
     copy_lengths: List[int] = option(None, "string lengths to copy (default: every length from 1 to 4 n_train)")
     copy_strings: int = option(256, "strings per length (256: a standard error of at most 0.031 per length)")
     along_training: bool = option(False, "copy: accuracy against training step, from a run's ckpt_STEP.pt files")
+    depth: str = option("any", "babilong, generated: where the facts go: anywhere; early, in the first --span tokens "
+                               "(memory); late, in the last --span tokens (robustness)",
+                        choices=("any", "early", "late"))
+    span: int = option(None, "babilong: tokens of the context that hold the facts with --depth early or late "
+                             "(default: half the first model's T)")
     device: str = option("auto", "cpu, cuda, ... (default: cuda when available)")
     backend: str = option(None, "scan implementation (default: auto)", choices=("auto", "torch", "triton"))
 
 
 RULES = [  # the values each option may take (runs.check)
     (("train_len", "len", "num_seqs", "chunk", "bins", "effrem_points", "passkey_lengths", "passkey_trials",
-      "copy_lengths", "copy_strings"), "at least 1", lambda x: x >= 1),
+      "copy_lengths", "copy_strings", "span"), "at least 1", lambda x: x >= 1),
     (("len", "effrem_T"), "at most 16,777,216", lambda x: x <= 2 ** 24),
     (("num_seqs", "bins", "effrem_points", "copy_lengths", "copy_strings"), "at most 4,096", lambda x: x <= 4096),
     (("chunk", "passkey_lengths"), "at most 4,194,304", lambda x: x <= 2 ** 22),
@@ -423,6 +438,10 @@ def evaluate(args):
     reading = Reading(args, device, autocast, checkpoints)
     if task == "lm":
         record = prepare_text(reading)
+    elif task == "babilong":
+        import tasks.babilong.evaluation
+
+        record = tasks.babilong.evaluation.prepare(reading)
     else:
         import tasks.copy
 

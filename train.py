@@ -29,6 +29,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -127,9 +128,9 @@ class TrainConfig:
     # what to train
     init: str = option("zero", "initial-state intervention (interventions.py)", choices=INITS)
     preset: str = option("demo", "defaults of a whole configuration (runs/presets.py)", choices=runs.PRESETS)
-    task: str = option("lm", "lm: language modelling on --data; copy: the copying task (tasks/copy.py); passkey: "
-                             "fine-tune --init_from on passkey examples in its own tokenizer", choices=("lm", "copy",
-                                                                                                          "passkey"))
+    task: str = option("lm", "lm: language modelling on --data; copy: the copying task (tasks/copy.py); passkey, "
+                             "babilong: fine-tune --init_from on passkey or BABILong examples in its own tokenizer",
+                       choices=("lm", "copy", "passkey", "babilong"))
     init_from: str = option(None, "post-train this with a fresh optimizer: a checkpoint (file or run folder), an "
                                   "official Mamba-2 (state-spaces/mamba2-370m) or a folder with its config.json and "
                                   "weights; default for --init other than zero: out/zero (pre-trained first if "
@@ -147,6 +148,11 @@ class TrainConfig:
     n_train: int = option(16, "copy: training strings have lengths 1 .. n_train")
     context: int = option(0, "copy: 0: one example per row, each read from the zero state; C: rows of C tokens "
                              "packed with examples back to back (the original task's layout)")
+    # text tasks from scratch, and BABILong's stories (tasks/babilong/)
+    tokenizer: str = option(None, "--task passkey or babilong without --init_from: train a fresh model on examples "
+                                  "in this tokenizer (bytes, gpt2, a tokenizer.json)")
+    babilong_tasks: List[str] = option(None, "babilong: the bAbI tasks trained on (default: qa1 qa2)")
+    babilong_facts: List[int] = option(None, "babilong: the fewest and the most facts a story (default: bAbI's)")
     # data and optimisation
     data: str = option(DEFAULT_CORPUS, "a prepared corpus name under --data_dir, or its folder (python -m corpora)")
     data_dir: str = option(str(DATA_DIR), "where corpora live")

@@ -580,13 +580,15 @@ RESUMABLE = ("resume", "out_dir", "max_steps", "stop_at", "device", "compile", "
              "save_every", *ModelConfig.COMPUTATION)
 # Post-training takes these from the run of the model it starts from, unless they are given.
 INHERITED = ("task", "alphabet_size", "n_train", "context", "data", "data_dir", "seq_len", "batch_size",
-             "grad_accum", "chunk_size")
+             "grad_accum", "chunk_size", "babilong_tasks", "babilong_facts")
 # Options that concern the post-training only: the automatic pre-training of out/zero does not take them.
 POST_ONLY = ("init", "init_from", "base_steps", "from_scratch", "resume", "overwrite", "out_dir", "max_steps", "lr",
              "min_lr", "warmup_steps", "eval_interval", "stop_at", *{o for cls in INITS.values() for o in cls.options})
 # Options that mean something for some values of another option only: given for any other, they are refused.
-ONLY_FOR = {"data": ("task", ("lm",)), "seq_len": ("task", ("lm",)), "alphabet_size": ("task", ("copy",)),
-            "n_train": ("task", ("copy",)), "context": ("task", ("copy",)),
+ONLY_FOR = {"data": ("task", ("lm",)), "seq_len": ("task", ("lm", "babilong")),
+            "alphabet_size": ("task", ("copy",)), "n_train": ("task", ("copy",)), "context": ("task", ("copy",)),
+            "tokenizer": ("task", ("passkey", "babilong")), "babilong_tasks": ("task", ("babilong",)),
+            "babilong_facts": ("task", ("babilong",)),
             **{o: ("init", tuple(n for n, cls in INITS.items() if o in cls.options))
                for cls in INITS.values() for o in cls.options},
             **{o: ("init", tuple(n for n in INITS if n != "zero")) for o in ("from_scratch", "base_steps")},
@@ -647,7 +649,8 @@ def resolve(given, defaults, load, reads_text):
     args = argparse.Namespace(**values)
     check_options(given, args, base, reads_text)
     if args.task != "lm":  # a task in words is written in the tokenizer of the model it fine-tunes
-        args.tokenizer = base.trained_on["tokenizer"] if reads_text(args.task) and base is not None else None
+        args.tokenizer = (base.trained_on["tokenizer"] if base is not None else args.tokenizer) \
+            if reads_text(args.task) else None
     args.out_dir = args.out_dir or default_out_dir(args.task, args.preset, args.init)
     return args, base
 
@@ -673,9 +676,12 @@ def check_options(given, args=None, base=None, reads_text=None):
         return
     values = vars(args)
     check({k: v for k, v in values.items() if k not in given}, RULES)  # what a checkpoint said, too
-    if reads_text(args.task) and not args.init_from:
+    if reads_text(args.task) and not args.init_from and not given.get("tokenizer"):
         raise UsageError(f"--task {args.task} fine-tunes a language model on examples in its own tokenizer: give "
-                         f"--init_from (a checkpoint trained on a corpus, or an official Mamba-2)")
+                         f"--init_from (a checkpoint trained on a corpus, or an official Mamba-2), or --tokenizer "
+                         f"to train a fresh model")
+    if args.init_from and given.get("tokenizer"):
+        raise UsageError(f"--tokenizer is for a fresh model; {args.init_from} keeps its own: drop --tokenizer")
     if base is not None:
         architecture = base.cfg.architecture()
         differ = [f"--{k} {given[k]}" for k in architecture if k in given and given[k] != architecture[k]]
@@ -916,8 +922,9 @@ class RunFolder:
             print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); {self.then}")
         else:  # a post-trained model is read beside the model it started from
             models = " ".join(f"--ckpt {path}" for path in (self.args.init_from, self.args.out_dir) if path)
+            task = "--task babilong " if self.args.task == "babilong" else ""  # evaluated on its task, not on text
             print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); next: python eval.py "
-                  f"{models}{eval_out(self.args.out_dir)}")
+                  f"{task}{models}{eval_out(self.args.out_dir)}")
 
 
 def eval_out(out_dir):

@@ -7,6 +7,8 @@ written in a language model's words (needs_tokenizer); nothing is downloaded and
 examples.
     copy     tasks/copy.py: copy a random string; trained on short strings, asked to copy longer ones
     passkey  tasks/passkey.py: a 5-digit key hidden in filler text, asked for at the end
+    babilong tasks/babilong/: BABILong, bAbI's facts hidden in long text, a question about them at the end; read
+             from the benchmark's published sets or generated, for fine-tuning and evaluation
 
 train.py --task NAME builds one (build) and trains on it through TaskBatches; eval.py reads a task's own measurements.
 """
@@ -17,9 +19,10 @@ import torch
 from data import tokenizer_mismatch
 from runs import UsageError
 from tasks.copy import CopyTask
+from tasks.babilong.task import BabilongTask
 from tasks.passkey import PasskeyTask
 
-TASKS = {"copy": CopyTask, "passkey": PasskeyTask}
+TASKS = {"copy": CopyTask, "passkey": PasskeyTask, "babilong": BabilongTask}
 
 
 def make_task(name, settings):
@@ -32,7 +35,8 @@ def make_task(name, settings):
 
 def build(args):
     """The task of args.task with the run's settings (UsageError when they do not make one). A task in words is
-    written in args.tokenizer, the tokenizer of the model it fine-tunes (runs.resolve)."""
+    written in args.tokenizer, the tokenizer of the model it fine-tunes (runs.resolve), and babilong's examples
+    are at most args.seq_len tokens long."""
     cls = TASKS[args.task]
     try:
         if not cls.needs_tokenizer:
@@ -44,7 +48,7 @@ def build(args):
                              f"weights")
         from corpora.tokenizer import get_tokenizer
 
-        return cls(get_tokenizer(args.tokenizer))
+        return make_task(args.task, {**vars(args), "tokenizer": get_tokenizer(args.tokenizer)})
     except ValueError as error:
         raise UsageError(f"--task {args.task}: {error}") from None
 
