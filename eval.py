@@ -403,7 +403,7 @@ RULES = [  # the values each option may take (runs.check)
 
 def parse(argv):
     """The options: the flags given, EvalConfig's defaults for the rest, each checked."""
-    given = runs.parse("eval.py", __doc__, argv, {"options": EvalConfig})
+    given = runs.parse("eval.py", __doc__, argv, {"evaluation (EvalConfig)": EvalConfig})
     runs.check(given, RULES)
     args = EvalConfig(**given)
     if Path(args.out).exists() and not Path(args.out).is_dir():

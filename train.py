@@ -317,7 +317,7 @@ def train_all(argv):
                 print(f"{runs.default_out_dir(base_run.get('task', 'lm'), base_run.get('preset', 'demo'), 'zero')} "
                       f"does not exist yet: pre-training it first; the post-training follows", file=sys.stderr)
             try:
-                train_one(base_run, rank, world, device)
+                train_one(base_run, rank, world, device, then="the post-training follows")
             except runs.Stopped as stop:
                 raise runs.Stopped(f"{stop}; then run this command again for the post-training") from None
         train_one(given, rank, world, device)
@@ -328,8 +328,8 @@ def train_all(argv):
             dist.destroy_process_group()
 
 
-def train_one(given, rank, world, device):
-    """Resolve the options, build the run, train it in its folder."""
+def train_one(given, rank, world, device, then=None):
+    """Resolve the options, build the run, train it in its folder (then: what follows it in this command)."""
     args, base = runs.resolve(given, DEFAULTS, load_model, reads_text)
     runs.check_out_dir(args)
     run = build_run(args, rank, world, device, base)
@@ -342,7 +342,7 @@ def train_one(given, rank, world, device):
               f"{per_step} sequences of {args.seq_len} tokens per step{split}, {args.max_steps} steps, device "
               f"{device}, out {args.out_dir}", file=sys.stderr)
         runs.warn_if_slow(run.model, args, device)
-    with runs.RunFolder(run) as folder:
+    with runs.RunFolder(run, then) as folder:
         train(run, folder)
 
 

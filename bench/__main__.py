@@ -382,7 +382,9 @@ def gpu_tables(repeats):
 
 def transformers_model(size):
     """transformers' MambaForCausalLM or Mamba2ForCausalLM of an official size, random weights, in eval mode (its
-    PyTorch path: without mamba_ssm's CUDA kernels that is what runs on a CPU)."""
+    PyTorch path: without mamba_ssm's CUDA kernels that is what runs on a CPU). The output layer is tied to the
+    embedding, as in the official models and ours: Mamba2Config's default gives it one of its own (38.6M more
+    parameters at the 130m size)."""
     import transformers
     from pretrained import official_config
 
@@ -390,12 +392,13 @@ def transformers_model(size):
     cfg = official_config(size)
     if cfg.mixer == "mamba1":
         config = transformers.MambaConfig(vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model,
-                                          num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, expand=cfg.expand)
+                                          num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, expand=cfg.expand,
+                                          tie_word_embeddings=True)
         return transformers.MambaForCausalLM(config).eval()
     config = transformers.Mamba2Config(vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model,
                                        num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, head_dim=cfg.headdim,
                                        num_heads=cfg.expand * cfg.d_model // cfg.headdim, n_groups=cfg.ngroups,
-                                       expand=cfg.expand)
+                                       expand=cfg.expand, tie_word_embeddings=True)
     return transformers.Mamba2ForCausalLM(config).eval()
 
 
@@ -429,7 +432,8 @@ def model_table(repeats):
                 results[impl] = _in_fresh_process("--_model_measure", dict(impl=impl, size=size, length=2048,
                                                                           repeats=repeats))
             except runs.UsageError as error:
-                print(f"({impl} {size}: {error}; pip install transformers)", file=sys.stderr)
+                advice = "; pip install transformers" if impl == "transformers" else ""
+                print(f"({impl} {size}: {error}{advice})", file=sys.stderr)
         if len(results) < 2:
             continue
         ours, theirs = results["ours"], results["transformers"]
@@ -642,14 +646,21 @@ class BenchConfig:
 RULES = [(("repeats", "len", "num_seqs"), "at least 1", lambda x: x >= 1),
          (("repeats",), "at most 1,000", lambda x: x <= 1000), (("len",), "at most 16,777,216", lambda x: x <= 2 ** 24),
          (("num_seqs",), "at most 4,096", lambda x: x <= 4096)]
+# --eval times eval.py's job, with its own flags; the scan tables take --repeats and --device. --estimate computes.
+ONLY_FOR = {**{name: ("eval", (True,)) for name in ("len", "num_seqs", "model")},
+            **{name: ("eval", (False,)) for name in ("repeats", "device")}}
 MEASUREMENTS = [(f"_{kind}", str, argparse.SUPPRESS, None) for kind in ("measure", "eval_measure", "model_measure")]
 
 
 def main(argv=None):
-    given = runs.parse("python -m bench", __doc__, argv, {"options": BenchConfig, "": MEASUREMENTS})
+    given = runs.parse("python -m bench", __doc__, argv, {"benchmark (BenchConfig)": BenchConfig,
+                                                          "": MEASUREMENTS})
     hidden = {k: given.pop(k, None) for k in ("_measure", "_eval_measure", "_model_measure")}  # one measurement,
-    runs.check(given, RULES)  # in a fresh process
-    args = BenchConfig(**given)
+    args = BenchConfig(**given)  # in a fresh process
+    runs.check(given, RULES, ONLY_FOR, vars(args))
+    others = [name for name in given if name != "estimate"]
+    if args.estimate and others:
+        raise runs.UsageError(f"--estimate prints the GPU estimates alone: drop --{others[0]}")
     official = args.model != "demo"
     if hidden["_measure"]:
         print(json.dumps(measure(**json.loads(hidden["_measure"]))))

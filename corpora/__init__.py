@@ -15,9 +15,10 @@
 
 A corpus is data/NAME/train.bin and val.bin, every document's tokens followed by end-of-text (uint16, or uint32 for a
 larger vocabulary), and meta.json: the tokenizer (and the sha256 of a tokenizer.json), the counts, what could not be
-used, and "created", a stamp per preparation (data.Corpus.fingerprint). The default corpus is the Python standard
-library's own .py files (site-packages excluded, about 30 MB): real text with long-range structure that every Python
-installation carries, so that everything works offline; data.load_corpus prepares it on first use.
+used (or was read as U+FFFD), and "created", a stamp per preparation (data.Corpus.fingerprint). Those three files are
+how a corpus is known: a folder holding anything else is never replaced or removed. The default corpus is the Python
+standard library's own .py files (site-packages excluded, about 30 MB): real text with long-range structure that every
+Python installation carries, so that everything works offline; data.load_corpus prepares it on first use.
 """
 import sys
 

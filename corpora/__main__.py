@@ -17,12 +17,13 @@ from corpora.prepare import VAL_FRACTION, prepare
 FLAGS = [  # (name, type, help, choices)
     ("input", str, "a text file, a folder of text files, or .jsonl/.jsonl.gz/.jsonl.zst with a 'text' field "
                    "(default: the Python standard library's source)", None),
-    ("name", str, "corpus name, one folder name under --data_dir (default: from input and tokenizer)", None),
+    ("name", str, "corpus name, one folder name under --data_dir, replaced only if it holds a corpus (default: from "
+                  "input and tokenizer)", None),
     ("tokenizer", str, "bytes (the default), a tiktoken encoding (gpt2), a Hugging Face tokenizer.json (or its "
                        "folder) or a hub name (EleutherAI/gpt-neox-20b)", None),
     ("val_fraction", float, f"share of documents (of a single file's tokens) for validation (default {VAL_FRACTION})",
      None),
-    ("workers", int, "tokenising threads (default: all cores, at most 8)", None),
+    ("workers", int, "tokenising threads, at most 256 (default: all cores, at most 8)", None),
     ("data_dir", str, f"where corpora live (default: {DATA_DIR})", None),
 ]
 

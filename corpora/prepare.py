@@ -3,20 +3,27 @@
 prepare(input, name, tokenizer) reads a text file, a folder of text files, or .jsonl / .jsonl.gz / .jsonl.zst with a
 "text" field, and writes data_dir/NAME/{train.bin, val.bin, meta.json} (corpora/__init__.py describes the format). A
 document goes to train or val by the md5 of its name, the same on every machine; a single text file is one document,
-whose last val_fraction of tokens is val. Damaged lines and cut-off streams are counted and kept apart.
+whose last val_fraction of tokens is val. Damaged lines and cut-off streams are counted and kept apart. Documents
+are UTF-8 text: in a folder, a file that is not (binary, another encoding) is skipped whole and named; a single text
+file may hold a few invalid bytes (each becomes U+FFFD, and is counted), and is refused when it is binary or mostly
+not UTF-8. Hidden files and folders (.git) are not read, nor data_dir.
 
-Nothing is lost: the corpus is written into a work folder data/.NAME.RANDOM.PID@HOST and renamed into place when
-complete; a corpus being replaced waits as data/.NAME.old and comes back if anything fails, even after a hard kill.
-The next run removes the work folders of dead processes.
+Nothing is lost: data_dir/NAME is replaced only when it is a corpus written here (its three files and nothing else) or
+an empty folder; anything else is refused before anything is written. The corpus is written into a work folder
+data/.NAME.RANDOM.PID@HOST and renamed into place when complete; a corpus being replaced waits as data/.NAME.old and
+comes back if anything fails, even after a hard kill. The next run removes the work folders of dead processes; a
+folder holding anything but a corpus's files is never removed or renamed, whatever its name.
 
 Memory stays bounded whatever a document's size: files are read in blocks, and documents are tokenised in pieces of
 256 K characters (4 M at most), cut where the tokenizer splits the text anyway, so that the tokens are the whole
 document's. That is some tens of MB per tokenising thread, plus a few times the longest line of a .jsonl file, which
 is parsed whole.
 """
+import codecs
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -52,17 +59,23 @@ PIECE, MAX_PIECE = 2 ** 18, 2 ** 22  # characters of a piece of a document; a ba
 # a new pre-token right after it, so text cut there gets the tokens of the whole.
 SAFE_CUT = re.compile(r"\S\n(?=\S)")
 LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape for half a character, which UTF-8 cannot hold
-WORK_FOLDER = re.compile(r"\..+\.(\d{1,7})@([^@]+)")  # .NAME.RANDOM.PID@HOST
+WORK_FOLDER = re.compile(r"\..+\.[a-z0-9_]{8}\.(\d{1,7})@([^@]+)")  # .NAME.RANDOM.PID@HOST, as mkdtemp names it
+CORPUS_FILES = ("train.bin", "val.bin", "meta.json")  # all that a corpus, or its work folder, ever holds
+MAX_WORKERS = 256  # a batch holds about PIECE characters per thread: this bounds its memory (a few hundred MB)
+MAX_INVALID = 0.01  # the share of a single text file's characters that may be invalid UTF-8 (each becomes U+FFFD)
 
-RULES = [(("val_fraction",), "in (0, 1)", lambda x: 0 < x < 1), (("workers",), "at least 1", lambda x: x >= 1)]
+RULES = [(("val_fraction",), "in (0, 1)", lambda x: 0 < x < 1),
+         (("workers",), f"between 1 and {MAX_WORKERS}", lambda x: 1 <= x <= MAX_WORKERS)]
 
 
 def check_name(name):
     """A corpus name is one plain folder name under data_dir, so that no name can reach (and replace) a folder
-    elsewhere; a leading dot is kept for the work and replaced folders."""
-    _require(name and not name.startswith(".") and Path(name).name == name and not any(c in name for c in "\\\0"),
-             f"corpus name {name!r} is not a plain folder name: use letters, digits, '-', '_' or '.', without '/' "
-             f"and not starting with '.'")
+    elsewhere; a leading dot is kept for the work and replaced folders, and 100 bytes leave room for their suffixes.
+    Control characters and spaces at either end are refused too: such a folder is hard to name again."""
+    _require(name and not name.startswith(".") and Path(name).name == name and "\\" not in name and
+             name.isprintable() and name == name.strip() and len(name.encode()) <= 100,
+             f"corpus name {name!r} is not a plain folder name: give --name with up to 100 letters, digits, '-', '_' "
+             f"or '.', without '/' and not starting with '.'")
     return name
 
 
@@ -82,21 +95,57 @@ def _encode(enc, texts, workers):
 
 # --- Reading documents --------------------------------------------------------------------------------------------
 
-def read_documents(files, root, report):
+def read_documents(files, root, report, skipped, errors="strict"):
     """Yield (key, piece, last) for every document: key names it (for the split), piece is the next part of its
-    text, last marks its end. A piece None takes the document back: its file turned out to be unreadable part-way.
-    What cannot be used is counted in report."""
+    text, last marks its end. A piece None takes the document back: its file turned out part-way not to be UTF-8
+    text, or unreadable; its key goes to the list skipped. What cannot be used is counted in report. errors: what
+    invalid UTF-8 in a text file does, "strict" (the file is skipped) or "replace" (it becomes U+FFFD)."""
     for f in files:
         key = f.relative_to(root).as_posix() if root.is_dir() else f.name
         if f.name.endswith(JSONL):
             yield from _jsonl_documents(f, key, report)
             continue
         try:
-            with open(f, encoding="utf-8") as text:  # as text: \r\n and \r become \n
-                yield from ((key, *piece) for piece in _pieces(iter(lambda: text.read(MAX_PIECE), "")))
-        except (OSError, UnicodeDecodeError):
+            with open(f, encoding="utf-8", errors=errors) as text:  # as text: \r\n and \r become \n
+                yield from ((key, *piece) for piece in _pieces(_text_chunks(text)))
+        except (OSError, UnicodeError):
             report["unreadable_files"] += 1
+            skipped.append(key)
             yield key, None, True
+
+
+def _text_chunks(text):
+    """An open text file in chunks of MAX_PIECE characters; UnicodeError at a NUL, which text never holds (a binary
+    file may be valid UTF-8 by chance)."""
+    for chunk in iter(lambda: text.read(MAX_PIECE), ""):
+        if "\0" in chunk:
+            raise UnicodeError(f"{text.name} holds a NUL character")
+        yield chunk
+
+
+def check_text_file(f):
+    """The number of invalid UTF-8 sequences (each read as U+FFFD) in a text file given alone, the whole corpus: a
+    stray byte is not worth losing it for. DataError, before anything is written, when it cannot be read, is empty,
+    binary (a NUL byte) or more than MAX_INVALID not UTF-8 (another encoding)."""
+    replacing, ignoring = (codecs.getincrementaldecoder("utf-8")(errors) for errors in ("replace", "ignore"))
+    invalid = characters = 0
+    try:
+        with open(f, "rb") as stream:
+            for block in itertools.chain(iter(lambda: stream.read(BLOCK), b""), [b""]):
+                end = not block  # the last, empty block: a sequence cut short there is invalid too
+                _require(b"\0" not in block, f"--input {f} is binary, not text (it holds NUL bytes, as UTF-16 text "
+                         f"does too): give UTF-8 text; nothing was written")
+                text = replacing.decode(block, final=end)
+                # a U+FFFD of the text itself stays with errors="ignore" too; the others replace invalid bytes
+                invalid += text.count("\ufffd") - ignoring.decode(block, final=end).count("\ufffd")
+                characters += len(text)
+    except OSError as error:
+        raise DataError(f"cannot read --input {f} ({error.strerror or error}): check it and its permissions; "
+                        f"nothing was written") from None
+    _require(characters, f"--input {f} is empty: there is no text to prepare; nothing was written")
+    _require(invalid <= MAX_INVALID * characters, f"--input {f} is not UTF-8 text ({invalid:,} of its {characters:,} "
+             f"characters are not): convert it (iconv -f ENCODING -t UTF-8), or give another file; nothing was written")
+    return invalid
 
 
 def _jsonl_documents(f, key, report):
@@ -180,24 +229,41 @@ def is_validation(key, val_fraction):
 def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fraction=VAL_FRACTION, workers=None):
     """Tokenise a corpus into data_dir/NAME/{train.bin, val.bin, meta.json}, say what was read, return the folder.
     input None: the default corpus; name None: one made from the input's and the tokenizer's names. Every option is
-    checked (DataError, UsageError) before anything is written."""
+    checked (DataError, UsageError) before anything is written, and so is data_dir/NAME: only a corpus written here,
+    or an empty folder, is replaced."""
     runs.check({"val_fraction": val_fraction, "workers": workers}, RULES)
+    for flag, value in (("input", input), ("tokenizer", tokenizer), ("data_dir", data_dir)):
+        _require(value is None or str(value).strip(), f"--{flag} is empty: give one, or leave the flag out")
     if name is not None:
         check_name(name)
-    root, files, source = _input(input)  # before the tokenizer, which may wait for a download
+    data_dir = Path(data_dir)
+    root, files, source, invalid = _input(input, data_dir)  # before the tokenizer, which may wait for a download
     enc = get_tokenizer(tokenizer)
     name = check_name(name if name is not None else _default_name(DEFAULT_CORPUS if input is None else root, enc))
+    final, old = data_dir / name, data_dir / f".{name}.old"
+    _check_destination(final, old)
     _require(zstandard or not any(f.name.endswith(".zst") for f in files), "reading .zst files needs the zstandard "
              "package: pip install zstandard")
     single_document = root.is_file() and not root.name.endswith(JSONL)
-    report = dict.fromkeys(("documents", "bad_lines", "lines_without_text", "unreadable_files", "truncated_files"), 0)
-    final, old = Path(data_dir) / name, Path(data_dir) / f".{name}.old"
-    work = _make_work_folder(Path(data_dir), name)
+    report = dict.fromkeys(("documents", "bad_lines", "lines_without_text", "unreadable_files", "truncated_files",
+                            "invalid_utf8_replaced"), 0)
+    report["invalid_utf8_replaced"], skipped = invalid, []
+    if invalid:
+        print(f"warning: {root} holds {invalid:,} invalid UTF-8 sequence(s), read as U+FFFD", file=sys.stderr)
+    made = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]  # removed if nothing is written
+    work = _make_work_folder(data_dir, name)
     try:
         with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenising") as bar:
-            splits = _write_splits(read_documents(files, root, report), enc, workers or min(os.cpu_count() or 1, 8),
-                                   work, single_document, val_fraction, report, bar)
-        _require(report["documents"], f"no documents found in {root} ({_summary(report)})")
+            documents = read_documents(files, root, report, skipped, "replace" if invalid else "strict")
+            splits = _write_splits(documents, enc, workers or min(os.cpu_count() or 1, 8), work, single_document,
+                                   val_fraction, report, bar)
+        if skipped:
+            print(f"warning: skipped {len(skipped):,} file(s) that could not be read as UTF-8 text (binary, another "
+                  f"encoding, or unreadable): {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}",
+                  file=sys.stderr)
+        _require(report["documents"], f"no documents found in {root} ({_summary(report)}); nothing was written")
+        _require(sum(counts["tokens"] for counts in splits.values()) > report["documents"], f"no text found in {root}: "
+                 f"its {report['documents']:,} document(s) are empty; nothing was written")
         for split, counts in splits.items():
             _require(counts["tokens"], f"the {split} split of {root} is empty: give more documents or change "
                                        f"--val_fraction")
@@ -209,32 +275,51 @@ def prepare(input=None, name=None, tokenizer="bytes", data_dir=DATA_DIR, val_fra
                     created=f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{uuid.uuid4().hex[:16]}")
         (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         with _signals_held():  # once the new corpus is in place, the old one goes, and the user is told
-            if final.exists():
+            replacing = _written_here(final)
+            if replacing:
                 final.rename(old)  # until the new corpus is in place: if anything fails, _clean_up puts it back
+            elif final.is_dir() and not final.is_symlink():
+                final.rmdir()  # an empty folder (_check_destination): rmdir removes nothing else
             work.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            if replacing:
+                shutil.rmtree(old, ignore_errors=True)
             for split, counts in splits.items():
                 print(f"{split:5s} {counts['documents']:9,} documents {counts['tokens']:15,} tokens")
             print(f"read {_summary(report)}\nwrote {final}")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        _clean_up(Path(data_dir), name)
+        _clean_up(data_dir, name)
+        for folder in made:  # the folders made for it, deepest first; rmdir removes empty ones only
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return final
 
 
-def _input(input):
-    """(root, files, source) of an --input path; None is the default corpus, the Python standard library."""
+def _input(input, data_dir):
+    """(root, files, source, invalid UTF-8 sequences to replace) of an --input path; None is the default corpus, the
+    Python standard library."""
     if input is None:
         root = Path(sysconfig.get_paths()["stdlib"])
         files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
-        return root, files, f"Python {sys.version.split()[0]} standard library ({root}), *.py, without site-packages"
+        return root, files, f"Python {sys.version.split()[0]} standard library ({root}), *.py, without site-packages", 0
     root = Path(input).resolve()
     _require(root.exists(), f"--input {root} does not exist: give a text file, a folder of text files or .jsonl file")
-    files = [root] if root.is_file() else [f for f in sorted(root.rglob("*")) if f.is_file() and not any(
-        part.startswith(".") for part in f.relative_to(root).parts)]  # hidden files are not documents
-    _require(files, f"--input {root} holds no files")
-    return root, files, str(root)
+    if root.is_file():
+        return root, [root], str(root), 0 if root.name.endswith(JSONL) else check_text_file(root)
+    files = _folder_files(root, data_dir.resolve())
+    _require(files, f"--input {root} holds no files (hidden files and folders are not read)")
+    return root, files, str(root), 0
+
+
+def _folder_files(root, data_dir):
+    """The files under folder root, in order, but for hidden ones, those in hidden folders (.git, never walked) and
+    those in data_dir (the corpora): they are not documents. Links to folders are not followed."""
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".") and Path(folder, name) != data_dir]
+        files += [Path(folder, name) for name in names if not name.startswith(".")]
+    return sorted(f for f in files if f.is_file())
 
 
 def _default_name(base, enc):
@@ -274,7 +359,8 @@ def _write_splits(documents, enc, workers, work, single_document, val_fraction, 
                         splits[split]["documents"] += 1
                         report["documents"] += 1
                 begun = None if last else begun
-        if single_document:  # its last val_fraction of tokens are the validation split
+        if single_document and train.tell():  # its last val_fraction of tokens are the validation split (none when
+            # the file was taken back: it turned out unreadable)
             size = train.tell() // dtype.itemsize
             cut = (size - max(1, int(size * val_fraction))) * dtype.itemsize
             train.seek(cut)
@@ -315,19 +401,53 @@ def _make_work_folder(data_dir, name):
     return work
 
 
+def _check_destination(final, old):
+    """Refuse, before anything is written, to replace what this module did not write: data_dir/NAME (and .NAME.old,
+    where a replaced corpus waits) may be missing, an empty folder, or a corpus written here."""
+    for path in (final, old):
+        if not (path.exists() or path.is_symlink()) or _written_here(path):
+            continue
+        if path.is_symlink() or not path.is_dir():
+            held = "a link" if path.is_symlink() else "a file"
+        else:
+            names = sorted(p.name for p in path.iterdir())
+            if not names:
+                continue  # an empty folder: replacing it loses nothing
+            held = f"it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        raise DataError(f"{path} is not a corpus written by python -m corpora ({held}): choose another --name or "
+                        f"--data_dir, or move it away; nothing was written")
+
+
+def _written_here(folder, finished=True):
+    """Whether folder is one this module wrote: a folder (not a link) holding nothing but a corpus's files and, if
+    finished, a corpus's meta.json. Nothing else is ever replaced, renamed or removed, whatever its name."""
+    try:
+        if folder.is_symlink() or not folder.is_dir() or not {p.name for p in folder.iterdir()} <= set(CORPUS_FILES):
+            return False
+        if not finished:
+            return True
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"tokenizer", "vocab_size", "dtype"} <= meta.keys()
+
+
 def _clean_up(data_dir, name):
     """Finish what runs killed hard left behind: the work folders of this machine's dead processes, and a replacement
-    of corpus NAME cut short (.NAME.old is the corpus when NAME is missing, else a leftover)."""
+    of corpus NAME cut short (.NAME.old is the corpus when NAME is missing, else a leftover). Only folders that this
+    module wrote are touched."""
     for folder in data_dir.glob(".*@*"):
         owner = WORK_FOLDER.fullmatch(folder.name)
         if owner and owner[2] == socket.gethostname() and os.name != "nt":  # on Windows, os.kill would end it
-            if not runs.process_alive(owner[1]):
+            if not runs.process_alive(owner[1]) and _written_here(folder, finished=False):
                 shutil.rmtree(folder, ignore_errors=True)
     old, final = data_dir / f".{name}.old", data_dir / name
-    if old.exists() and final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
+    if not _written_here(old):
+        return
+    if not (final.exists() or final.is_symlink()):
         old.rename(final)
+    elif _written_here(final):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

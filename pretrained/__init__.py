@@ -20,9 +20,11 @@ Two public layouts are read:
                   the same tensors except backbone.embeddings.weight; vocab_size is the number of rows; an output
                   layer of its own when tie_word_embeddings is false (transformers 5 writes that by default).
 A config that asks for anything model.py does not compute (attention layers, an MLP, a clamp on dt, ...) is refused
-in one line naming the field: a model loaded approximately would give wrong numbers without a sign. Weights are read
-without running code from the file (safetensors, or torch.load(weights_only=True)). Every error is a
-PretrainedError (a runs.UsageError) with a one-line message that the scripts print as it is.
+in one line naming the field: a model loaded approximately would give wrong numbers without a sign. So is a size that
+is not a positive whole number (2.0 is read as 2; 2.5, "32" and true are refused) or a rate that is not a positive
+number (_number decides this for every numeric field). Weights are read without running code from the file
+(safetensors, or torch.load(weights_only=True)). Every error is a PretrainedError (a runs.UsageError) with a one-line
+message that the scripts print as it is.
 """
 import hashlib
 import json
@@ -148,9 +150,42 @@ def _float(value):
     return float(value["__float__"] if isinstance(value, dict) else value)
 
 
+def _number(value, field, whole=True):
+    """A size (whole=True) or a rate read from config.json: a positive finite number, and for a size a whole one.
+    2.0 is the size 2 (a converter that computed the sizes in floating point writes that, and it means nothing
+    else); 2.5, "32", true, null, 0 and negative numbers are refused in one line naming the field, before they
+    reach arithmetic ("32" * 2 is "3232") or ModelConfig (true is the integer 1 to Python)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0 and (not whole or value == int(value))):
+        wanted = "a positive whole number" if whole else "a positive number"
+        raise PretrainedError(f"config.json: {field}={json.dumps(value)} must be {wanted}")
+    if whole and value > MAX_SIZE:  # 1e20 would overflow torch's sizes before any memory check could refuse it
+        raise PretrainedError(f"config.json: {field}={json.dumps(value)} is beyond any model (at most {MAX_SIZE:,})")
+    return int(value) if whole else float(value)
+
+
+MAX_SIZE = 2 ** 24  # vocabularies of 256k and widths of 16k stay far below; the memory check sees the products
+
+
+def _switch(section, name, default):
+    """A true/false field of config.json: a JSON boolean, nothing else ("false" is a true value to Python)."""
+    value = section.get(name, default)
+    if not isinstance(value, bool):
+        raise PretrainedError(f"config.json: {name}={json.dumps(value)} must be true or false")
+    return value
+
+
+def _field(section, name, default, prefix="", whole=True):
+    """_number of section[name], or of default when config.json leaves the field out; prefix says where the
+    section is (ssm_cfg.)."""
+    return _number(section.get(name, default), prefix + name, whole)
+
+
 def _same(value, wanted):
     """Config values compare as JSON gives them: [0.0, Infinity] and [0.0, {"__float__": "Infinity"}] equal
-    (0.0, inf), "swish" is silu."""
+    (0.0, inf), "swish" is silu, 0.0 is 0."""
+    if isinstance(wanted, int) and not isinstance(wanted, bool):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == wanted
     if isinstance(wanted, tuple):
         try:
             return tuple(_float(v) for v in value) == wanted
@@ -186,23 +221,41 @@ def _from_mamba_ssm(config):
     if layer != "Mamba2":
         raise PretrainedError(f"config.json: ssm_cfg.layer={json.dumps(layer)} is not implemented (only Mamba1 and "
                               f"Mamba2)")
-    d_model, expand = config.get("d_model", 2560), ssm.get("expand", 2)
+    d_model, expand = _field(config, "d_model", 2560), _field(ssm, "expand", 2, "ssm_cfg.")
     if ssm.get("d_ssm") == expand * d_model:  # the whole width, which is what None means
         ssm = {k: v for k, v in ssm.items() if k != "d_ssm"}
     _check_fields(ssm, MAMBA2_FIELDS, MAMBA2_FIXED, prefix="ssm_cfg.")
-    return dict(mixer="mamba2", vocab_size=config.get("vocab_size", 50277),
-                pad_vocab_multiple=config.get("pad_vocab_size_multiple", 8),
-                d_model=d_model, n_layer=config.get("n_layer", 64), expand=expand, d_state=ssm.get("d_state", 128),
-                d_conv=ssm.get("d_conv", 4), headdim=ssm.get("headdim", 64), ngroups=ssm.get("ngroups", 1),
-                dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
-                dt_init_floor=ssm.get("dt_init_floor", 1e-4), A_init_range=tuple(ssm.get("A_init_range", (1, 16))),
-                norm_eps=1e-5,  # mamba_ssm's block norms and the mixer's gated norm all use 1e-5
-                tie_embeddings=config.get("tie_embeddings", True))
+    return dict(mixer="mamba2", d_model=d_model, expand=expand, **_mamba_ssm_sizes(config),
+                **_mamba_ssm_mixer(ssm, d_state=128), headdim=_field(ssm, "headdim", 64, "ssm_cfg."),
+                ngroups=_field(ssm, "ngroups", 1, "ssm_cfg."), A_init_range=_init_range(ssm))
+
+
+def _mamba_ssm_sizes(config):
+    """The language model's fields of a mamba_ssm config.json besides d_model (Mamba-1 and Mamba-2 alike)."""
+    return dict(vocab_size=_field(config, "vocab_size", 50277),
+                pad_vocab_multiple=_field(config, "pad_vocab_size_multiple", 8), n_layer=_field(config, "n_layer", 64),
+                norm_eps=1e-5,  # mamba_ssm's block norms and Mamba-2's gated norm all use 1e-5
+                tie_embeddings=_switch(config, "tie_embeddings", True))
+
+
+def _mamba_ssm_mixer(ssm, d_state):
+    """The ssm_cfg fields that Mamba-1 and Mamba-2 share (d_state: the module's default)."""
+    return dict(d_state=_field(ssm, "d_state", d_state, "ssm_cfg."), d_conv=_field(ssm, "d_conv", 4, "ssm_cfg."),
+                **{name: _field(ssm, name, default, "ssm_cfg.", whole=False)
+                   for name, default in (("dt_min", 0.001), ("dt_max", 0.1), ("dt_init_floor", 1e-4))})
+
+
+def _init_range(ssm):
+    """Mamba-2's A_init_range: two positive numbers."""
+    value = ssm.get("A_init_range", [1, 16])
+    if not isinstance(value, list) or len(value) != 2:
+        raise PretrainedError(f"config.json: ssm_cfg.A_init_range={json.dumps(value)} must be two positive numbers")
+    return tuple(_number(x, "ssm_cfg.A_init_range", whole=False) for x in value)
 
 
 def _dt_rank(value, d_model, field):
     """Mamba-1's dt_rank: "auto" is ceil(d_model / 16), the only one model.py computes."""
-    if value not in ("auto", math.ceil(d_model / 16)):
+    if value != "auto" and _number(value, field) != math.ceil(d_model / 16):
         raise PretrainedError(f"config.json: {field}={json.dumps(value)} asks for a dt rank other than "
                               f"ceil(d_model / 16) = {math.ceil(d_model / 16)}, which model.py does not implement")
 
@@ -210,58 +263,55 @@ def _dt_rank(value, d_model, field):
 def _mamba1_from_mamba_ssm(config, ssm):
     """ModelConfig keyword arguments of a Mamba-1 model in mamba_ssm's layout (defaults: its Mamba module)."""
     _check_fields(ssm, MAMBA1_FIELDS, MAMBA1_FIXED, prefix="ssm_cfg.")
-    d_model = config.get("d_model", 2560)
+    d_model = _field(config, "d_model", 2560)
     _dt_rank(ssm.get("dt_rank", "auto"), d_model, "ssm_cfg.dt_rank")
-    return dict(mixer="mamba1", vocab_size=config.get("vocab_size", 50277),
-                pad_vocab_multiple=config.get("pad_vocab_size_multiple", 8), d_model=d_model,
-                n_layer=config.get("n_layer", 64), expand=ssm.get("expand", 2), d_state=ssm.get("d_state", 16),
-                d_conv=ssm.get("d_conv", 4), dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
-                dt_init_floor=ssm.get("dt_init_floor", 1e-4), norm_eps=1e-5,
-                tie_embeddings=config.get("tie_embeddings", True))
+    return dict(mixer="mamba1", d_model=d_model, expand=_field(ssm, "expand", 2, "ssm_cfg."),
+                **_mamba_ssm_sizes(config), **_mamba_ssm_mixer(ssm, d_state=16))
 
 
 def _mamba1_from_transformers(config):
     """ModelConfig keyword arguments of transformers' MambaForCausalLM (defaults: its MambaConfig)."""
     _check_fields(config, TRANSFORMERS_MAMBA1_FIELDS, TRANSFORMERS_MAMBA1_FIXED)
-    hidden, expand = config.get("hidden_size", 768), config.get("expand", 2)
-    layers = config.get("num_hidden_layers", 32)
+    hidden, expand = _field(config, "hidden_size", 768), _field(config, "expand", 2)
+    layers = _field(config, "num_hidden_layers", 32)
     _dt_rank(config.get("time_step_rank", "auto"), hidden, "time_step_rank")
-    for field, value, wanted in (("intermediate_size", config.get("intermediate_size"), expand * hidden),
-                                 ("n_layer", config.get("n_layer"), layers)):
-        if value not in (None, wanted):
-            raise PretrainedError(f"config.json: {field}={json.dumps(value)} contradicts the other sizes "
+    for field, wanted in (("intermediate_size", expand * hidden), ("n_layer", layers)):
+        if field in config and _field(config, field, None) != wanted:
+            raise PretrainedError(f"config.json: {field}={json.dumps(config[field])} contradicts the other sizes "
                                   f"({wanted})")
-    return dict(mixer="mamba1", vocab_size=config.get("vocab_size", 50280), pad_vocab_multiple=1, d_model=hidden,
-                n_layer=layers, expand=expand, d_state=config.get("state_size", 16),
-                d_conv=config.get("conv_kernel", 4),
-                dt_min=config.get("time_step_min", 0.001), dt_max=config.get("time_step_max", 0.1),
-                dt_init_floor=config.get("time_step_floor", 1e-4), norm_eps=config.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=config.get("tie_word_embeddings", True))
+    return dict(mixer="mamba1", vocab_size=_field(config, "vocab_size", 50280), pad_vocab_multiple=1,
+                d_model=hidden, n_layer=layers, expand=expand, d_state=_field(config, "state_size", 16),
+                **_transformers_mixer(config), tie_embeddings=_switch(config, "tie_word_embeddings", True))
+
+
+def _transformers_mixer(config):
+    """The fields that transformers' MambaConfig and Mamba2Config share, with the same defaults."""
+    rates = {name: _field(config, field, default, whole=False) for name, field, default in (
+        ("dt_min", "time_step_min", 0.001), ("dt_max", "time_step_max", 0.1),
+        ("dt_init_floor", "time_step_floor", 1e-4), ("norm_eps", "layer_norm_epsilon", 1e-5))}
+    return dict(d_conv=_field(config, "conv_kernel", 4), **rates)
 
 
 def _from_transformers(config):
     """ModelConfig keyword arguments from the transformers layout (defaults: transformers' Mamba2Config).
 
-    With n_groups > 1 the gated norm is taken per group, as mamba_ssm and transformers' CUDA path compute it
-    (transformers' pure-torch path normalises over all channels at once)."""
+    With n_groups > 1 the gated norm is taken per group, as mamba_ssm and transformers compute it (the pure-torch
+    path of transformers 4 normalised over all channels at once; tests/test_transformers.py compares with 5.25)."""
     if config.get("model_type") == "mamba":
         return _mamba1_from_transformers(config)
     if config.get("model_type") != "mamba2":
         raise PretrainedError(f"config.json: model_type={json.dumps(config.get('model_type'))} is not "
                               f"implemented (only mamba and mamba2)")
     _check_fields(config, TRANSFORMERS_FIELDS, TRANSFORMERS_FIXED)
-    hidden, expand = config.get("hidden_size", 4096), config.get("expand", 2)
-    heads, head_dim = config.get("num_heads", 128), config.get("head_dim", 64)
+    hidden, expand = _field(config, "hidden_size", 4096), _field(config, "expand", 2)
+    heads, head_dim = _field(config, "num_heads", 128), _field(config, "head_dim", 64)
     if heads * head_dim != expand * hidden:
         raise PretrainedError(f"config.json: num_heads * head_dim = {heads * head_dim} differs from expand * "
                               f"hidden_size = {expand * hidden}")
-    return dict(mixer="mamba2", vocab_size=config.get("vocab_size", 32768), pad_vocab_multiple=1,  # rows = vocab
-                d_model=hidden, n_layer=config.get("num_hidden_layers", 64), expand=expand, headdim=head_dim,
-                d_state=config.get("state_size", 128), d_conv=config.get("conv_kernel", 4),
-                ngroups=config.get("n_groups", 8), dt_min=config.get("time_step_min", 0.001),
-                dt_max=config.get("time_step_max", 0.1), dt_init_floor=config.get("time_step_floor", 1e-4),
-                norm_eps=config.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=config.get("tie_word_embeddings", False))
+    return dict(mixer="mamba2", vocab_size=_field(config, "vocab_size", 32768), pad_vocab_multiple=1,  # rows = vocab
+                d_model=hidden, n_layer=_field(config, "num_hidden_layers", 64), expand=expand, headdim=head_dim,
+                d_state=_field(config, "state_size", 128), ngroups=_field(config, "n_groups", 8),
+                **_transformers_mixer(config), tie_embeddings=_switch(config, "tie_word_embeddings", False))
 
 
 def config_from_json(config, **overrides):

@@ -8,7 +8,8 @@ train.py and eval.py call it a few times each; nothing in it is about recurrent 
     resolve(given, ...)             how train.py's options combine: defaults < preset < post-training values < task
                                     < the model it starts from < the command line; on --resume, the saved run
     load_checkpoint, load_model     checkpoints of this project: written atomically, never with a number that is
-                                    not finite, read without running code from the file
+                                    not finite, read without running code from the file, every entry checked
+                                    (tensors within what the file holds, shapes, bookkeeping) before it is used
     RunFolder                       a run's folder: refused when it holds something else, locked while in use, its
                                     old log kept until the new run's first checkpoint; Ctrl-C stops at a step
     check_memory                    refuse a run that cannot fit, before allocating what would not
@@ -17,6 +18,7 @@ Presets (whole configurations, as data) are in runs/presets.py.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -127,12 +129,18 @@ def check(values, rules, only_for=None, setting=None):
     for name in values:
         key, allowed = (only_for or {}).get(name, (None, ()))
         if key in (setting or {}) and setting[key] not in allowed:
+            if allowed == (True,):  # a switch: --len means something with --eval only
+                raise UsageError(f"--{name} applies with --{key} only: add --{key} or drop --{name}")
+            if allowed == (False,):
+                raise UsageError(f"--{name} does not apply with --{key}: drop --{name}")
             raise UsageError(f"--{name} applies to --{key} {' or '.join(allowed)} only, not --{key} "
                              f"{setting[key]}: drop it")
     for name, value in values.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, float) and not abs(item) < FLOAT32_MAX:
                 raise UsageError(f"--{name} must be a finite number; got {item}")
+            if isinstance(item, str) and not item.strip():  # --out_dir '' would mean the default, silently
+                raise UsageError(f"--{name} is empty: give a value or leave the flag out")
     for names, what, test in rules:
         for name in names:
             value = values.get(name)
@@ -269,29 +277,58 @@ def is_checkpoint(spec):
     return path.exists() or path.parent.is_dir()
 
 
-def first_nonfinite(obj, name=""):
-    """The dotted name of the first floating-point tensor inside obj (nested dicts, lists, tuples) that holds a NaN
-    or an infinity, or None. Checks the weights, and also the optimizer's moments and the intervention's states:
-    a non-finite moment would silently freeze its parameter after a resume."""
-    if isinstance(obj, torch.Tensor):
-        return name or "tensor" if obj.is_floating_point() and not torch.isfinite(obj).all() else None
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for key, value in items:
-        found = first_nonfinite(value, f"{name}.{key}" if name else str(key))
-        if found:
-            return found
-    return None
+def named_tensors(obj, name=""):
+    """(dotted name, tensor) for every tensor inside obj (nested dicts, lists, tuples), depth first. Walked with a
+    list rather than recursion, and each container once: an unpickled file can nest deeper than Python recurses, or
+    hold a list that contains itself."""
+    pending, seen = [(name, obj)], set()
+    while pending:
+        name, obj = pending.pop()
+        if isinstance(obj, torch.Tensor):
+            yield name or "tensor", obj
+        elif isinstance(obj, (dict, list, tuple)) and id(obj) not in seen:
+            seen.add(id(obj))
+            items = list(obj.items() if isinstance(obj, dict) else enumerate(obj))
+            pending.extend((f"{name}.{key}" if name else str(key), value) for key, value in reversed(items))
+
+
+def first_nonfinite(obj):
+    """The dotted name of the first floating-point tensor inside obj that holds a NaN or an infinity, or None.
+    Checks the weights, and also the optimizer's moments and the intervention's states: a non-finite moment would
+    silently freeze its parameter after a resume."""
+    return next((name for name, t in named_tensors(obj) if t.is_floating_point() and not torch.isfinite(t).all()),
+                None)
+
+
+def overdrawn(tensor):
+    """Whether a tensor stands for more numbers than its storage (what the file holds for it) has: a view that
+    reaches beyond the storage, or one whose strides repeat numbers (stride 0, overlapping rows), so that a few bytes
+    pose as a huge tensor. Reading its values (isfinite, a copy) would allocate the claimed size. Reads no value."""
+    if tensor.numel() == 0:
+        return False
+    reach = tensor.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    return max(reach, tensor.numel()) * tensor.element_size() > tensor.untyped_storage().nbytes()
 
 
 def save_checkpoint(path, payload):
     """Write payload (a dict with the weights under "model") to path (a file or run folder) atomically. A payload
-    holding a number that is not finite is refused, so a good checkpoint is never replaced by a broken one."""
+    holding a number that is not finite is refused, so a good checkpoint is never replaced by a broken one; a write
+    that fails (a full disk) is an OSError, and the checkpoint that was there stays as it was."""
     path = checkpoint_path(path)
     broken = first_nonfinite(payload)
     if broken:
         raise CheckpointError(f"not saving {path}: {broken} is not finite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: torch.save(payload, f))
+
+    def write(f):
+        try:
+            torch.save(payload, f)
+        except RuntimeError as error:  # torch's zip writer reports a failed write as a RuntimeError, not an OSError
+            if "PytorchStreamWriter" not in str(error) and "inline_container" not in str(error):
+                raise
+            raise OSError(errno.EIO, "writing the checkpoint failed", str(path)) from None
+
+    write_atomically(path, write)
 
 
 def model_payload(model, **extra):
@@ -300,13 +337,17 @@ def model_payload(model, **extra):
             **extra}
 
 
-def build(cfg, weights, where):
-    """An LM of configuration cfg holding weights ({name: tensor}), float32 on the CPU; where names the weights'
-    source in errors. Nothing is allocated before the weights are known to fit cfg: the layer count is compared
-    first (a config can claim a million layers), then the model is built on the meta device, its tensor names and
-    shapes compared with the weights, and the weights adopted (load_state_dict(assign=True))."""
-    layers = {int(name.split(".")[2]) for name in weights if name.startswith("backbone.layers.")}
-    if layers != set(range(cfg.n_layer)):
+def check_weights(cfg, weights, where):
+    """The LM of configuration cfg on the meta device (nothing allocated), once weights ({name: tensor}) are known
+    to be its tensors: the same names, each a contiguous floating-point tensor of the shape cfg implies. The layer
+    count is compared first (a configuration can claim a million layers). No value is read; where names the weights'
+    source in errors."""
+    if not isinstance(weights, dict) or not all(isinstance(name, str) and isinstance(tensor, torch.Tensor)
+                                                for name, tensor in weights.items()):
+        raise CheckpointError(f"{where}: its model is not a dict of named tensors: it is damaged or not what it "
+                              f"claims to be")
+    layers = {name.split(".")[2] for name in weights if name.startswith("backbone.layers.")}
+    if layers != {str(i) for i in range(cfg.n_layer)}:
         raise CheckpointError(f"{where} holds {len(layers)} layers but its configuration says n_layer = "
                               f"{cfg.n_layer}: it is damaged or not what it claims to be")
     with torch.device("meta"):
@@ -318,11 +359,22 @@ def build(cfg, weights, where):
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, its configuration "
                                   f"implies {tuple(expected[name].shape)}")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{where}: tensor {name} holds values that are not finite floating-point numbers")
+        if not tensor.is_floating_point() or not tensor.is_contiguous():  # a view would become the parameter itself
+            raise CheckpointError(f"{where}: tensor {name} is not a contiguous floating-point tensor")
     missing = [name for name in expected if name not in weights]
     if missing:
         raise CheckpointError(f"{where}: missing tensor {missing[0]}")
+    return model
+
+
+def build(cfg, weights, where):
+    """An LM of configuration cfg holding weights ({name: tensor}), float32 on the CPU; where names the weights'
+    source in errors. Nothing is allocated before the weights are known to fit cfg (check_weights): the model is
+    built on the meta device and adopts the weights (load_state_dict(assign=True))."""
+    model = check_weights(cfg, weights, where)
+    broken = first_nonfinite(weights)
+    if broken:
+        raise CheckpointError(f"{where}: tensor {broken} holds values that are not finite")
     model.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
     if cfg.tie_embeddings:  # assign gave the output layer a parameter of its own: tie it again
         model.lm_head.weight = model.backbone.embedding.weight
@@ -331,7 +383,9 @@ def build(cfg, weights, where):
 
 def load_checkpoint(path, require=("model_config", "model")):
     """A checkpoint of this project as a dict, read with weights_only=True (loading it cannot run code) and
-    checked: its format, the keys in require, and that every number in it is finite."""
+    checked before any of its numbers is read: its format, the keys in require, that no tensor stands for more than
+    the file holds, its bookkeeping (check_bookkeeping) and its weights against its configuration; then that every
+    number in it is finite."""
     path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py) or give another path")
@@ -346,6 +400,15 @@ def load_checkpoint(path, require=("model_config", "model")):
     if missing:
         raise CheckpointError(f"{path} is incomplete (no {', '.join(missing)}): it was not written by train.py; "
                               f"give another checkpoint")
+    tensors = list(named_tensors(ckpt))
+    posing = next((name for name, tensor in tensors if overdrawn(tensor)), None)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in tensors}
+    if posing or sum(storages.values()) > path.stat().st_size:  # (older torch grows a storage a view overruns)
+        raise CheckpointError(f"{path}: {posing or 'a tensor'} stands for more numbers than the file holds: it is "
+                              f"damaged or crafted; give another checkpoint")
+    check_bookkeeping(ckpt, path)
+    if "model_config" in ckpt and "model" in ckpt:
+        check_weights(saved_config(ckpt, path), ckpt["model"], path)
     broken = first_nonfinite(ckpt)
     if broken:
         raise CheckpointError(f"{path}: {broken} is not finite, so the checkpoint cannot be used; give another")
@@ -359,16 +422,153 @@ def load_model(checkpoint, device="cpu", **overrides):
     options (args), the step it reached and where it came from (source)."""
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     where = str(checkpoint_path(checkpoint)) if ckpt is not checkpoint else "the checkpoint"
-    try:
-        cfg = ModelConfig(**{**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}})
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"the checkpoint's model does not match this code ({error})") from None
-    model = build(cfg, ckpt["model"], where)
+    model = build(saved_config(ckpt, where, **overrides), ckpt["model"], where)
     corpus, args = ckpt.get("corpus") or {}, ckpt.get("args") or {}
     model.trained_on = {"tokenizer": corpus.get("tokenizer"), "tokenizer_sha256": corpus.get("tokenizer_sha256"),
                         "seq_len": args.get("seq_len"), "corpus": corpus.get("name"), "args": args,
                         "step": ckpt.get("step"), "source": where}
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a checkpoint's bookkeeping may hold: each entry checked before it is used, in one line naming it
+# ----------------------------------------------------------------------------------------------------------------
+
+def _expect(ok, where, field, value, what):
+    """Refuse the checkpoint at where unless ok: its entry field (value) is not what it must be."""
+    if not ok:
+        if isinstance(value, torch.Tensor):
+            shown = f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+        elif value is None or isinstance(value, (bool, int, float)) and len(repr(value)) < 30:
+            shown = repr(value)
+        elif isinstance(value, str):
+            shown = repr(value[:30])
+        else:
+            shown = f"a {type(value).__name__}"
+        raise CheckpointError(f"{where}: {field} is {shown}, not {what}: the checkpoint is damaged or was not "
+                              f"written by this project's train.py; give another")
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    """A finite int or float (not a bool)."""
+    return _is_int(x) or isinstance(x, float) and math.isfinite(x)
+
+
+def _of_type(value, kind):
+    """Whether value is of the type a dataclass field declares (a float field takes an int; Optional[X] takes None)."""
+    if typing.get_origin(kind) is typing.Union:
+        return any(_of_type(value, k) for k in typing.get_args(kind))
+    if kind is float:
+        return _is_number(value)
+    if kind is int:
+        return _is_int(value)
+    return isinstance(value, type(None) if kind is None else kind)
+
+
+def _generator_takes(state, device="cpu"):
+    """Whether state (a uint8 tensor) is the state of a random generator on device."""
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+        return False
+    try:
+        torch.Generator(device=device).set_state(state)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def check_bookkeeping(ckpt, where):
+    """Refuse, in one line naming the entry, what train.py and eval.py read from a checkpoint besides its weights
+    when it is not what train.py writes: the step (a whole number up to the run's max_steps), the options (args:
+    those with a rule in RULES follow it), the corpus, the validation losses, each process's random and data states
+    (ranks) and the optimizer's layout. What must match the run that continues (the optimizer's parameters, the
+    intervention's states) is checked by restore. Reads no tensor's values but the generators' states."""
+    args = ckpt.get("args", {})
+    _expect(isinstance(args, dict) and all(isinstance(k, str) for k in args), where, "args", args,
+            "the run's options by name")
+    for names, what, test in RULES:
+        for name in (n for n in names if args.get(n) is not None):
+            _expect(_is_number(args[name]) and test(args[name]), where, f"args.{name}", args[name], what)
+    for name in ("seq_len", "max_steps"):  # read as counts: the training length T, the step's limit
+        _expect(args.get(name) is None or _is_int(args[name]), where, f"args.{name}", args.get(name), "a whole number")
+    _expect(args.get("init") in (None, *INITS), where, "args.init", args.get("init"), f"one of {', '.join(INITS)}")
+    import tasks  # (not at the top: tasks imports runs)
+
+    _expect(args.get("task", "lm") in ("lm", *tasks.TASKS), where, "args.task", args.get("task"),
+            f"one of lm, {', '.join(tasks.TASKS)}")
+    if "step" in ckpt:
+        limit = args.get("max_steps") or 10 ** 9  # (the largest --max_steps when the run's is not recorded)
+        _expect(_is_int(ckpt["step"]) and 0 <= ckpt["step"] <= limit, where, "step", ckpt["step"],
+                f"a whole number from 0 to {limit} (max_steps)")
+    corpus = ckpt.get("corpus") or {}
+    _expect(isinstance(corpus, dict), where, "corpus", corpus, "a description of the training data")
+    for key in ("name", "tokenizer", "tokenizer_sha256", "fingerprint"):
+        _expect(corpus.get(key) is None or isinstance(corpus[key], str), where, f"corpus.{key}", corpus.get(key),
+                "a string")
+    losses = ckpt.get("losses") or {}
+    _expect(isinstance(losses, dict) and all(_is_number(v) for v in losses.values()), where, "losses", losses,
+            "validation losses by name")
+    if "ranks" in ckpt:
+        check_ranks(ckpt["ranks"], where)
+    if "optimizer" in ckpt:
+        optimizer = ckpt["optimizer"]
+        _expect(isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict), where, "optimizer.state",
+                optimizer.get("state") if isinstance(optimizer, dict) else optimizer, "the moments by parameter")
+        groups = optimizer.get("param_groups")
+        _expect(isinstance(groups, list) and groups and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and all(_is_int(i) for i in g["params"])
+            for g in groups), where, "optimizer.param_groups", groups, "a list of groups of parameter indices")
+
+
+def check_ranks(ranks, where):
+    """Each process's state as RunFolder.save writes it: its random generators, intervention and data position."""
+    _expect(isinstance(ranks, list) and ranks, where, "ranks", ranks, "a list with the state of each process")
+    for rank, mine in enumerate(ranks):
+        field = f"ranks[{rank}]"
+        _expect(isinstance(mine, dict), where, field, mine, "the state of one process")
+        for key in ("torch_rng", "data_rng"):
+            _expect(_generator_takes(mine.get(key)), where, f"{field}.{key}", mine.get(key),
+                    "the state of a CPU random generator")
+        intervention = mine.get("intervention")
+        _expect(isinstance(intervention, dict), where, f"{field}.intervention", intervention,
+                "the intervention's state")
+        drawn_on = intervention.get("generator_device")
+        _expect(drawn_on is None or isinstance(drawn_on, str) and _is_device(drawn_on), where,
+                f"{field}.intervention.generator_device", drawn_on, "a device")
+        streams = mine.get("streams")  # tbptt's: where each row's stream stands
+        _expect(streams is None or isinstance(streams, dict), where, f"{field}.streams", streams, "the streams' state")
+        if streams is not None:
+            positions = streams.get("positions")
+            _expect(isinstance(positions, list) and all(_is_int(p) and p >= 0 for p in positions), where,
+                    f"{field}.streams.positions", positions, "a list of positions in the corpus")
+            _expect(isinstance(streams.get("fresh"), bool), where, f"{field}.streams.fresh", streams.get("fresh"),
+                    "True or False")
+
+
+def _is_device(name):
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def saved_config(ckpt, where, **overrides):
+    """The ModelConfig of a checkpoint's model_config, each field of its declared type, with overrides (fields of
+    ModelConfig.COMPUTATION; None keeps the saved value)."""
+    saved, kinds = ckpt["model_config"], typing.get_type_hints(ModelConfig)
+    _expect(isinstance(saved, dict), where, "model_config", saved, "the model's configuration")
+    for name, value in saved.items():
+        if name in kinds:
+            _expect(_of_type(value, kinds[name]), where, f"model_config.{name}", value,
+                    f"of type {getattr(kinds[name], '__name__', kinds[name])}")
+    try:
+        return ModelConfig(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the model of {where} does not match this code ({error})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,6 +589,7 @@ ONLY_FOR = {"data": ("task", ("lm",)), "seq_len": ("task", ("lm",)), "alphabet_s
             "n_train": ("task", ("copy",)), "context": ("task", ("copy",)),
             **{o: ("init", tuple(n for n, cls in INITS.items() if o in cls.options))
                for cls in INITS.values() for o in cls.options},
+            **{o: ("init", tuple(n for n in INITS if n != "zero")) for o in ("from_scratch", "base_steps")},
             **{o: ("mixer", tuple(n for n, cls in MIXERS.items() if o in cls.flags))
                for cls in MIXERS.values() for o in cls.flags}}
 # The values each option may take (any option not named here takes what its type allows).
@@ -462,6 +663,10 @@ def check_options(given, args=None, base=None, reads_text=None):
             raise UsageError("--resume continues a run as it was started; drop --init_from/--from_scratch")
         if given.get("init_from") and given.get("from_scratch"):
             raise UsageError("--init_from and --from_scratch contradict each other; give one")
+        skips = [k for k in ("init_from", "from_scratch", "resume") if given.get(k)]
+        if "base_steps" in given and skips:
+            raise UsageError(f"--base_steps sets the automatic pre-training of out/zero, which --{skips[0]} does "
+                             f"not do: drop --base_steps")
         if given.get("out_dir") and Path(given["out_dir"]).is_file():
             raise UsageError(f"--out_dir {given['out_dir']} is a file: give a folder (it will hold ckpt.pt and "
                              f"log.jsonl)")
@@ -477,6 +682,9 @@ def check_options(given, args=None, base=None, reads_text=None):
         if differ:
             raise UsageError(f"{args.init_from} holds a {base.cfg.mixer} model that {', '.join(differ)} would "
                              f"change: drop the flags or post-train another checkpoint")
+    if args.stop_at is not None and args.stop_at > args.max_steps:
+        raise UsageError(f"--stop_at {args.stop_at} is beyond --max_steps {args.max_steps}, where the run ends "
+                         f"anyway: lower it or raise --max_steps")
     for name, limit in (("warmup_steps", "max_steps"), ("min_lr", "lr")):  # a preset's value yields to the limit
         if values[name] > values[limit]:
             if name in given:
@@ -489,14 +697,34 @@ def resume_options(given, defaults):
     in RESUMABLE (how it runs: device, backend, max_steps, ...)."""
     out_dir = given.get("out_dir") or default_out_dir(given.get("task", "lm"), given.get("preset", "demo"),
                                                       given.get("init", "zero"))
-    saved = load_checkpoint(out_dir, require=("args",))["args"]
+    ckpt = load_checkpoint(out_dir, require=("args", "step"))
+    saved, reached = ckpt["args"], ckpt["step"]
+    check_saved_options(saved, defaults, checkpoint_path(out_dir))
     changed = [k for k in given if k not in RESUMABLE and k in saved and given[k] != saved[k]]
     if changed:
         raise UsageError(f"--resume continues the run in {out_dir} as it was started; "
                          f"{', '.join('--' + k for k in changed)} differ from it: drop them or use another --out_dir")
+    for name in ("stop_at", "max_steps"):
+        if given.get(name) is not None and given[name] <= reached:
+            raise UsageError(f"--{name} {given[name]}: the run in {out_dir} is at step {reached} already; give a "
+                             f"later step")
+    if given.get("stop_at") is not None and given["stop_at"] > given.get("max_steps", saved["max_steps"]):
+        raise UsageError(f"--stop_at {given['stop_at']} is beyond --max_steps "
+                         f"{given.get('max_steps', saved['max_steps'])}, where the run ends anyway: lower it")
     resumable = {k: v for k, v in given.items() if k in RESUMABLE}
     return argparse.Namespace(**{**defaults, **saved, **resumable, "resume": True, "out_dir": out_dir,
                                  "stop_at": given.get("stop_at")})  # a stop belongs to one invocation only
+
+
+def check_saved_options(saved, defaults, where):
+    """Refuse, in one line naming it, an option a checkpoint records (args) that is not of its type: a model field's
+    declared type, else its default's (check_bookkeeping has checked the rules of RULES, --init and --task)."""
+    declared = typing.get_type_hints(ModelConfig)
+    for name, value in saved.items():
+        default = defaults.get(name)
+        kind = declared.get(name) or (type(default) if default not in (None, dataclasses.MISSING) else None)
+        if kind is not None:
+            _expect(_of_type(value, kind), where, f"args.{name}", value, f"of type {kind.__name__}")
 
 
 def default_out_dir(task, preset, init):
@@ -560,6 +788,7 @@ class RunFolder:
     as they are until its first checkpoint: its log waits in memory until then. Ctrl-C or SIGTERM asks for a stop
     at the end of the current step (stop_requested()); another one a second or more later stops at once."""
     run: object
+    then: str = None  # what follows in the same command (post-training after the automatic pre-training)
 
     def __enter__(self):
         self.args, self.path, self.started, self.train_seconds = self.run.args, Path(self.run.args.out_dir), \
@@ -683,15 +912,26 @@ class RunFolder:
         if self.run.step < self.args.max_steps:
             print(f"train.py: stopped at step {self.run.step} (--stop_at); continue with python train.py --resume "
                   f"--out_dir {self.args.out_dir}")
+        elif self.then:
+            print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); {self.then}")
         else:  # a post-trained model is read beside the model it started from
             models = " ".join(f"--ckpt {path}" for path in (self.args.init_from, self.args.out_dir) if path)
             print(f"train.py: done: {checkpoint_path(self.args.out_dir)} (step {self.run.step}); next: python eval.py "
-                  f"{models}")
+                  f"{models}{eval_out(self.args.out_dir)}")
+
+
+def eval_out(out_dir):
+    """The --out that keeps eval.py's figures of a run apart from the quick start's (eval/): out/la/zero -> eval/la,
+    elsewhere/run -> elsewhere/eval; nothing for a run directly under out/."""
+    parent = Path(out_dir).parent
+    if parent == Path("out"):
+        return ""
+    return f" --out {Path('eval', *parent.parts[1:]) if parent.parts[:1] == ('out',) else parent / 'eval'}"
 
 
 def restore(run, ckpt):
     """Continue a run from its checkpoint: optimizer, step, and each process's random states, data position and
-    intervention."""
+    intervention, each checked against this run first (check_bookkeeping has checked what they are made of)."""
     out_dir, saved = run.args.out_dir, (ckpt.get("corpus") or {}).get("fingerprint")
     if saved and saved != run.batches.describe()["fingerprint"]:
         raise UsageError(f"corpus '{run.args.data}' was prepared again after the run in {out_dir} started, so "
@@ -705,11 +945,92 @@ def restore(run, ckpt):
     if drawn_on and torch.device(drawn_on).type != run.device.type:
         raise UsageError(f"the run in {out_dir} drew its random numbers on {drawn_on}; resume it on a "
                          f"{torch.device(drawn_on).type} device to continue it exactly")
+    where = checkpoint_path(out_dir)
+    check_optimizer_state(ckpt["optimizer"], run.optimizer, where)
+    streams = run.batches.state_dict()["streams"]
+    if streams is not None:
+        _expect(mine["streams"] is not None and len(mine["streams"]["positions"]) == len(streams["positions"]),
+                where, f"ranks[{run.rank}].streams", mine["streams"], f"the positions of {len(streams['positions'])} "
+                                                                       f"streams (--batch_size)")
+    check_intervention_state(mine["intervention"], run, where, f"ranks[{run.rank}].intervention")
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.step = run.saved_step = ckpt["step"]
     torch.set_rng_state(mine["torch_rng"])
     run.batches.load_state_dict(mine)
     run.intervention.load_state_dict(_to_device(mine["intervention"], run.device))
+
+
+# AdamW's settings that say what it computes: a checkpoint must have the run's (the others say how it runs)
+OPTIMIZER_ALGORITHM = ("amsgrad", "maximize", "decoupled_weight_decay", "differentiable")
+
+
+def check_optimizer_state(saved, optimizer, where):
+    """A checkpoint's optimizer state against the optimizer of the run that continues it: the same groups of the
+    same parameters, settings of the kinds it takes, and for each parameter AdamW's step count and two moments,
+    contiguous tensors of the parameter's shape. Reads no moment's values."""
+    fresh, groups = optimizer.state_dict()["param_groups"], saved["param_groups"]
+    _expect([g["params"] for g in groups] == [g["params"] for g in fresh], where, "optimizer.param_groups", groups,
+            f"{len(fresh)} groups of the model's {sum(len(g['params']) for g in fresh)} parameters")
+    for i, (group, new) in enumerate(zip(groups, fresh)):
+        for key, value in ((k, v) for k, v in group.items() if k in new and k != "params"):
+            expected = new[key]
+            if key in OPTIMIZER_ALGORITHM:
+                ok, what = value is expected, repr(expected)
+            elif isinstance(expected, bool) or expected is None:
+                ok, what = value is None or isinstance(value, bool), "True, False or None"
+            elif isinstance(expected, tuple):  # betas
+                ok, what = isinstance(value, (tuple, list)) and len(value) == len(expected) and all(
+                    _is_number(b) and 0 <= b < 1 for b in value), f"{len(expected)} numbers in [0, 1)"
+            else:
+                ok, what = _is_number(value) and value >= 0, "a number of at least 0"
+            _expect(ok, where, f"optimizer.param_groups[{i}].{key}", value, what)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # in the order the indices count
+    for index, state in saved["state"].items():
+        field = f"optimizer.state.{index}"
+        _expect(_is_int(index) and 0 <= index < len(params) and isinstance(state, dict), where, field, state,
+                "the state of one of the model's parameters")
+        shape = tuple(params[index].shape)
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = state.get(key)
+            _expect(isinstance(moment, torch.Tensor) and moment.is_floating_point() and moment.is_contiguous() and
+                    tuple(moment.shape) == shape, where, f"{field}.{key}", moment,
+                    f"a contiguous floating-point tensor of its parameter's shape {shape}")
+        step = state.get("step")
+        count = step.item() if isinstance(step, torch.Tensor) and step.shape == () else step
+        _expect(_is_number(count) and count >= 1, where, f"{field}.step", step, "a count of at least one step")
+
+
+def check_intervention_state(saved, run, where, field):
+    """A process's intervention state against the run's intervention and model: the entries its state_dict writes,
+    a generator state its device takes, a passed state (previous) shaped like the model's state for --batch_size
+    rows, and fitted statistics (count, sums) with one sum per head of each layer. Reads no state's values."""
+    for key in run.intervention.state_dict():
+        _expect(key in saved, where, field, saved, f"an intervention state with {key}")
+    drawn_on = saved["generator_device"] or "cpu"
+    _expect(saved["generator"] is None or _generator_takes(saved["generator"], drawn_on), where, f"{field}.generator",
+            saved["generator"], f"the state of a random generator on {drawn_on}")
+    zero = run.model.init_state(run.args.batch_size, "meta")  # the shapes of the model's states, nothing allocated
+    previous = saved.get("previous")
+    if previous is not None:
+        _expect(isinstance(previous, dict) and set(previous) == {"ssm", "conv"} and all(
+            isinstance(previous[k], list) and len(previous[k]) == len(zero.ssm) for k in previous), where,
+            f"{field}.previous", previous, f"the ssm and conv states of {len(zero.ssm)} layers")
+        for kind in ("ssm", "conv"):
+            for layer, (state, like) in enumerate(zip(previous[kind], getattr(zero, kind))):
+                _expect(state is None if like is None else isinstance(state, torch.Tensor) and
+                        state.is_floating_point() and state.shape == like.shape, where,
+                        f"{field}.previous.{kind}.{layer}", state,
+                        "None" if like is None else f"a floating-point tensor of shape {tuple(like.shape)}")
+    if "sums" in saved:
+        fitted, count = saved["sums"] is not None, saved["count"]
+        _expect(_is_int(count) and count >= (1 if fitted else 0), where, f"{field}.count", count,
+                "the number of entries observed" + (" (at least 1, with sums)" if fitted else ""))
+        for key in ("sums", "sums_sq"):
+            sums = saved[key]
+            _expect(sums is None if not fitted else isinstance(sums, list) and len(sums) == len(zero.ssm) and all(
+                isinstance(s, torch.Tensor) and s.is_floating_point() and s.shape == like.shape[1:2]
+                for s, like in zip(sums, zero.ssm)), where, f"{field}.{key}", sums,
+                    f"one sum per head of each of {len(zero.ssm)} layers" if fitted else "None, as sums")
 
 
 def _step_of(line):
@@ -836,9 +1157,10 @@ def activations_per_token(model, autocast=None, seq_len=None):
 def warn_if_slow(model, args, device):
     """Say before the first step when a step will take far longer than a person waits for a first result: the
     compute of a step (6 x parameters x tokens) over what this device just did in a short matrix product."""
-    size, started, repeats = 512, time.perf_counter(), 0
+    size, repeats = 512, 0
     a = torch.randn(size, size, device=device)
-    while time.perf_counter() - started < 0.05:
+    started = time.perf_counter()
+    while repeats == 0 or time.perf_counter() - started < 0.05:  # at least one: a loaded machine may take 50 ms
         a @ a
         repeats += 1
     if device.type == "cuda":

@@ -172,7 +172,7 @@ def test_jsonl_and_gzip_inputs(tmp_path):
         corpus = Corpus(prepare(tmp_path / name, name=name.replace(".", "_"), data_dir=tmp_path / "data"))
         assert all_documents(corpus) == sorted(texts)
         assert corpus.meta["input"] == {"documents": 31, "bad_lines": 1, "lines_without_text": 3,
-                                        "unreadable_files": 0, "truncated_files": 0}
+                                        "unreadable_files": 0, "truncated_files": 0, "invalid_utf8_replaced": 0}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
@@ -217,18 +217,43 @@ def test_single_text_file_is_split_by_position(tmp_path):
     assert len(corpus.tokens("val")) == max(1, int(len(tokens) * 0.1))
 
 
-def test_unreadable_files_are_skipped_whole_and_counted(tmp_path, monkeypatch):
+def test_files_of_a_folder_that_are_not_text_are_skipped_whole_counted_and_named(tmp_path, monkeypatch, capsys):
     source = write_folder(tmp_path / "in")
     (source / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (source / "late.txt").write_bytes(b"fine text\n" * 1997 + b"\xff")  # not UTF-8 only after many pieces
+    (source / "zeros.dat").write_bytes(b"header\n" * 300 + b"\0" * 64)  # valid UTF-8, but binary
     (source / ".hidden.txt").write_text("hidden files are not documents")
     monkeypatch.setattr(PREP, "PIECE", 100)
     monkeypatch.setattr(PREP, "MAX_PIECE", 400)
     corpus = Corpus(prepare(source, data_dir=tmp_path / "data", val_fraction=0.4))
-    assert corpus.meta["input"]["unreadable_files"] == 2 and corpus.meta["input"]["documents"] == len(DOCS)
+    assert corpus.meta["input"]["unreadable_files"] == 3 and corpus.meta["input"]["documents"] == len(DOCS)
     assert all_documents(corpus) == sorted(DOCS.values())
     size = sum(len(corpus.tokens(split)) for split in ("train", "val"))
     assert size == sum(len(text.encode()) + 1 for text in DOCS.values())  # nothing of late.txt, whose start was written
+    warning = capsys.readouterr().err
+    assert all(name in warning for name in ("latin1.txt", "late.txt", "zeros.dat"))
+
+
+def test_a_text_file_given_alone_keeps_its_text_despite_a_stray_byte_and_is_refused_when_binary(tmp_path, monkeypatch):
+    """A single file is the whole corpus: a few invalid bytes become U+FFFD (and are counted), where skipping it
+    left nothing and ended in a negative seek; a binary file, or one in another encoding, is refused in one line."""
+    text = (b"a" * (PREP.BLOCK - 1) + "é, cut in two by the end of a block\n".encode() +  # valid all the same
+            "".join(f"line {i} of a book, and a real \ufffd\n" for i in range(300)).encode())  # 74 KB in all
+    (tmp_path / "book.txt").write_bytes(text[:70_000] + b"\xff" + text[70_000:] + "世".encode()[:2])  # 2 invalid
+    corpus = Corpus(prepare(tmp_path / "book.txt", data_dir=tmp_path / "data"))
+    tokens = np.concatenate([corpus.tokens("train"), corpus.tokens("val")]).astype(np.int64)
+    replaced = (text[:70_000] + "\ufffd".encode() + text[70_000:]).decode() + "\ufffd"  # they, and only they
+    assert corpus.tokenizer().decode(tokens[:-1].tolist()) == replaced
+    assert corpus.meta["input"]["invalid_utf8_replaced"] == 2 and corpus.meta["input"]["unreadable_files"] == 0
+    refused = {"binary.dat": bytes(range(256)) * 300, "utf16.txt": "text".encode("utf-16"),
+               "latin1.txt": "Grüße aus Köln, ça va? ".encode("latin-1") * 100, "empty.txt": b""}
+    for name, content in refused.items():
+        (tmp_path / name).write_bytes(content)
+        status, message = run_cli(["--input", tmp_path / name, "--data_dir", tmp_path / "new"])
+        assert status == 1 and name in message and "\n" not in message and not (tmp_path / "new").exists()
+    monkeypatch.setattr(PREP, "check_text_file", lambda f: 0)  # a file that turns out unreadable while it is read
+    status, message = run_cli(["--input", tmp_path / "latin1.txt", "--data_dir", tmp_path / "new"])
+    assert status == 1 and str(tmp_path / "latin1.txt") in message and not (tmp_path / "new").exists()
 
 
 def test_rewriting_a_corpus_replaces_it_whole(tmp_path):
@@ -238,6 +263,13 @@ def test_rewriting_a_corpus_replaces_it_whole(tmp_path):
     prepare(source, name="x", data_dir=tmp_path, val_fraction=0.4)
     assert Corpus(folder).meta["input"]["documents"] == len(DOCS) + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "x"]  # no work folders left behind
+
+
+def test_hidden_folders_and_the_corpora_themselves_are_not_documents(tmp_path):
+    source = write_folder(tmp_path / "project", {**DOCS, ".git/HEAD": "ref: main\n", ".git/objects/ab/cd": "x"})
+    prepare(write_folder(tmp_path / "other"), name="earlier", data_dir=source / "data", val_fraction=0.4)
+    corpus = Corpus(prepare(source, data_dir=source / "data", val_fraction=0.4))  # --input . in the repository
+    assert all_documents(corpus) == sorted(DOCS.values()) and corpus.meta["input"]["unreadable_files"] == 0
 
 
 def test_names_made_from_the_input_are_plain_folder_names(tmp_path):
@@ -376,6 +408,11 @@ def test_too_little_text_names_the_options_to_lower(tmp_path):
     (["--val_fraction", "nan"], "--val_fraction"),
     (["--workers", "0"], "--workers"),
     (["--workers", "-3"], "--workers"),
+    (["--workers", "100000"], "--workers"),
+    (["--input", ""], "--input"),
+    (["--input", " "], "--input"),
+    (["--data_dir", ""], "--data_dir"),
+    (["--tokenizer", ""], "--tokenizer"),
     (["--input", "nowhere"], "nowhere"),
     (["--input", "empty"], "empty"),
     (["--data_dir", "file"], "--data_dir"),
@@ -391,6 +428,8 @@ def test_usage_errors_are_one_line_that_names_the_flag_or_file(tmp_path, monkeyp
     status, message = run_cli(argv + [x for flag, value in defaults.items() if flag not in argv for x in (flag, value)])
     assert status == 1 and named in message and "\n" not in message and "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # checked before anything was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "in"]
+    assert user_files(tmp_path / "in") == {name: text.encode() for name, text in DOCS.items()}
 
 
 def test_options_are_checked_in_the_library_too(tmp_path):
@@ -406,14 +445,17 @@ def test_a_missing_input_is_named_before_any_tokenizer_is_loaded(tmp_path, monke
         prepare(tmp_path / "nowhere", tokenizer="EleutherAI/gpt-neox-20b", data_dir=tmp_path / "data")
 
 
-def test_inputs_without_documents(tmp_path):
+def test_inputs_without_text(tmp_path):
     (tmp_path / "binary").mkdir()
     (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\x00\x81" * 11)
-    with pytest.raises(DataError, match="binary"):
-        prepare(tmp_path / "binary", data_dir=tmp_path / "data")
     (tmp_path / "one.txt").write_text("")
-    with pytest.raises(DataError, match="--val_fraction"):  # one empty document: a split with no token
-        prepare(tmp_path / "one.txt", data_dir=tmp_path / "data")
+    (tmp_path / "empty.jsonl").write_bytes(jsonl_bytes([""] * 50))  # documents, but not a character of text
+    (tmp_path / "data").mkdir()
+    for given in ("binary", "one.txt", "empty.jsonl"):
+        with pytest.raises(DataError, match=given):
+            prepare(tmp_path / given, data_dir=tmp_path / "data")
+        status, _ = run_cli(["--input", tmp_path / given, "--data_dir", tmp_path / "new" / "data"])
+        assert status == 1 and not (tmp_path / "new").exists()  # the folders it made for the corpus are gone too
     assert list((tmp_path / "data").iterdir()) == []  # nothing half-written left behind
 
 
@@ -507,7 +549,8 @@ def test_an_interrupt_while_tokenising_keeps_the_old_corpus_and_ends_every_threa
 
 # --- Names, replacement, interruption and killed runs -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "./../somedir", "", ".hidden", "a\\b"])
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "./../somedir", "", ".hidden", "a\\b", " ", " x", "x\n",
+                                  "a\tb", "n" * 101])
 def test_names_that_are_not_one_plain_folder_are_refused_before_anything_is_written(tmp_path, name):
     source = write_folder(tmp_path / "in")
     (tmp_path / "somedir").mkdir()
@@ -518,6 +561,55 @@ def test_names_that_are_not_one_plain_folder_are_refused_before_anything_is_writ
     assert status == 1 and repr(name) in message and "\n" not in message
     assert not (tmp_path / "data").exists() and (tmp_path / "somedir" / "keep.txt").read_text() == "not a corpus"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "somedir"]
+
+
+def user_files(folder):
+    """Every file under folder, with its content: what must still be there after a refusal."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_only_a_corpus_written_here_or_an_empty_folder_is_replaced(tmp_path):
+    source, data_dir = write_folder(tmp_path / "in"), tmp_path / "data"
+    write_folder(data_dir / "mine", {"notes.txt": "my own notes", "sub/more.txt": "and more"})
+    (data_dir / "a_file").write_text("not a folder")
+    write_folder(data_dir / "nano", {"train.bin": b"\1\0", "val.bin": b"\2\0", "meta.pkl": b"another project's"})
+    (data_dir / "link").symlink_to(prepare(source, name="corpus", data_dir=tmp_path / "elsewhere", val_fraction=0.4))
+    write_folder(data_dir / ".x.old", {"keep.txt": "where a replaced corpus would wait"})
+    before = user_files(data_dir)
+    for name, in_the_way in (("mine", "mine"), ("a_file", "a_file"), ("nano", "nano"), ("link", "link"),
+                             ("x", ".x.old")):
+        status, message = run_cli(["--input", source, "--name", name, "--data_dir", data_dir, "--val_fraction", 0.4])
+        assert status == 1 and str(data_dir / in_the_way) in message and "\n" not in message
+        assert user_files(data_dir) == before and sorted(p.name for p in data_dir.iterdir()) == sorted(
+            ["mine", "a_file", "nano", "link", ".x.old"])  # nothing created, renamed or deleted
+    (data_dir / "empty").mkdir()
+    for name in ("empty", "empty", "fresh"):  # an empty folder, then the corpus written there: both replaced
+        assert Corpus(prepare(source, name=name, data_dir=data_dir, val_fraction=0.4)).meta["input"]["documents"] == 5
+    assert {k: v for k, v in user_files(data_dir).items() if k in before} == before
+
+
+def test_clean_up_removes_only_what_preparing_left(tmp_path):
+    """A killed preparation leaves a work folder .NAME.RANDOM.PID@HOST or .NAME.old; a folder of someone else's by
+    such a name, holding anything but a corpus's files, is neither removed nor renamed, by load_corpus or prepare."""
+    source, data_dir = write_folder(tmp_path / "in"), tmp_path / "data"
+    prepare(source, name="x", data_dir=data_dir, val_fraction=0.4)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    host = socket.gethostname()
+    write_folder(data_dir / f".mine.abcdefgh.{dead}@{host}", {"notes.txt": "named like a work folder"})
+    write_folder(data_dir / f".w.abcdefgh.{dead}@{host}", {"train.bin": b"\1\0"})  # a killed run's: removed
+    write_folder(data_dir / ".x.old", {"keep.txt": "named like a replaced corpus"})
+    write_folder(data_dir / ".y.old", {"keep.txt": "named like a replaced corpus, with no corpus y"})
+    before = user_files(data_dir)
+    assert load_corpus("x", data_dir=data_dir).meta["input"]["documents"] == len(DOCS)
+    with pytest.raises(DataError, match="'y'"):
+        load_corpus("y", data_dir=data_dir)
+    prepare(source, name="z", data_dir=data_dir, val_fraction=0.4)
+    assert not (data_dir / f".w.abcdefgh.{dead}@{host}").exists()
+    assert {k: v for k, v in user_files(data_dir).items() if k in before} == {
+        k: v for k, v in before.items() if not k.startswith(".w.")}
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(
+        [f".mine.abcdefgh.{dead}@{host}", ".x.old", ".y.old", "x", "z"])
 
 
 def test_a_replacement_cut_short_puts_the_old_corpus_back(tmp_path, monkeypatch):
@@ -841,4 +933,4 @@ def test_jsonl_zst_gives_the_same_documents_as_jsonl(tmp_path, bpe):
 
     assert documents(corpora[0]) == documents(corpora[1]) and len(documents(corpora[0])) == 41
     assert corpora[1].meta["input"] == {"documents": 41, "bad_lines": 1, "lines_without_text": 1,
-                                        "unreadable_files": 1, "truncated_files": 0}
+                                        "unreadable_files": 1, "truncated_files": 0, "invalid_utf8_replaced": 0}

@@ -553,3 +553,56 @@ MAMBA1_REFUSALS = [
 def test_mamba1_fields_not_implemented_are_refused(tmp_path, config, field):
     write = write_transformers if "model_type" in config else write_mamba_ssm
     assert field in refusal(write(tmp_path, mamba1_weights(), config))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers in config.json: a whole float is the integer, anything else that is not a positive number is refused
+# ----------------------------------------------------------------------------------------------------------------
+
+CONFIGS = {"transformers": TRANSFORMERS_CONFIG, "mamba_ssm": MAMBA_SSM_CONFIG,
+           "transformers mamba1": MAMBA1_TRANSFORMERS_CONFIG, "mamba_ssm mamba1": MAMBA1_SSM_CONFIG}
+
+
+def with_field(layout, field, value):
+    """CONFIGS[layout] with field (ssm_cfg.name for a field of ssm_cfg) set to value."""
+    config = json.loads(json.dumps(CONFIGS[layout]))
+    *section, name = field.split(".")
+    (config[section[0]] if section else config)[name] = value
+    return config
+
+
+BAD_NUMBERS = [
+    ("transformers", "num_hidden_layers", 2.5), ("transformers", "num_hidden_layers", True),
+    ("transformers", "num_hidden_layers", None), ("transformers", "state_size", 16.5),
+    ("transformers", "vocab_size", 257.5), ("transformers", "hidden_size", "32"), ("transformers", "hidden_size", -32),
+    ("transformers", "n_groups", 0), ("transformers", "layer_norm_epsilon", "1e-5"),
+    ("transformers", "time_step_min", -0.001), ("transformers mamba1", "state_size", 8.5),
+    ("transformers mamba1", "intermediate_size", 64.5), ("transformers mamba1", "time_step_rank", 2.5),
+    ("transformers mamba1", "n_layer", True), ("mamba_ssm", "n_layer", 2.5), ("mamba_ssm", "d_model", "32"),
+    ("mamba_ssm", "pad_vocab_size_multiple", 0), ("mamba_ssm", "ssm_cfg.d_state", True),
+    ("mamba_ssm", "ssm_cfg.headdim", 8.5), ("mamba_ssm", "ssm_cfg.dt_min", None),
+    ("mamba_ssm", "ssm_cfg.A_init_range", [1, "16"]), ("mamba_ssm mamba1", "ssm_cfg.dt_rank", 2.5),
+    ("mamba_ssm mamba1", "ssm_cfg.expand", float("inf")),
+    ("transformers", "hidden_size", 1e20), ("mamba_ssm", "vocab_size", 10 ** 30),  # beyond torch's sizes
+    ("transformers", "tie_word_embeddings", "false"), ("mamba_ssm", "tie_embeddings", 0),  # not a JSON boolean
+]
+
+
+@pytest.mark.parametrize("layout,field,value", BAD_NUMBERS, ids=[f"{f}={v!r}" for _, f, v in BAD_NUMBERS])
+def test_numbers_that_are_not_positive_or_not_whole_are_refused_naming_the_field(layout, field, value):
+    with pytest.raises(PretrainedError) as info:
+        pretrained.config_from_json(with_field(layout, field, value))
+    message = str(info.value)
+    assert field in message and "\n" not in message
+
+
+@pytest.mark.parametrize("layout,field,value", [
+    ("transformers", "num_hidden_layers", 2.0), ("transformers", "hidden_size", 32.0),
+    ("transformers", "expand", 2.0), ("transformers mamba1", "time_step_rank", 2.0),
+    ("mamba_ssm", "n_layer", 2.0), ("mamba_ssm", "d_intermediate", 0.0), ("mamba_ssm", "ssm_cfg.d_state", 16.0),
+])
+def test_a_whole_float_is_the_integer(layout, field, value):
+    """2.0 where 2 is meant loads the same ModelConfig, with integers in it (so "2.0 layers" cannot reach range())."""
+    cfg, _ = pretrained.config_from_json(with_field(layout, field, value))
+    assert cfg == pretrained.config_from_json(CONFIGS[layout])[0]
+    assert all(type(getattr(cfg, name)) is int for name in ("d_model", "n_layer", "d_state", "expand", "vocab_size"))

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as evaluation
 import pretrained
 import runs
 import tasks
@@ -108,11 +110,13 @@ def test_intervention_during_pretraining(tiny_corpus, tmp_path):
     assert load(out)["args"]["init_from"] is None
 
 
-def test_one_command_recipe_pretrains_the_base_first(tiny_corpus, tmp_path):
+def test_one_command_recipe_pretrains_the_base_first(tiny_corpus, tmp_path, capsys):
     flags = tiny_run_flags(tiny_corpus, "unused")
     i = flags.index("--out_dir")
     del flags[i:i + 2]
     assert run_main(flags + ["--init", "fitted_noise", "--base_steps", "3"]) is None
+    done = [line for line in capsys.readouterr().out.splitlines() if "done" in line]
+    assert len(done) == 2 and "eval.py" not in done[0] and "eval.py" in done[1]  # one next command, at the end
     assert load(tmp_path / "out" / "zero")["args"]["init"] == "zero" and load(tmp_path / "out" / "zero")["step"] == 3
     assert load(tmp_path / "out" / "fitted_noise")["args"]["init_from"] == os.path.join("out", "zero")
 
@@ -257,6 +261,10 @@ def test_a_preset_value_yields_to_the_limit_it_passes_but_a_given_one_is_refused
     (["--d_state", "0"], "--d_state"), (["--headdim", "0"], "--headdim"), (["--expand", "0"], "--expand"),
     (["--dt_min", "-1"], "--dt_min"), (["--dt_min", "0.5", "--dt_max", "0.1"], "dt_min"),
     (["--stop_at", "0"], "--stop_at"), (["--stop_at", "-1"], "--stop_at"),
+    (["--stop_at", "5"], "--stop_at"),  # beyond --max_steps 4: the run ends first
+    (["--out_dir", ""], "--out_dir"), (["--data", " "], "--data"),  # empty: not the default in disguise
+    (["--from_scratch"], "--from_scratch"), (["--base_steps", "3"], "--base_steps"),  # --init zero: nothing to skip
+    (["--init", "tbptt", "--from_scratch", "--base_steps", "3"], "--base_steps"),  # no pre-training to size
     (["--seed", "1e20"], "--seed"), (["--seed", "100000000000000000000"], "--seed"),
     (["--n_heads", "2"], "--n_heads"),  # a gla flag with the mamba2 mixer
     (["--mixer", "gla", "--gate", "none"], "--d_state"),  # tiny_run_flags' mamba2 flags with gla
@@ -315,6 +323,9 @@ def test_resume_refuses_changed_training_flags_and_takes_those_marked_resume(tin
     out = tmp_path / "r"
     assert run_main(tiny_run_flags(tiny_corpus, out, "--stop_at", "2")) is None
     assert "--lr" in run_main(["--resume", "--out_dir", str(out), "--lr", "0.5"])
+    for flag, step in (("--stop_at", "2"), ("--max_steps", "1"), ("--stop_at", "5")):  # reached, or past the end
+        assert flag in run_main(["--resume", "--out_dir", str(out), flag, step])
+    assert load(out)["step"] == 2
     assert run_main(["--resume", "--out_dir", str(out), "--chunk_size", "8", "--backend", "torch"]) is None
     ckpt = load(out)
     assert ckpt["step"] == 4 and ckpt["model_config"]["chunk_size"] == 8
@@ -396,7 +407,13 @@ def test_start_and_end_lines_say_what_happens(tiny_corpus, tmp_path, capsys):
     assert run_main(tiny_run_flags(tiny_corpus, tmp_path / "r", "--grad_accum", "2")) is None
     out, err = capsys.readouterr()
     assert "8 sequences of 16 tokens per step" in err
-    assert out.strip().splitlines()[-1].endswith(f"python eval.py --ckpt {tmp_path / 'r'}")
+    assert out.strip().splitlines()[-1].endswith(f"python eval.py --ckpt {tmp_path / 'r'} --out {tmp_path / 'eval'}")
+
+
+@pytest.mark.parametrize("out_dir,hint", [("out/zero", ""), ("out/la/state_passing", " --out eval/la"),
+                                          ("out/copy/gla/zero", " --out eval/copy/gla"), ("runs/x", " --out runs/eval")])
+def test_the_next_command_keeps_figures_apart_from_the_quick_starts(out_dir, hint):
+    assert runs.eval_out(out_dir) == hint
 
 
 def test_a_step_far_beyond_the_machine_is_announced(capsys):
@@ -404,6 +421,16 @@ def test_a_step_far_beyond_the_machine_is_announced(capsys):
     args = argparse.Namespace(batch_size=10 ** 6, grad_accum=64, seq_len=2048, max_steps=500)
     runs.warn_if_slow(model, args, torch.device("cpu"))
     assert "python train.py" in capsys.readouterr().err  # suggests the demo
+    runs.warn_if_slow(model, argparse.Namespace(batch_size=1, grad_accum=1, seq_len=16, max_steps=1),
+                      torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_speed_probe_survives_a_machine_too_busy_to_finish_one_product(monkeypatch, capsys):
+    # a clock that jumps 1 s per reading: the 50 ms timing loop is over before its first product on a loaded machine
+    clock = iter(range(0, 10 ** 6))
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: float(next(clock)))
+    model = LM(ModelConfig(vocab_size=257, d_model=64, n_layer=1, mixer="mamba2", d_state=16, headdim=16))
     runs.warn_if_slow(model, argparse.Namespace(batch_size=1, grad_accum=1, seq_len=16, max_steps=1),
                       torch.device("cpu"))
     assert capsys.readouterr().err == ""
@@ -513,6 +540,36 @@ def test_checkpoints_are_written_atomically(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt"]  # no temporary file left
 
 
+def test_a_checkpoint_write_that_fails_inside_torch_save_is_one_line_and_keeps_the_last_checkpoint(tiny_corpus,
+                                                                                                   base_run, tmp_path,
+                                                                                                   monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError (PytorchStreamWriter failed writing file): told in
+    one line like any failed write, the checkpoint it would have replaced intact and no temporary file left."""
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert str(out / "ckpt.pt") in run_main(["--resume", "--out_dir", str(out), "--max_steps", "5"])
+    assert (out / "ckpt.pt").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["ckpt.pt",
+                                                                                                  "log.jsonl"]
+    with pytest.raises(OSError):
+        save_checkpoint(out, {"format": CHECKPOINT_FORMAT, "model": {"x": torch.ones(3)}})
+
+    def broken(obj, f, *args, **kwargs):  # any other error of torch.save is a bug to see, not a full disk
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        save_checkpoint(out, {"format": CHECKPOINT_FORMAT, "model": {"x": torch.ones(3)}})
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
 def test_existing_runs_and_folders_are_never_overwritten_silently(tiny_corpus, base_run, tmp_path):
     before = (base_run / "ckpt.pt").read_bytes()
     assert "--overwrite" in run_main(tiny_run_flags(tiny_corpus, base_run))
@@ -564,6 +621,133 @@ def test_files_in_the_way_are_one_line_errors(tiny_corpus, tmp_path):
     for data in ("stdlib", tiny_corpus[1]):  # the default corpus (prepared on first use) and a named one
         error = run_main(["--data", data, "--data_dir", str(tmp_path / "a_file"), "--out_dir", str(tmp_path / "o")])
         assert "a_file" in error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Damaged or crafted checkpoints: refused by train.py --resume and eval.py in one line, before their values are read
+# ----------------------------------------------------------------------------------------------------------------
+
+class Posing:
+    """Pickles as a tensor of the given size and stride over the storage of base, as a crafted file can (torch.save
+    writes only what a real tensor is)."""
+
+    def __init__(self, base, size, stride):
+        self.base, self.size, self.stride = base, size, stride
+
+    def __reduce_ex__(self, protocol):
+        storage = torch.storage.TypedStorage(wrap_storage=self.base.untyped_storage(), dtype=self.base.dtype,
+                                             _internal=True)
+        return torch._utils._rebuild_tensor_v2, (storage, 0, self.size, self.stride, False, {})
+
+
+def damaged(run_dir, out, change):
+    """A copy of the checkpoint in run_dir, as out/ckpt.pt, with change(ckpt) applied."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    change(ckpt)
+    out.mkdir()
+    torch.save(ckpt, out / "ckpt.pt")
+    return out
+
+
+REMOVED = object()
+
+
+def at(path, value):
+    """change(ckpt) for damaged: the entry at path (a sequence of keys) replaced by value, by value(entry) when it is
+    a function, or removed when it is REMOVED."""
+    def change(ckpt):
+        *keys, last = path
+        for key in keys:
+            ckpt = ckpt[key]
+        if value is REMOVED:
+            del ckpt[last]
+        else:
+            ckpt[last] = value(ckpt[last]) if callable(value) else value
+    return change
+
+
+def eval_error(ckpt, tiny_corpus):
+    """eval.py's one-line error on a checkpoint (checked to be one line, exit 1)."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main(["--ckpt", str(ckpt), "--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1"])
+    message = str(exit_info.value.code)
+    assert message.startswith("eval.py: error:") and "\n" not in message, message
+    return message
+
+
+def test_tensors_standing_for_more_than_the_file_holds_or_for_another_shape_are_refused(tiny_corpus, base_run,
+                                                                                       tmp_path):
+    """A few bytes posing as a large tensor (stride 0, a view past its storage) would allocate the size it claims
+    once its values are read (the finiteness check, AdamW), and a weight whose strides overlap would become a
+    parameter whose updates overwrite each other: refused on loading, naming the tensor. A moment of another shape
+    than its parameter is refused by --resume."""
+    moment = next(iter(load(base_run)["optimizer"]["state"]))
+    shape = load(base_run)["model"]["backbone.embedding.weight"].shape
+
+    def set_moment(value):
+        return lambda ckpt: ckpt["optimizer"]["state"][moment].__setitem__("exp_avg", value)
+
+    def set_weight(value):
+        return lambda ckpt: ckpt["model"].__setitem__("backbone.embedding.weight", value)
+
+    both = {"huge_moment": (set_moment(torch.zeros(1).expand(8000, 8000)), "exp_avg"),  # 256 MB from 4 bytes
+            "expanded_moment": (set_moment(torch.zeros(1).expand(shape)), "exp_avg"),
+            "expanded_weight": (set_weight(torch.zeros(1).expand(shape)), "backbone.embedding.weight"),
+            "overlapping_weight": (set_weight(torch.zeros(shape.numel()).as_strided(shape, (1, 1))),
+                                   "backbone.embedding.weight"),
+            "past_storage": (set_weight(Posing(torch.zeros(4), shape, (shape[1], 1))), "ckpt.pt")}
+    for name, (change, named) in both.items():
+        out = damaged(base_run, tmp_path / name, change)
+        assert named in run_main(["--resume", "--out_dir", str(out)]), name
+        assert named in eval_error(out, tiny_corpus), name
+    out = damaged(base_run, tmp_path / "small_moment", set_moment(torch.zeros(3, 3)))
+    assert "exp_avg" in run_main(["--resume", "--out_dir", str(out)])
+
+
+def test_bookkeeping_that_train_py_would_not_write_is_refused_naming_the_entry(tiny_corpus, tmp_path):
+    """Every entry besides the weights is checked when loaded (its type and range; what eval.py reads too), and on
+    --resume against the run it continues (the optimizer's parameters, the intervention's and the data's states)."""
+    runs_of = {}
+    for init in ("tbptt", "fitted_noise"):  # passed states and stream positions; fitted statistics
+        runs_of[init] = tmp_path / init
+        assert run_main(tiny_run_flags(tiny_corpus, runs_of[init], "--init", init, "--from_scratch", "--max_steps",
+                                       "2")) is None
+
+    rank, moment = ("ranks", 0), ("optimizer", "state", 0)
+    on_load = {  # refused by train.py --resume and eval.py alike
+        "step": [(("step",), "abc"), (("step",), -5), (("step",), 10 ** 15), (("step",), 3)],  # max_steps 2
+        "ranks": [(("ranks",), "x"), (("ranks",), [])],
+        "optimizer.param_groups": [(("optimizer", "param_groups"), REMOVED)],
+        "args.seq_len": [(("args", "seq_len"), "abc"), (("args", "seq_len"), 16.5)],
+        "args.init": [(("args", "init"), "nope")],
+        "corpus.tokenizer": [(("corpus", "tokenizer"), 5)],
+        "model_config.d_model": [(("model_config", "d_model"), 32.5)],
+        "ranks[0].torch_rng": [((*rank, "torch_rng"), lambda t: t[:100].clone())],
+        "ranks[0].streams.positions": [((*rank, "streams", "positions"), [-1, 0, 0, 0])],
+    }
+    on_resume = {  # refused by train.py --resume, against the run it would continue
+        "optimizer.param_groups": [(("optimizer", "param_groups", 0, "params"), lambda p: p[:-1])],
+        "optimizer.param_groups[0].betas": [(("optimizer", "param_groups", 0, "betas"), "x")],
+        "optimizer.state.0.step": [((*moment, "step"), torch.tensor(0.0))],
+        "args.data": [(("args", "data"), 5)],
+        "ranks[0].streams": [((*rank, "streams", "positions"), lambda p: p[:-1])],
+        "ranks[0].intervention.previous.ssm.0": [((*rank, "intervention", "previous", "ssm", 0),
+                                                  lambda s: s[:, :, :, :-1].clone())],
+    }
+    fitted_on_resume = {"ranks[0].intervention.count": [((*rank, "intervention", "count"), 0)],
+                        "ranks[0].intervention.sums": [((*rank, "intervention", "sums"),
+                                                        lambda sums: [s[:-1].clone() for s in sums])]}
+    cases = [(init, field, path, value, programs) for init, table, programs in (
+        ("tbptt", on_load, ("train", "eval")), ("tbptt", on_resume, ("train",)),
+        ("fitted_noise", fitted_on_resume, ("train",))) for field, changes in table.items() for path, value in changes]
+    for i, (init, field, path, value, programs) in enumerate(cases):
+        out = damaged(runs_of[init], tmp_path / f"case{i}", at(path, value))
+        if "train" in programs:
+            assert field in run_main(["--resume", "--out_dir", str(out)]), (field, value)
+        if "eval" in programs:
+            assert field in eval_error(out, tiny_corpus), (field, value)
+    for init, out in runs_of.items():  # the checkpoints the cases were made from resume
+        assert run_main(["--resume", "--out_dir", str(out), "--max_steps", "3"]) is None and load(out)["step"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
