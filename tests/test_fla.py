@@ -247,3 +247,312 @@ def test_the_default_commands_run_nothing_of_delta_rule(tiny_corpus, delta_runs,
     assert "chunked_delta_rule" in functions_of_delta_rule_entered(lambda: evaluation.main(
         ["--ckpt", str(delta_runs["deltanet"]), "--len", "64", "--num_seqs", "1", "--out", str(tmp_path / "dn"),
          "--data_dir", tiny_corpus[0]]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders in flash-linear-attention's layout
+# ----------------------------------------------------------------------------------------------------------------
+
+VOCAB, LAYERS, EPS = 60, 2, 1e-6
+FLA_CONFIGS = {  # tiny models with fla's field names; each leaves some fields to fla's defaults
+    "gla": {"model_type": "gla", "architectures": ["GLAForCausalLM"], "hidden_size": D_MODEL,
+            "num_hidden_layers": LAYERS, "num_heads": 2, "expand_k": 0.5, "expand_v": 1, "vocab_size": VOCAB,
+            "norm_eps": EPS, "hidden_ratio": 4, "intermediate_size": None, "attn_mode": "chunk", "attn": None,
+            "use_short_conv": False, "conv_size": 4, "use_output_gate": True, "hidden_act": "swish",
+            "clamp_min": None, "feature_map": None, "num_kv_heads": None, "fuse_norm": True, "fuse_swiglu": True,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.50.1"},
+    "delta_net": {"model_type": "delta_net", "hidden_size": D_MODEL, "num_hidden_layers": LAYERS, "num_heads": 2,
+                  "expand_k": 1, "expand_v": 0.5, "use_gate": False, "use_short_conv": True, "conv_size": 4,
+                  "use_beta": True, "qk_norm": "l2", "qk_activation": "silu", "rms_norm_eps": EPS,
+                  "intermediate_size": 48, "vocab_size": VOCAB, "tie_word_embeddings": False, "chunk_size": 64,
+                  "share_conv_kernel": False, "use_rope": False, "use_output_norm": True},  # 2024's fields
+    "gated_deltanet": {"model_type": "gated_deltanet", "hidden_size": D_MODEL, "num_hidden_layers": LAYERS,
+                       "num_heads": 2, "head_dim": 8, "expand_v": 2, "use_gate": True, "use_short_conv": True,
+                       "conv_size": 4, "norm_eps": EPS, "hidden_ratio": 2, "vocab_size": VOCAB,
+                       "tie_word_embeddings": True, "allow_neg_eigval": False, "num_v_heads": None},
+}
+
+
+def mlp_width(config):
+    """fla's GatedMLP: intermediate_size, or hidden_ratio (4) * 2/3 * hidden_size rounded up to 256."""
+    if config.get("intermediate_size"):
+        return config["intermediate_size"]
+    return 256 * ((int(config["hidden_size"] * config.get("hidden_ratio", 4) * 2 / 3) + 255) // 256)
+
+
+def fla_weights(kind, config, generator, old_layout=False):
+    """Random tensors under fla's names and shapes. old_layout: the files of 2024 (one MLP gate_proj of 2 I rows,
+    Gated DeltaNet's unused D, GLA's output norm as g_norm_swish_gate)."""
+    D, H, W, inner = config["hidden_size"], config["num_heads"], config.get("conv_size", 4), mlp_width(config)
+    if kind == "gated_deltanet":
+        K, V = H * config["head_dim"], int(H * config["head_dim"] * config["expand_v"])
+    else:
+        K, V = int(D * config["expand_k"]), int(D * config["expand_v"])
+
+    def rand(*shape, scale=None, shift=0.0):
+        scale = shape[-1] ** -0.5 if scale is None else scale
+        return torch.randn(*shape, generator=generator) * scale + shift
+
+    w = {"model.embeddings.weight": rand(VOCAB, D, scale=1.0), "model.norm.weight": rand(D, scale=0.2, shift=1.0)}
+    if not config.get("tie_word_embeddings"):
+        w["lm_head.weight"] = rand(VOCAB, D)
+    for i in range(config["num_hidden_layers"]):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.attn."
+        w.update({p + "attn_norm.weight": rand(D, scale=0.2, shift=1.0), p + "mlp_norm.weight": rand(D, scale=0.2,
+                                                                                                    shift=1.0),
+                  a + "q_proj.weight": rand(K, D), a + "k_proj.weight": rand(K, D), a + "v_proj.weight": rand(V, D),
+                  a + "o_proj.weight": rand(D, V), p + "mlp.down_proj.weight": rand(D, inner)})
+        if old_layout:
+            w[p + "mlp.gate_proj.weight"] = rand(2 * inner, D)
+        else:
+            w.update({p + "mlp.gate_proj.weight": rand(inner, D), p + "mlp.up_proj.weight": rand(inner, D)})
+        if kind == "gla":
+            norm = "g_norm_swish_gate" if config.get("fuse_norm", True) else "g_norm"
+            w.update({a + "g_proj.weight": rand(V, D), a + "gk_proj.0.weight": rand(16, D),
+                      a + "gk_proj.1.weight": rand(K, 16), a + "gk_proj.1.bias": rand(K, scale=1.0, shift=2.0),
+                      a + f"{norm}.weight": rand(V // H, scale=0.2, shift=1.0)})
+            continue
+        w.update({a + "b_proj.weight": rand(H, D), a + "q_conv1d.weight": rand(K, 1, W, scale=0.5),
+                  a + "k_conv1d.weight": rand(K, 1, W, scale=0.5), a + "v_conv1d.weight": rand(V, 1, W, scale=0.5),
+                  a + "o_norm.weight": rand(V // H, scale=0.2, shift=1.0)})
+        if kind == "gated_deltanet":
+            w.update({a + "a_proj.weight": rand(H, D), a + "A_log": rand(H, scale=1.0),
+                      a + "dt_bias": rand(H, scale=0.5, shift=-1.0), a + "g_proj.weight": rand(V, D)})
+            if old_layout:
+                w[a + "D"] = torch.ones(H)
+    return w
+
+
+def gla_reference(w, x, heads, eps):
+    """fla's GatedLinearAttention layer (no convolution, output gate, fused or unfused norm): per head S (K, V),
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t / sqrt(K), g_t = logsigmoid(x W_gk) / 16."""
+    B, L, _ = x.shape
+    q, k, v = ((x @ w[f"{n}_proj.weight"].T).unflatten(-1, (heads, -1)) for n in "qkv")
+    g = F.logsigmoid((x @ w["gk_proj.0.weight"].T) @ w["gk_proj.1.weight"].T + w["gk_proj.1.bias"]) / 16
+    g = g.unflatten(-1, (heads, -1))
+    K, P = q.shape[-1], v.shape[-1]
+    S = torch.zeros(B, heads, K, P, dtype=F64)
+    o = torch.zeros(B, L, heads, P, dtype=F64)
+    for t in range(L):
+        S = torch.exp(g[:, t])[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        o[:, t] = (S * q[:, t, :, :, None]).sum(-2) * K ** -0.5
+    norm = w.get("g_norm_swish_gate.weight", w.get("g_norm.weight"))
+    o = rms_norm(o, norm, eps) * F.silu(x @ w["g_proj.weight"].T).unflatten(-1, (heads, P))
+    return o.flatten(-2) @ w["o_proj.weight"].T
+
+
+def fla_reference(kind, config, w, idx):
+    """fla's XForCausalLM: embeddings, blocks of attn_norm -> attn -> residual -> mlp_norm -> GatedMLP (down(silu(
+    gate(x)) * up(x)); in 2024's files gate_proj held [gate; up]) -> residual, final norm, lm_head. float64 logits."""
+    w = {k: v.double() for k, v in w.items()}
+    eps, heads = config.get("norm_eps", config.get("rms_norm_eps")), config["num_heads"]
+    h = w["model.embeddings.weight"][idx]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        attn = {k[len(p + "attn."):]: v for k, v in w.items() if k.startswith(p + "attn.")}
+        x = rms_norm(h, w[p + "attn_norm.weight"], eps)
+        h = h + (gla_reference(attn, x, heads, eps) if kind == "gla" else
+                 delta_reference(attn, x, heads, eps, gated=kind == "gated_deltanet"))
+        x = rms_norm(h, w[p + "mlp_norm.weight"], eps)
+        if p + "mlp.up_proj.weight" in w:
+            gate, up = x @ w[p + "mlp.gate_proj.weight"].T, x @ w[p + "mlp.up_proj.weight"].T
+        else:
+            gate, up = (x @ w[p + "mlp.gate_proj.weight"].T).chunk(2, dim=-1)
+        h = h + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    head = w.get("lm_head.weight", w["model.embeddings.weight"])
+    return rms_norm(h, w["model.norm.weight"], eps) @ head.T
+
+
+def write_fla(folder, config, weights, filename="model.safetensors"):
+    """config.json and the weights as fla's save_pretrained writes them (safetensors), or as a pickle."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if filename.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / filename))
+    else:
+        torch.save(weights, folder / filename)
+    return folder
+
+
+CASES = [("gla", False, {}), ("gla", True, {"fuse_norm": False}), ("delta_net", False, {}),
+         ("delta_net", True, {}), ("gated_deltanet", False, {}), ("gated_deltanet", True, {})]
+
+
+@pytest.mark.parametrize("kind,old_layout,changes", CASES,
+                         ids=[f"{k}{'-2024' if old else ''}{'-unfused' if c else ''}" for k, old, c in CASES])
+def test_fla_folders_load_and_compute_what_fla_computes(tmp_path, kind, old_layout, changes):
+    from pretrained import load_pretrained
+
+    config = {**FLA_CONFIGS[kind], **changes}
+    weights = fla_weights(kind, config, torch.Generator().manual_seed(2), old_layout)
+    model = load_pretrained(write_fla(tmp_path / kind, config, weights), backend="torch", chunk_size=8)
+    idx = torch.randint(0, VOCAB, (2, 27))
+    expected = fla_reference(kind, config, weights, idx)
+    with torch.no_grad():
+        whole, _, _ = model(idx)
+        first, _, state = model(idx[:, :11])
+        rest, _, _ = model(idx[:, 11:], state=state)
+        steps, state = [], model.init_state(2)
+        for t in range(idx.shape[1]):
+            logits, state = model.step(idx[:, t], state)
+            steps.append(logits)
+    assert model.cfg.mixer == {"gla": "gla", "delta_net": "deltanet", "gated_deltanet": "gated_deltanet"}[kind]
+    assert model.cfg.tie_embeddings == config["tie_word_embeddings"] and expected.abs().max() > 1.0
+    assert relative_error(whole, expected) < 1e-5
+    assert relative_error(torch.cat([first, rest], dim=1), expected) < 1e-5
+    assert relative_error(torch.stack(steps, dim=1), expected) < 1e-5
+
+
+def test_swapped_mlp_halves_are_caught(tmp_path):
+    """2024's gate_proj is [gate; up]: read as [up; gate] the logits move far, so the test above tells them apart."""
+    from pretrained import load_pretrained
+
+    config = FLA_CONFIGS["gated_deltanet"]
+    weights = fla_weights("gated_deltanet", config, torch.Generator().manual_seed(2), old_layout=True)
+    swapped = dict(weights)
+    for name in [n for n in weights if n.endswith("mlp.gate_proj.weight")]:
+        swapped[name] = torch.cat(weights[name].chunk(2)[::-1])
+    model = load_pretrained(write_fla(tmp_path, config, swapped), backend="torch", chunk_size=8)
+    idx = torch.randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        logits, _, _ = model(idx)
+    assert relative_error(logits, fla_reference("gated_deltanet", config, weights, idx)) > 0.05
+
+
+def test_a_pickled_file_and_a_hub_name_load_with_the_tokenizer(tmp_path, monkeypatch):
+    """pytorch_model.bin is read too; a Hub name goes through huggingface_hub's download, with its tokenizer.json,
+    and a public checkpoint gets the corpus its model card names."""
+    import hashlib
+
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from pretrained import load_pretrained
+
+    config = FLA_CONFIGS["delta_net"]
+    weights = fla_weights("delta_net", config, torch.Generator().manual_seed(3))
+    served = write_fla(tmp_path / "served", config, weights, filename="pytorch_model.bin")
+    (served / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+
+    def fake_download(repo, filename):
+        if not (served / filename).exists():
+            raise errors.EntryNotFoundError(f"{filename} not in {repo}")
+        return str(served / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model = load_pretrained("fla-hub/delta_net-1.3B-100B", backend="torch", chunk_size=8)
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        logits, _, _ = model(idx)
+    assert relative_error(logits, fla_reference("delta_net", config, weights, idx)) < 1e-5
+    assert model.trained_on["tokenizer_sha256"] == hashlib.sha256((served / "tokenizer.json").read_bytes()).hexdigest()
+    assert "SlimPajama" in model.trained_on["corpus"] and model.trained_on["seq_len"] is None
+
+
+def test_the_public_configs_give_the_reported_parameter_counts():
+    """fla-hub/delta_net-1.3B-100B is reported to hold 1,365,677,056 parameters; linear-moe-hub/Gated-Deltanet-340M
+    366,763,296, 96 of them the unused D (4 heads x 24 layers) that loading drops."""
+    from model import LM
+    from pretrained import fla
+
+    counts = {}
+    for name in fla.PUBLIC:
+        with torch.device("meta"):
+            counts[name] = LM(fla.public_config(name)).num_parameters()
+    assert counts["fla-hub/delta_net-1.3B-100B"] == 1_365_677_056
+    assert counts["linear-moe-hub/Gated-Deltanet-340M"] == 366_763_296 - 4 * 24
+    assert abs(counts["fla-hub/gla-1.3B-100B"] / 1.3e9 - 1) < 0.06
+
+
+def fla_refusal(folder):
+    from pretrained import PretrainedError, load_pretrained
+
+    with pytest.raises(PretrainedError) as info:
+        load_pretrained(folder, backend="torch", chunk_size=8)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+FIELD_REFUSALS = [
+    ("gla", {"attn": {"layers": [1], "num_heads": 2}}, "attn"),
+    ("gla", {"feature_map": "relu"}, "feature_map"),
+    ("gla", {"use_short_conv": True}, "use_short_conv"),
+    ("gla", {"use_output_gate": False}, "use_output_gate"),
+    ("gla", {"clamp_min": -1.0}, "clamp_min"),
+    ("gla", {"num_kv_heads": 1}, "num_kv_heads"),
+    ("gla", {"elementwise_affine": False}, "elementwise_affine"),
+    ("gla", {"hidden_act": "gelu"}, "hidden_act"),
+    ("gla", {"use_gv": True}, "use_gv"),
+    ("gla", {"gate_logit_normalizer": 8}, "gate_logit_normalizer"),  # not a GLAConfig field: unknown
+    ("delta_net", {"use_gate": True}, "use_gate"),
+    ("delta_net", {"use_short_conv": False}, "use_short_conv"),
+    ("delta_net", {"allow_neg_eigval": True}, "allow_neg_eigval"),
+    ("delta_net", {"qk_norm": "sum"}, "qk_norm"),
+    ("delta_net", {"qk_activation": "relu"}, "qk_activation"),
+    ("delta_net", {"use_beta": False}, "use_beta"),
+    ("delta_net", {"conv_bias": True}, "conv_bias"),
+    ("delta_net", {"share_conv_kernel": True}, "share_conv_kernel"),
+    ("delta_net", {"norm_first": True}, "norm_first"),
+    ("delta_net", {"use_rope": True}, "use_rope"),
+    ("delta_net", {"norm_eps": 1e-5}, "norm_eps"),  # beside rms_norm_eps = 1e-6: which one fla reads is unclear
+    ("gated_deltanet", {"num_v_heads": 4}, "num_v_heads"),
+    ("gated_deltanet", {"use_gate": False}, "use_gate"),
+    ("gated_deltanet", {"allow_neg_eigval": True}, "allow_neg_eigval"),
+    ("gated_deltanet", {"attnres_block_size": 2}, "attnres_block_size"),
+    ("gated_deltanet", {"tie_word_embeddings": "true"}, "tie_word_embeddings"),
+    ("gated_deltanet", {"num_heads": 2.5}, "num_heads"),
+    ("gated_deltanet", {"head_dim": 0}, "head_dim"),
+    ("gated_deltanet", {"intermediate_size": "48"}, "intermediate_size"),
+]
+
+
+@pytest.mark.parametrize("kind,changes,field", FIELD_REFUSALS, ids=[f"{k}-{f}" for k, _, f in FIELD_REFUSALS])
+def test_fields_the_mixers_do_not_implement_are_refused_naming_them(tmp_path, kind, changes, field):
+    config = FLA_CONFIGS[kind]
+    weights = fla_weights(kind, config, torch.Generator().manual_seed(4))
+    assert field in fla_refusal(write_fla(tmp_path, {**config, **changes}, weights))
+
+
+def test_tensors_that_do_not_fit_are_refused_naming_them(tmp_path):
+    config = FLA_CONFIGS["gated_deltanet"]
+    good = fla_weights("gated_deltanet", config, torch.Generator().manual_seed(5))
+    old = fla_weights("gated_deltanet", config, torch.Generator().manual_seed(5), old_layout=True)
+    up = "model.layers.1.mlp.up_proj.weight"
+    cases = [({**good, "model.layers.0.attn.h_conv1d.weight": torch.zeros(32, 1, 4)}, "h_conv1d"),
+             ({**good, "model.extra.weight": torch.zeros(3)}, "model.extra.weight"),
+             ({k: v for k, v in good.items() if k != "model.layers.1.mlp.gate_proj.weight"}, up),
+             ({**good, up: torch.zeros(3, D_MODEL)}, "up_proj"),
+             ({**old, "model.layers.0.mlp.gate_proj.weight": torch.zeros(5, D_MODEL)}, "gate_proj"),
+             ({**good, "lm_head.weight": torch.zeros(VOCAB, D_MODEL)}, "lm_head.weight")]  # tied, yet different
+    for i, (weights, name) in enumerate(cases):
+        assert name in fla_refusal(write_fla(tmp_path / str(i), config, weights))
+    untied = {**FLA_CONFIGS["delta_net"]}
+    weights = fla_weights("delta_net", untied, torch.Generator().manual_seed(5))
+    del weights["lm_head.weight"]
+    assert "lm_head.weight" in fla_refusal(write_fla(tmp_path / "untied", untied, weights))
+
+
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
+def test_a_loaded_fla_folder_is_post_trained_and_evaluated(tiny_corpus, tmp_path, kind):
+    """--init_from and --ckpt take an fla folder as they take an official Mamba: post-training with state passing
+    from its architecture, then eval.py beside the run (its T given, as the files do not say it)."""
+    import runs
+
+    config = {**FLA_CONFIGS[kind], "vocab_size": 300}  # the test corpus's bytes fit its vocabulary
+    weights = {k: v[:VOCAB].repeat(5, 1) if v.shape[0] == VOCAB else v
+               for k, v in fla_weights(kind, FLA_CONFIGS[kind], torch.Generator().manual_seed(6)).items()}
+    folder = write_fla(tmp_path / "fla", config, weights)
+    flags = without_architecture(delta_flags(tiny_corpus, tmp_path / "post", "deltanet", "--init", "state_passing",
+                                             "--init_from", str(folder)))
+    train_ok(flags)
+    ckpt = runs.load_checkpoint(tmp_path / "post")
+    assert ckpt["step"] == 2 and ckpt["model_config"]["mixer"] == kind
+    assert ckpt["model_config"]["mlp_hidden"] == mlp_width(config)
+    evaluation.main(["--ckpt", str(folder), "--ckpt", str(tmp_path / "post"), "--train_len", "16", "--len", "64",
+                     "--num_seqs", "1", "--chunk", "32", "--out", str(tmp_path / "eval"), "--data",
+                     tiny_corpus[1], "--data_dir", tiny_corpus[0], "--state_stats"])
+    record = json.loads((tmp_path / "eval" / "state_stats.json").read_text())
+    assert len(record["checkpoints"]) == 2
