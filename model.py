@@ -68,9 +68,9 @@ class ModelConfig:
     dt_max: float = option(0.1, "mamba: largest initial step dt")
     dt_init_floor: float = 1e-4
     A_init_range: tuple = (1.0, 16.0)
-    # gla
+    # gla (n_heads, expand_k, expand_v: deltanet and gated_deltanet too)
     n_heads: int = option(4, "gla, deltanet, gated_deltanet: number of heads")
-    expand_k: float = 0.5  # key width = expand_k * d_model, split over the heads (deltanet, gated_deltanet too)
+    expand_k: float = 0.5  # key width = expand_k * d_model, split over the heads
     expand_v: float = 1.0  # value width = expand_v * d_model
     gate: str = option("channel", "gla: the forget gate: per key channel (GLA's), one per head, or none (plain "
                                   "linear attention)", choices=("channel", "head", "none"))
