@@ -9,8 +9,9 @@ rule first erases what the memory held at key k_t, so its transition is a full (
 
 with the same state S (B, H, P, N), initial_state and final_state, and needs its own chunked algorithm (the WY / UT
 form of Yang et al. 2024). delta_rule/scan.py holds the math, a step-by-step definition in float64, a one-token step
-for generation and the chunked PyTorch path with every gradient. Nothing in train.py or eval.py's default commands
-imports this folder.
+for generation and the chunked PyTorch path with every gradient; delta_rule/mixers.py the two mixers built on it
+(--mixer deltanet, --mixer gated_deltanet), which model.py imports so that they join model.MIXERS. The default
+commands (a Mamba-2) call none of this folder's functions (tests/test_fla.py).
 
     from delta_rule import chunked_delta_rule
     y, state = chunked_delta_rule(q, k, v, beta, log_decay, initial_state)   # shapes: delta_rule/scan.py
