@@ -106,11 +106,11 @@ PUBLIC = {
                                                vocab_size=32000, norm_eps=1e-6, tie_word_embeddings=True),
 }  # linear-moe-hub/Gated-Deltanet-1.3B: reported to have 4 heads; its other sizes are not known here
 
-# What the model cards say the public checkpoints were trained on (their training length is stated in neither the
-# cards nor the configs: eval.py then asks for --train_len). linear-moe-hub's folders hold no tokenizer; they were
-# trained with Mistral's vocabulary of 32000 (vocab_size 32000, bos 1, eos 2), like fla-hub's.
-CORPUS = {"fla-hub/gla-1.3B-100B": "SlimPajama-627B (100B tokens)",
-          "fla-hub/delta_net-1.3B-100B": "SlimPajama-627B (100B tokens)"}
+# What the model cards say the public checkpoints were trained on: fla-hub/gla-1.3B-100B's names its dataset,
+# cerebras/SlimPajama-627B (100B tokens by its name). No training length is given in the cards or the configs seen
+# here: eval.py then asks for --train_len. linear-moe-hub's folders hold no tokenizer (others report using Mistral's
+# vocabulary of 32000 with them, which vocab_size 32000, bos 1 and eos 2 agree with).
+CORPUS = {"fla-hub/gla-1.3B-100B": "SlimPajama-627B (100B tokens)"}
 
 
 def config_kwargs(config):

@@ -431,8 +431,8 @@ def test_a_pickled_file_and_a_hub_name_load_with_the_tokenizer(tmp_path, monkeyp
 
     from pretrained import load_pretrained
 
-    config = FLA_CONFIGS["delta_net"]
-    weights = fla_weights("delta_net", config, torch.Generator().manual_seed(3))
+    config = FLA_CONFIGS["gla"]
+    weights = fla_weights("gla", config, torch.Generator().manual_seed(3))
     served = write_fla(tmp_path / "served", config, weights, filename="pytorch_model.bin")
     (served / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
 
@@ -442,11 +442,11 @@ def test_a_pickled_file_and_a_hub_name_load_with_the_tokenizer(tmp_path, monkeyp
         return str(served / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    model = load_pretrained("fla-hub/delta_net-1.3B-100B", backend="torch", chunk_size=8)
+    model = load_pretrained("fla-hub/gla-1.3B-100B", backend="torch", chunk_size=8)
     idx = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         logits, _, _ = model(idx)
-    assert relative_error(logits, fla_reference("delta_net", config, weights, idx)) < 1e-5
+    assert relative_error(logits, fla_reference("gla", config, weights, idx)) < 1e-5
     assert model.trained_on["tokenizer_sha256"] == hashlib.sha256((served / "tokenizer.json").read_bytes()).hexdigest()
     assert "SlimPajama" in model.trained_on["corpus"] and model.trained_on["seq_len"] is None
 
