@@ -5,7 +5,7 @@ layers compute; every field the mixers do not implement is refused naming it; ev
 The references below are written here, in float64 and one token at a time, from the equations of the papers and of
 fla's layers (fla/layers/gla.py, delta_net.py, gated_deltanet.py; fla/modules/mlp.py), reading the tensors by fla's
 names; they share no code with model.py, delta_rule/ or pretrained/. The float32 models differ from them by rounding
-only (measured below 1e-6 of the largest output), so 1e-5 relative separates a wrong formula from rounding; each
+only (measured at most 1.2e-6 of the largest output), so 1e-5 relative separates a wrong formula from rounding; each
 deliberate bug (beta dropped, the gate reversed, q not normalised, the MLP's halves swapped) moves the outputs by
 more than 5% of the largest.
 """
