@@ -24,6 +24,7 @@ y_t = S_t q_t, with a decay per head or per key channel:
     gla     gated linear attention: q, k, v projections, an output gate and a forget gate per key channel from a
             low-rank projection (--gate head: one per head; --gate none: plain linear attention, whose state only
             grows, a model that fails beyond its training length by construction).
+    deltanet, gated_deltanet  the delta rule, whose transition is not diagonal: beside the core, in delta_rule/.
 A new mixer is a class like these plus its entry in MIXERS. Checkpoints: runs/; the official models: pretrained/.
 
 Shape letters: B batch, L length, D d_model, V vocabulary, H heads, P value width per head, N key width per head
@@ -67,8 +68,8 @@ class ModelConfig:
     dt_max: float = option(0.1, "mamba: largest initial step dt")
     dt_init_floor: float = 1e-4
     A_init_range: tuple = (1.0, 16.0)
-    # gla
-    n_heads: int = option(4, "gla: number of heads")
+    # gla (n_heads, expand_k, expand_v: deltanet and gated_deltanet too)
+    n_heads: int = option(4, "gla, deltanet, gated_deltanet: number of heads")
     expand_k: float = 0.5  # key width = expand_k * d_model, split over the heads
     expand_v: float = 1.0  # value width = expand_v * d_model
     gate: str = option("channel", "gla: the forget gate: per key channel (GLA's), one per head, or none (plain "
@@ -77,6 +78,7 @@ class ModelConfig:
                                            "closer to 1 (slower forgetting)")
     # blocks
     mlp: Optional[bool] = None  # a SwiGLU MLP after each mixer; None means the mixer's default (off for mamba2)
+    mlp_hidden: Optional[int] = None  # the MLP's inner width; None: 8/3 d_model rounded up to 128 (SwiGLU)
     norm_eps: float = 1e-5
     pad_vocab_multiple: int = 64
     tie_embeddings: bool = True  # the output layer is the embedding matrix (False: a weight of its own)
@@ -89,14 +91,14 @@ class ModelConfig:
     COMPUTATION = ("chunk_size", "backend", "recompute")
     POSITIVE = ("vocab_size", "d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "dt_min",
                 "dt_max", "dt_init_floor", "n_heads", "expand_k", "expand_v", "gate_temperature", "norm_eps",
-                "pad_vocab_multiple", "chunk_size")  # sizes, widths and rates
+                "pad_vocab_multiple", "chunk_size", "mlp_hidden")  # sizes, widths and rates (None: the default)
 
     def __post_init__(self):
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise ValueError(f"unknown {f.name} {value!r}; choose one of {tuple(choices)}")
-            if f.name in self.POSITIVE and not (math.isfinite(value) and value > 0):
+            if f.name in self.POSITIVE and value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name} must be positive; got {value}")
         MIXERS[self.mixer].check(self)
         if self.mlp is None:
@@ -168,13 +170,14 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """The gated MLP of the official Mamba blocks: fc2(a * silu(gate)) with (a, gate) = fc1(x).  (..., D)"""
+    """The gated MLP of the official Mamba blocks: fc2(a * silu(gate)) with (a, gate) = fc1(x).  (..., D)
+    hidden: the inner width, by default about 8/3 d_model (the parameters of a 4 d_model MLP without gate)."""
 
     residual_projections = ("fc2",)
 
-    def __init__(self, d_model):
+    def __init__(self, d_model, hidden=None):
         super().__init__()
-        hidden = (int(8 * d_model / 3) + 127) // 128 * 128
+        hidden = hidden or (int(8 * d_model / 3) + 127) // 128 * 128
         self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)
         self.fc2 = nn.Linear(hidden, d_model, bias=False)
 
@@ -411,6 +414,7 @@ class Mamba1(nn.Module):
 
 
 MIXERS.update(mamba2=Mamba2, mamba1=Mamba1, gla=GatedLinearAttention)
+import delta_rule.mixers  # noqa: E402,F401  DeltaNet and Gated DeltaNet (their own scan) add their entries here
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,7 +430,7 @@ class Block(nn.Module):
         self.mixer = MIXERS[cfg.mixer](cfg)
         if cfg.mlp:
             self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-            self.mlp = SwiGLU(cfg.d_model)
+            self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
         else:
             self.mlp = None
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import runs
 from scan_kernels import chunked_scan, dense_scan, scan_reference
-from model import LM, ModelConfig, option
+from model import LM, MIXERS, ModelConfig, option
 
 REPO = Path(__file__).resolve().parent.parent  # the measurements in fresh processes run python -m bench from here
 
@@ -577,7 +577,7 @@ def training_flops_per_token(cfg, num_parameters):
     scan: per layer and token the forward costs about 2 H (C N + C P + 2 N P) (within-chunk scores, their product
     with the values, the state's update and its read-out), the backward twice that."""
     P, N = cfg.head_sizes()
-    H, C = cfg.expand * cfg.d_model // P if cfg.mixer != "gla" else cfg.n_heads, cfg.chunk_size
+    H, C = cfg.n_heads if "n_heads" in MIXERS[cfg.mixer].flags else cfg.expand * cfg.d_model // P, cfg.chunk_size
     return 6 * num_parameters + 3 * cfg.n_layer * 2 * H * (C * N + C * P + 2 * N * P)
 
 

@@ -190,8 +190,8 @@ def describe(reading, show_T=True):
 
 def _model_name(model):
     cfg = model.cfg
-    kind = {"mamba2": "Mamba-2", "mamba1": "Mamba-1", "gla": {"channel": "GLA", "head": "GLA (a gate per head)",
-                                                              "none": "linear attention"}[cfg.gate]}.get(cfg.mixer,
-                                                                                                      cfg.mixer)
+    kind = {"mamba2": "Mamba-2", "mamba1": "Mamba-1", "deltanet": "DeltaNet", "gated_deltanet": "Gated DeltaNet",
+            "gla": {"channel": "GLA", "head": "GLA (a gate per head)", "none": "linear attention"}[cfg.gate]
+            }.get(cfg.mixer, cfg.mixer)
     n = model.num_parameters() / 1e6
     return f"{kind} {n:.2f}M" if n < 10 else f"{kind} {n:.0f}M"

@@ -1,4 +1,5 @@
-"""pretrained: the official Mamba-1 and Mamba-2 language models, loaded into this project's model.LM.
+"""pretrained: the official Mamba-1 and Mamba-2 language models, and GLA, DeltaNet and Gated DeltaNet models in
+flash-linear-attention's layout (pretrained/fla.py), loaded into this project's model.LM.
 
 The paper's Figure 1 reads the official checkpoints (state-spaces/mamba-130m ... -2.8b for Mamba-1, panel (a);
 state-spaces/mamba2-130m ... -2.7b for Mamba-2, panel (b); all trained on the Pile at T = 2048 tokens with the
@@ -11,7 +12,7 @@ project apply to these models as to any other.
     model.trained_on   # {"tokenizer", "tokenizer_sha256", "seq_len", "corpus", "source"}
     official_config("state-spaces/mamba2-2.7b")                  # its ModelConfig, offline: sizes, memory estimates
 
-Two public layouts are read:
+Three public layouts are read:
     mamba_ssm     config.json {d_model, n_layer, vocab_size, ssm_cfg: {layer: "Mamba2", ...}, ...} (no layer, or
                   "Mamba1": Mamba-1); tensors backbone.embedding.weight, backbone.layers.N.{norm.weight, mixer.*},
                   backbone.norm_f.weight and lm_head.weight (absent, or equal to the embedding, when tied). The
@@ -19,6 +20,9 @@ Two public layouts are read:
     transformers  config.json {model_type: "mamba2" or "mamba", hidden_size, num_hidden_layers, state_size, ...};
                   the same tensors except backbone.embeddings.weight; vocab_size is the number of rows; an output
                   layer of its own when tie_word_embeddings is false (transformers 5 writes that by default).
+    fla           config.json {model_type: "gla", "delta_net" or "gated_deltanet", hidden_size, num_heads, ...};
+                  tensors model.embeddings.weight, model.layers.N.{attn_norm, attn.*, mlp_norm, mlp.*}, ...:
+                  pretrained/fla.py, which renames them and reads the sizes.
 A config that asks for anything model.py does not compute (attention layers, an MLP, a clamp on dt, ...) is refused
 in one line naming the field: a model loaded approximately would give wrong numbers without a sign. So is a size that
 is not a positive whole number (2.0 is read as 2; 2.5, "32" and true are refused) or a rate that is not a positive
@@ -322,15 +326,19 @@ def config_from_json(config, **overrides):
         if key not in OVERRIDABLE:
             raise PretrainedError(f"cannot override {key}: it would change the pretrained model; only "
                                   f"{', '.join(OVERRIDABLE)} can be set")
-    if "model_type" in config:
+    from pretrained import fla  # GLA, DeltaNet and Gated DeltaNet in flash-linear-attention's layout
+
+    if config.get("model_type") in fla.MIXER_OF:
+        layout, read = "fla", fla.config_kwargs
+    elif "model_type" in config:
         layout, read = "transformers", _from_transformers
     elif "d_model" in config or "ssm_cfg" in config:
         layout, read = "mamba_ssm", _from_mamba_ssm
     else:
         raise PretrainedError("config.json: neither the mamba_ssm layout (d_model, n_layer, ssm_cfg) nor the "
-                              "transformers one (model_type)")
+                              "transformers or flash-linear-attention one (model_type)")
     try:  # values of the wrong type end here too
-        return ModelConfig(mlp=False, **read(config), **overrides), layout
+        return ModelConfig(**{"mlp": False, **read(config)}, **overrides), layout  # (fla's models have an MLP)
     except (TypeError, ValueError) as e:
         raise PretrainedError(f"config.json: {_one_line(e)}") from None
 
@@ -511,7 +519,7 @@ def _trained_on(source, official, layout, vocab_size, tokenizer_file):
 
 
 def load_pretrained(name_or_folder, device="cpu", **overrides):
-    """A pretrained Mamba-2 language model as a model.LM in eval mode, float32, on device.
+    """A pretrained language model as a model.LM in eval mode, float32, on device.
 
     name_or_folder: a folder holding config.json and model.safetensors or pytorch_model.bin (and optionally
     tokenizer.json), or a Hugging Face Hub name such as "state-spaces/mamba2-370m". overrides: backend, chunk_size
@@ -520,7 +528,12 @@ def load_pretrained(name_or_folder, device="cpu", **overrides):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     files, source = _locate(name_or_folder)
     cfg, layout = config_from_json(_read_json(files["config"]), **overrides)
-    state = _official_names(read_weights(files["weights"]), layout, cfg.tie_embeddings)
+    state = read_weights(files["weights"])
+    if layout == "fla":
+        from pretrained import fla
+
+        state = fla.lm_names(state)
+    state = _official_names(state, layout, cfg.tie_embeddings)
     cfg.tie_embeddings = cfg.tie_embeddings or is_tied(state)
     official = official_name_of(cfg) if cfg.tie_embeddings else None
     vocab_size = cfg.vocab_size
@@ -535,4 +548,6 @@ def load_pretrained(name_or_folder, device="cpu", **overrides):
     except (RuntimeError, AssertionError, ValueError) as e:
         raise PretrainedError(f"cannot move the model to {device}: {_one_line(e)}") from None
     model.trained_on = _trained_on(source, official, layout, vocab_size, files["tokenizer"])
+    if layout == "fla":
+        model.trained_on.update(fla.training_of(source))
     return model.eval()

@@ -10,7 +10,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = ["model.py", "scan_kernels.py", "interventions.py", "train.py", "eval.py", "data.py", "runs", "corpora", "tasks",
-           "pretrained", "plots"]
+           "pretrained", "plots", "delta_rule"]
 
 
 def insert(path, anchor, text, before=False):
