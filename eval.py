@@ -194,12 +194,8 @@ def diagnostics(task, args):
     """What to measure on models trained on task (lm or copy), each a dict: name (of the NAME.json and NAME.png
     written), measure (checkpoints, reading) -> a JSON-ready record per checkpoint, plot (records, path, reading),
     and optionally tabulate (records, out folder, reading) -> the extra files written, and summarise (records ->
-    the JSON's "models"). The tasks' own come from tasks/, imported only when asked for. A flag that asks for what
-    these models cannot be read with is refused."""
-    kinds = {"effrem": "lm", "passkey": "lm", "along_training": "copy"}
-    elsewhere = [f"--{flag}" for flag, kind in kinds.items() if getattr(args, flag) and task != kind]
-    if elsewhere:
-        raise UsageError(f"{', '.join(elsewhere)} cannot be measured on these checkpoints, trained on {task}")
+    the JSON's "models"). The tasks' own come from tasks/, imported only when asked for. (A flag that asks for what
+    these models cannot be read with was refused before: ONLY_FOR.)"""
     chosen = [dict(name="loss_vs_position", measure=measure_positions, plot=plots.positions,
                    tabulate=plots.tabulate_positions)] if task == "lm" else []
     if args.effrem:
@@ -277,6 +273,9 @@ def load_all(paths, labels, device, backend, train_len=None):
             first, other = known[0].model.trained_on["tokenizer"], c.model.trained_on["tokenizer"]
             raise UsageError(f"{known[0].label} and {c.label} read different tokens ({first}, {other}), so they "
                              f"cannot be compared on the same text: evaluate them separately")
+    if train_len and all(c.model.trained_on["seq_len"] for c in checkpoints):
+        raise UsageError("--train_len is for models that do not record their training length, and every one given "
+                         "records it: drop it")
     names = [c.label for c in checkpoints]
     for c in checkpoints:  # two runs called zero in different folders: out/a/zero, out/b/zero -> a/zero, b/zero
         if names.count(c.label) > 1:
@@ -387,9 +386,11 @@ class EvalConfig:
     along_training: bool = option(False, "copy: accuracy against training step, from a run's ckpt_STEP.pt files")
     device: str = option("auto", "cpu, cuda, ... (default: cuda when available)")
     backend: str = option(None, "scan implementation (default: auto)", choices=("auto", "torch", "triton"))
+    given: dict = None  # not a flag: the flags given, checked again (ONLY_FOR) once the task is known
 
 
 RULES = [  # the values each option may take (runs.check)
+    (("ckpt", "label", "out", "data", "data_dir"), "a non-empty string", lambda x: x.strip() != ""),
     (("train_len", "len", "num_seqs", "chunk", "bins", "effrem_points", "passkey_lengths", "passkey_trials",
       "copy_lengths", "copy_strings"), "at least 1", lambda x: x >= 1),
     (("len", "effrem_T"), "at most 16,777,216", lambda x: x <= 2 ** 24),
@@ -401,11 +402,25 @@ RULES = [  # the values each option may take (runs.check)
 ]
 
 
+# Options that mean something for one task or with one diagnostic only: given anywhere else, they are refused
+# (runs.check), the task's once the checkpoints say what they were trained on.
+ONLY_FOR = {**dict.fromkeys(("len", "num_seqs", "bins", "data", "data_dir", "ppl", "effrem", "passkey"),
+                            ("task", ("lm",))),
+            **dict.fromkeys(("copy_lengths", "copy_strings", "along_training"), ("task", ("copy",))),
+            **dict.fromkeys(("effrem_T", "effrem_points"), ("effrem", (True,))),
+            **dict.fromkeys(("passkey_lengths", "passkey_depths", "passkey_trials"), ("passkey", (True,)))}
+
+
+def setting(args, task=None):
+    """What ONLY_FOR's options depend on: the diagnostics asked for, and the task once known."""
+    return {"effrem": args.effrem, "passkey": args.passkey, **({"task": task} if task else {})}
+
+
 def parse(argv):
     """The options: the flags given, EvalConfig's defaults for the rest, each checked."""
     given = runs.parse("eval.py", __doc__, argv, {"options": EvalConfig})
-    runs.check(given, RULES)
-    args = EvalConfig(**given)
+    args = EvalConfig(**given, given=given)
+    runs.check(given, RULES, ONLY_FOR, setting(args, args.task))
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file: give a folder for the outputs")
     return args
@@ -419,6 +434,7 @@ def evaluate(args):
         if checkpoint.model.cfg.backend == "triton":
             runs.check_backend(checkpoint.model.cfg, device, compute_dtype)
     task = the_task(args, checkpoints)
+    runs.check(args.given or {}, [], ONLY_FOR, setting(args, task))
     chosen = diagnostics(task, args)
     reading = Reading(args, device, autocast, checkpoints)
     if task == "lm":

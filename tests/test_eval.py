@@ -632,3 +632,45 @@ def test_copy_accuracy_along_training_and_the_state_along_long_examples(tmp_path
     with torch.no_grad():
         _, _, after = model(task.sequences(task.eval_strings(4, 3))[:, :5])  # 5 tokens of a training example
     assert states[0]["training_range"][0] >= after.ssm[0].flatten(1).norm(dim=1).mean().item() - 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which flags apply
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--label", ""], "--label"), (["--label", " "], "--label"), (["--out", ""], "--out"),
+    (["--copy_lengths", "4"], "--copy_lengths"), (["--copy_strings", "8"], "--copy_strings"),
+    (["--along_training"], "--along_training"),
+    (["--effrem_T", "32"], "--effrem_T"), (["--effrem_points", "5"], "--effrem_points"),
+    (["--passkey_lengths", "64"], "--passkey_lengths"), (["--passkey_depths", "0.5"], "--passkey_depths"),
+    (["--passkey_trials", "2"], "--passkey_trials"), (["--train_len", "16"], "--train_len"),
+])
+def test_flags_that_do_not_apply_are_refused_naming_them(runs, tiny_corpus, tmp_path, extra, flag):
+    base = ["--ckpt", str(runs / "zero"), "--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1",
+            "--out", str(tmp_path / "eval")]
+    assert flag in one_line_error(base + extra)  # one line, exit status 1 (a message given to SystemExit)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--len", "64"], "--len"), (["--num_seqs", "2"], "--num_seqs"), (["--bins", "8"], "--bins"),
+    (["--data", "tiny"], "--data"), (["--ppl"], "--ppl"),
+    (["--effrem"], "--effrem"), (["--passkey"], "--passkey"),
+])
+def test_text_flags_are_refused_for_models_of_the_copy_task(copy_runs, tmp_path, extra, flag):
+    """The task is known once the checkpoints say it: the text's flags are refused then, before any reading."""
+    assert flag in one_line_error(["--ckpt", str(copy_runs / "zero"), "--out", str(tmp_path / "eval")] + extra)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_flag_that_does_not_apply_exits_as_train_py_does(runs, tmp_path):
+    """The same exit status and one line as train.py's refusals (runs.ONLY_FOR, runs.check), from a shell."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "eval.py"), "--ckpt", str(runs / "zero"), "--effrem_T", "32"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "--effrem_T" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
