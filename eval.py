@@ -1,6 +1,7 @@
 """eval.py: how a recurrent LM behaves far beyond its training length T.
 
-    python eval.py --len 131072                       every checkpoint under out/, loss against token position
+    python eval.py --len 131072                       every run under out/ (out/*/ckpt.pt, whoever made it: the
+                                                      list is printed first), loss against token position
     python eval.py --len 131072 --ckpt out/zero --ckpt out/state_passing --effrem --state_stats
     python eval.py --passkey --ckpt state-spaces/mamba2-370m --data pile-neox --len 16384
                                                       an official Mamba-2 (pretrained/), passkey retrieval
@@ -247,12 +248,17 @@ class Checkpoint:
                 "step": self.step}
 
 
+def runs_root(task=None):
+    """Where eval.py looks for runs when no --ckpt is given: out/, or out/TASK/ for a task."""
+    return Path("out", *([] if task in (None, "lm") else [task]))
+
+
 def find_checkpoints(paths, task=None):
     """The --ckpt paths, or every run under out/ that has a checkpoint; for a task, under out/TASK/, also one level
     deeper (seeds: out/copy/s0/zero, out/copy/s1/zero, ...). Runs named zero (the baseline) first, then by name."""
     if paths:
         return paths
-    root = Path("out", *([] if task in (None, "lm") else [task]))
+    root = runs_root(task)
     patterns = ["*/ckpt.pt"] + ([] if task in (None, "lm") else ["*/*/ckpt.pt"])
     found = sorted((str(p.parent) for pattern in patterns for p in root.glob(pattern)),
                    key=lambda p: (Path(p).name != "zero", Path(p).name, p))
@@ -435,6 +441,8 @@ def evaluate(args):
             runs.check_backend(checkpoint.model.cfg, device, compute_dtype)
     task = the_task(args, checkpoints)
     runs.check(args.given or {}, [], ONLY_FOR, setting(args, task))
+    plots.tabulate_checkpoints(checkpoints, f"reading the {len(checkpoints)} checkpoint(s) given" if args.ckpt
+                               else f"no --ckpt: reading every run under {runs_root(task)}/ (--ckpt chooses)")
     chosen = diagnostics(task, args)
     reading = Reading(args, device, autocast, checkpoints)
     if task == "lm":

@@ -5,6 +5,7 @@
 
     positions, tabulate_positions   loss (or perplexity) against position, each model beside its control; the CSV
                                     of the curves and a printed table of mean losses in bands of positions
+    tabulate_checkpoints            the checkpoints read, printed first
     effrem                          EffRem_T(t) against the tokens removed
     state_stats                     the SSM state's norm and standard deviation against position, per layer
 A figure's title names the models, their training length and the text (describe).
@@ -94,6 +95,12 @@ def tabulate_positions(records, out, reading):
     rows = [[r["label"]] + [_cell(r["summary"][n], r["control_summary"][n]) for n in bands] for r in records]
     print_table([header] + rows, left=1)
     return ["loss_vs_position.csv"]
+
+
+def tabulate_checkpoints(checkpoints, title):
+    """The checkpoints eval.py reads, printed before it reads them (eval.Checkpoint: label, path, step, init, T)."""
+    rows = [[c.label, c.path, "-" if c.step is None else c.step, c.init or "-", c.T] for c in checkpoints]
+    print_table([["label", "checkpoint", "step", "init", "T"]] + rows, left=2, title=title, rule=True)
 
 
 def _cell(value, control):

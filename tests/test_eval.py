@@ -635,7 +635,7 @@ def test_copy_accuracy_along_training_and_the_state_along_long_examples(tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Which flags apply
+# Which flags apply, which checkpoints are read
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,flag", [
@@ -674,3 +674,20 @@ def test_a_flag_that_does_not_apply_exits_as_train_py_does(runs, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "--effrem_T" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_the_checkpoints_read_are_printed_scratch_runs_included(runs, tiny_corpus, tmp_path, capsys):
+    """Without --ckpt every out/*/ckpt.pt is read, a scratch run too: the list is printed before any reading."""
+    model = load_model(runs / "zero")
+    for name in ("zero", "scratch"):
+        save(model, tmp_path / "out" / name, args={"seq_len": 16, "init": "zero"}, step=7,
+             corpus={"name": "tiny", "tokenizer": "bytes"})
+    evaluation.main(["--len", "32", "--num_seqs", "1", "--data_dir", tiny_corpus[0],
+                     "--out", str(tmp_path / "eval")])
+    printed = capsys.readouterr().out
+    listed = printed[:printed.index("mean loss")]  # before the results
+    assert "no --ckpt" in listed
+    for name in ("zero", "scratch"):
+        assert str(Path("out") / name / "ckpt.pt") in listed
+    read = json.loads((tmp_path / "eval" / "loss_vs_position.json").read_text())["checkpoints"]
+    assert [c["label"] for c in read] == ["zero", "scratch"]
