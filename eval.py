@@ -408,7 +408,8 @@ class EvalConfig:
     train_len: int = option(None, "the training length T of models that do not record it")
     len: int = option(131072, "tokens per evaluation sequence")
     num_seqs: int = option(8, "evaluation sequences")
-    chunk: int = option(8192, "tokens one forward pass reads, all rows together (fewer for large vocabularies)")
+    chunk: int = option(2048, "tokens one forward pass reads, all rows together (fewer for large vocabularies); "
+                              "more takes more memory, and on a CPU is no faster")
     out: str = option("eval", "output folder")
     data: str = option(None, "corpus to read (default: the one the first checkpoint was trained on)")
     data_dir: str = option(str(DATA_DIR), "where corpora live")
