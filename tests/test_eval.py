@@ -708,6 +708,25 @@ def test_every_bin_averages_enough_tokens_and_its_band_narrows_with_them(runs, d
         assert stderr == pytest.approx(per_seq.std().item() / len(per_seq) ** 0.5, rel=1e-3)
 
 
+def test_many_short_sequences_are_read_a_few_rows_a_pass(runs, documents, tmp_path, monkeypatch):
+    """Memory: every row of a pass carries a whole state, so the short sequences (here 25 for the first bin) are
+    read no more rows a pass than the control reads windows (--chunk // T), and no pass reads more than --chunk."""
+    shapes = []
+    forward = LM.forward
+
+    def recording_forward(self, idx, *args, **kwargs):
+        shapes.append(tuple(idx.shape))
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(LM, "forward", recording_forward)
+    evaluation.main(["--ckpt", str(runs / "zero"), "--len", "256", "--num_seqs", "2", "--bins", "12", "--chunk", "64",
+                     "--bin_tokens", "200", "--data", documents[1], "--data_dir", documents[0], "--out", str(tmp_path)])
+    assert max(rows for rows, _ in shapes) == 64 // 16  # T = 16
+    assert max(rows * length for rows, length in shapes) <= 64
+    record = json.loads((tmp_path / "loss_vs_position.json").read_text())
+    assert len(record["short_sequences"]["lengths"]) == 23  # read, in passes of at most 4 rows
+
+
 def test_too_few_documents_for_the_short_sequences_is_said(runs, tiny_corpus, tmp_path, capsys):
     """The tiny corpus holds out part of one document: the bins keep the sequences there are, and say so."""
     evaluation.main(["--ckpt", str(runs / "zero"), "--len", "64", "--num_seqs", "2", "--data_dir", tiny_corpus[0],
