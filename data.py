@@ -10,7 +10,6 @@ Batches (torch int64 tensors):
     StreamBatcher(corpus, split, B, T)   (B, T + 1) windows, row i going on exactly where it stopped in the previous
                                          batch: truncated backpropagation through time
     Corpus.eval_sequences(length, n)     (n, length + 1) fixed, evenly spaced sequences of the validation split
-    Corpus.eval_prefixes(lengths, avoid) the first tokens of other documents of it, as many as asked for
     CorpusBatches                        what train.py reads: training batches, validation losses within and beyond T
 """
 import json
@@ -86,25 +85,6 @@ class Corpus:
         for row, start in zip(sequences, starts):
             row.copy_(torch.from_numpy(tokens[start:start + length + 1].astype(np.int64)))
         return sequences, starts
-
-    def eval_prefixes(self, lengths, avoid=(), split="val"):
-        """The first lengths[k] + 1 tokens from a document start of the split (where eval_sequences start too, so
-        that position t means t tokens into a document in both), the same on every call, none overlapping another
-        or a range of avoid ([(start, end)]). Documents are tried in the order of their index x golden ratio (mod 1),
-        so that the first few, however many, are spread over the split. As many as the split has documents for.
-        ([1-D int64 tensor], starts)"""
-        tokens = self._splits[split]
-        starts = np.concatenate([[0], np.flatnonzero(tokens == self.meta["eot_token"]) + 1])  # after each end-of-text
-        order = np.argsort((np.arange(len(starts)) * 0.6180339887498949) % 1.0, kind="stable")
-        taken, spans = [], list(avoid)
-        for start in starts[order].tolist():
-            if len(taken) == len(lengths):
-                break
-            end = start + lengths[len(taken)] + 1
-            if end <= len(tokens) and not any(start < e and b < end for b, e in spans):
-                taken.append(start)
-                spans.append((start, end))
-        return [torch.from_numpy(tokens[s:s + n + 1].astype(np.int64)) for s, n in zip(taken, lengths)], taken
 
 
 class StreamBatcher:

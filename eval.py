@@ -337,6 +337,26 @@ class Reading:
         return state_statistics(model, sequences, positions, self.args.chunk, self.device, self.autocast, bar)
 
 
+def document_prefixes(corpus, lengths, avoid):
+    """The first lengths[k] + 1 tokens from a document start of the validation split (where eval_sequences start
+    too, so that position t means t tokens into a document in both), the same on every call, none overlapping another
+    or a range of avoid ([(start, end)]). Documents are tried in the order of their index x golden ratio (mod 1), so
+    that the first few, however many, are spread over the split; as many as it has documents for.
+    ([1-D int64 tensor], starts)"""
+    tokens = corpus.tokens("val")
+    starts = np.concatenate([[0], np.flatnonzero(tokens == corpus.meta["eot_token"]) + 1])  # after each end-of-text
+    order = np.argsort((np.arange(len(starts)) * 0.6180339887498949) % 1.0, kind="stable")
+    taken, spans = [], list(avoid)
+    for start in starts[order].tolist():
+        if len(taken) == len(lengths):
+            break
+        end = start + lengths[len(taken)] + 1
+        if end <= len(tokens) and not any(start < e and b < end for b, e in spans):
+            taken.append(start)
+            spans.append((start, end))
+    return [torch.from_numpy(tokens[s:s + n + 1].astype(np.int64)) for s, n in zip(taken, lengths)], taken
+
+
 def the_task(args, checkpoints):
     """What the models were trained on ("lm" or a task's name), the same for all and as --task says if given."""
     trained = dict.fromkeys(c.task for c in checkpoints)
@@ -380,7 +400,7 @@ def prepare_text(reading):
     reading.sequences, starts = corpus.eval_sequences(args.len, args.num_seqs)
     lengths = extra_lengths(log_bins(args.len, args.bins), args.num_seqs, args.bin_tokens)
     reach = max(lengths, default=0) + 1  # no bin holds the same text twice: short ones avoid the long ones' first part
-    short, short_starts = corpus.eval_prefixes(lengths, avoid=[(start, start + reach) for start in starts])
+    short, short_starts = document_prefixes(corpus, lengths, avoid=[(start, start + reach) for start in starts])
     reading.short = [torch.stack([s for s in short if len(s) == n]) for n in sorted({len(s) for s in short})]
     if len(short) < len(lengths):
         print(f"note: the short positions are also read on {len(short)} other documents' first tokens, not the "
