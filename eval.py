@@ -1,6 +1,7 @@
 """eval.py: how a recurrent LM behaves far beyond its training length T.
 
-    python eval.py --len 131072                       every checkpoint under out/, loss against token position
+    python eval.py --len 131072                       every run under out/ (out/*/ckpt.pt, whoever made it: the
+                                                      list is printed first), loss against token position
     python eval.py --len 131072 --ckpt out/zero --ckpt out/state_passing --effrem --state_stats
     python eval.py --passkey --ckpt state-spaces/mamba2-370m --data pile-neox --len 16384
                                                       an official Mamba-2 (pretrained/), passkey retrieval
@@ -12,10 +13,12 @@
 The diagnostics of Buitrago Ruiz & Gu (arXiv 2507.02782), Section 3, each measured the same way for every model,
 on the same text:
     loss against position (always): --num_seqs validation sequences of --len tokens, read from the zero state with
-        the state handed on, the loss averaged over sequences in log-spaced bins. Each model has a control: the
-        same model and text with the state reset to zero every T tokens, so it never sees a position beyond T.
-        The control moves with the text; a model that length-generalises stays at or below it, a failing one
-        rises above it.
+        the state handed on (each from a document start), the loss averaged over sequences in log-spaced bins. A
+        narrow bin (short positions) also averages the first tokens of other documents, read only as far as it, so
+        that every bin holds at least --bin_tokens tokens where the text has the documents (extra_lengths; its
+        standard error is across the sequences it holds). Each model has a control: the same model and text with
+        the state reset to zero every T tokens, so it never sees a position beyond T. The control moves with the
+        text; a model that length-generalises stays at or below it, a failing one rises above it.
     --effrem       Effective Remembrance EffRem_T(t) = TV(p(. | x[0:T]), p(. | x[t:T])), TV = 1/2 sum |p - q|: how
                    much the prediction after T tokens still depends on the first t of them.
     --state_stats  norm and standard deviation of each layer's SSM state against position: states beyond T that
@@ -54,27 +57,43 @@ from runs import UsageError, piece_length
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def position_losses(model, sequences, chunk, device, autocast, bar=None):
-    """Per-position loss (n, L) of sequences (n, L + 1) from the zero state, all rows read together in pieces of at
-    most chunk tokens."""
-    with autocast:
-        return model.loss_per_position(sequences.to(device), piece_length(chunk, len(sequences), model.cfg.vocab_size),
-                                       progress=bar)
+def position_losses(model, sequences, chunk, device, autocast, bar=None, rows=None):
+    """Per-position loss (n, L) of sequences (n, L + 1) from the zero state, read in pieces of at most chunk tokens,
+    at most rows rows a pass (default: all together). Each row carries a whole state (n_layer x H x P x N numbers
+    for the SSM), so hundreds of short rows at once would take more memory than their tokens."""
+    losses = torch.empty(sequences.shape[0], sequences.shape[1] - 1)
+    rows = rows or len(sequences)
+    for first in range(0, len(sequences), rows):
+        part = sequences[first:first + rows]
+        with autocast:
+            losses[first:first + rows] = model.loss_per_position(
+                part.to(device), piece_length(chunk, len(part), model.cfg.vocab_size), progress=bar)
+    return losses
+
+
+def control_rows(model, T, chunk):
+    """Windows of T tokens the control reads a pass: chunk // T of them (one, in pieces, when T > chunk)."""
+    return max(1, piece_length(chunk, 1, model.cfg.vocab_size) // T)
 
 
 @torch.no_grad()
 def control_losses(model, sequences, T, device, autocast, chunk=8192, bar=None):
     """The control: per-position loss (n, L) of sequences (n, L + 1) with the state reset to zero every T tokens,
     so every position is read with at most T tokens of context, exactly as in training: independent windows of T
-    tokens (plus the next one as target) read as rows, chunk // T of them a pass (or one in pieces when T > chunk)."""
+    tokens (plus the next one as target) read as rows, control_rows of them a pass."""
     n, L = sequences.shape[0], sequences.shape[1] - 1
     padded = torch.nn.functional.pad(sequences, (0, (-L) % T), value=0)  # whole windows; the padding is dropped
     windows = padded.unfold(1, T + 1, T).flatten(0, 1)  # (n * L / T, T + 1), rows in sequence order
-    rows = max(1, piece_length(chunk, 1, model.cfg.vocab_size) // T)
-    losses = torch.empty(windows.shape[0], T)
-    for first in range(0, len(windows), rows):
-        losses[first:first + rows] = position_losses(model, windows[first:first + rows], chunk, device, autocast, bar)
+    losses = position_losses(model, windows, chunk, device, autocast, bar, rows=control_rows(model, T, chunk))
     return losses.reshape(n, -1)[:, :L]
+
+
+def extra_lengths(bins, num_seqs, bin_tokens):
+    """How far to read extra short sequences, longest first, so that every bin [start, end) averages at least
+    bin_tokens tokens: ceil(bin_tokens / (end - start)) sequences reach its end, the num_seqs long ones among them.
+    Narrow bins (short positions) need many sequences, but each costs only as many tokens as it is long."""
+    needed = [-(-bin_tokens // (end - start)) - num_seqs for start, end in bins]
+    return [max(end for (_, end), n in zip(bins, needed) if n > k) for k in range(max(needed + [0]))]
 
 
 def log_bins(length, bins, first=8):
@@ -144,19 +163,26 @@ def state_statistics(model, sequences, positions, chunk, device, autocast, bar=N
 # ----------------------------------------------------------------------------------------------------------------
 
 def measure_positions(checkpoints, reading):
-    sequences, args = reading.sequences, reading.args
-    n, L = sequences.shape[0], sequences.shape[1] - 1
-    bins = log_bins(L, args.bins)
+    """Loss and control against position, binned: each bin averages the long sequences and the short ones
+    (reading.short) that reach its end; its standard error is across exactly those sequences. The table's summary
+    bands are the long sequences' alone."""
+    texts, args = [reading.sequences] + reading.short, reading.args
+    bins = log_bins(reading.sequences.shape[1] - 1, args.bins)
     records = []
     for c in checkpoints:
-        with reading.progress(n * L + n * -(-L // c.T) * c.T, f"{c.label}: loss and control") as bar:
-            losses = position_losses(c.model, sequences, args.chunk, reading.device, reading.autocast, bar)
-            control = control_losses(c.model, sequences, c.T, reading.device, reading.autocast, args.chunk, bar)
-        mean, stderr = plots.binned(losses, bins)
-        control_mean, _ = plots.binned(control, bins)
+        tokens = sum(len(s) * (s.shape[1] - 1 + -(-(s.shape[1] - 1) // c.T) * c.T) for s in texts)
+        rows = control_rows(c.model, c.T, args.chunk)  # the many short sequences: no more rows a pass than these
+        with reading.progress(tokens, f"{c.label}: loss and control") as bar:
+            losses = [position_losses(c.model, s, args.chunk, reading.device, reading.autocast, bar, rows)
+                      for s in texts]
+            control = [control_losses(c.model, s, c.T, reading.device, reading.autocast, args.chunk, bar)
+                       for s in texts]
+        mean, stderr, count = plots.binned(losses, bins)
+        control_mean, _, _ = plots.binned(control, bins)
         records.append({**c.record(), "bins": {"start": [b[0] for b in bins], "end": [b[1] for b in bins],
-                                               "loss": mean, "stderr": stderr, "control": control_mean},
-                        "summary": plots.summary(losses, c.T), "control_summary": plots.summary(control, c.T)})
+                                               "sequences": count, "loss": mean, "stderr": stderr,
+                                               "control": control_mean},
+                        "summary": plots.summary(losses[0], c.T), "control_summary": plots.summary(control[0], c.T)})
     return records
 
 
@@ -197,12 +223,8 @@ def diagnostics(task, args):
     """What to measure on models trained on task (lm or copy), each a dict: name (of the NAME.json and NAME.png
     written), measure (checkpoints, reading) -> a JSON-ready record per checkpoint, plot (records, path, reading),
     and optionally tabulate (records, out folder, reading) -> the extra files written, and summarise (records ->
-    the JSON's "models"). The tasks' own come from tasks/, imported only when asked for. A flag that asks for what
-    these models cannot be read with is refused."""
-    kinds = {"effrem": "lm", "passkey": "lm", "along_training": "copy"}
-    elsewhere = [f"--{flag}" for flag, kind in kinds.items() if getattr(args, flag) and task != kind]
-    if elsewhere:
-        raise UsageError(f"{', '.join(elsewhere)} cannot be measured on these checkpoints, trained on {task}")
+    the JSON's "models"). The tasks' own come from tasks/, imported only when asked for. (A flag that asks for what
+    these models cannot be read with was refused before: ONLY_FOR.)"""
     chosen = [dict(name="loss_vs_position", measure=measure_positions, plot=plots.positions,
                    tabulate=plots.tabulate_positions)] if task == "lm" else []
     if args.effrem:
@@ -258,12 +280,17 @@ class Checkpoint:
                 "step": self.step}
 
 
+def runs_root(task=None):
+    """Where eval.py looks for runs when no --ckpt is given: out/, or out/TASK/ for a task."""
+    return Path("out", *([] if task in (None, "lm") else [task]))
+
+
 def find_checkpoints(paths, task=None):
     """The --ckpt paths, or every run under out/ that has a checkpoint; for a task, under out/TASK/, also one level
     deeper (seeds: out/copy/s0/zero, out/copy/s1/zero, ...). Runs named zero (the baseline) first, then by name."""
     if paths:
         return paths
-    root = Path("out", *([] if task in (None, "lm") else [task]))
+    root = runs_root(task)
     patterns = ["*/ckpt.pt"] + ([] if task in (None, "lm") else ["*/*/ckpt.pt"])
     found = sorted((str(p.parent) for pattern in patterns for p in root.glob(pattern)),
                    key=lambda p: (Path(p).name != "zero", Path(p).name, p))
@@ -284,6 +311,9 @@ def load_all(paths, labels, device, backend, train_len=None):
             first, other = known[0].model.trained_on["tokenizer"], c.model.trained_on["tokenizer"]
             raise UsageError(f"{known[0].label} and {c.label} read different tokens ({first}, {other}), so they "
                              f"cannot be compared on the same text: evaluate them separately")
+    if train_len and all(c.model.trained_on["seq_len"] for c in checkpoints):
+        raise UsageError("--train_len is for models that do not record their training length, and every one given "
+                         "records it: drop it")
     names = [c.label for c in checkpoints]
     for c in checkpoints:  # two runs called zero in different folders: out/a/zero, out/b/zero -> a/zero, b/zero
         if names.count(c.label) > 1:
@@ -301,6 +331,7 @@ class Reading:
     checkpoints: list
     corpus: object = None  # data.Corpus
     sequences: torch.Tensor = None  # (num_seqs, len + 1) int64, on the CPU
+    short: list = None  # short sequences for the short positions, [(n, length + 1) int64] one tensor per length
     task: object = None  # a task of tasks/
 
     def progress(self, total, desc):  # a bar counting tokens read, left on screen when done
@@ -311,6 +342,26 @@ class Reading:
 
     def state_statistics(self, model, sequences, positions, bar=None):  # with the reading's chunk, device, autocast
         return state_statistics(model, sequences, positions, self.args.chunk, self.device, self.autocast, bar)
+
+
+def document_prefixes(corpus, lengths, avoid):
+    """The first lengths[k] + 1 tokens from a document start of the validation split (where eval_sequences start
+    too, so that position t means t tokens into a document in both), the same on every call, none overlapping another
+    or a range of avoid ([(start, end)]). Documents are tried in the order of their index x golden ratio (mod 1), so
+    that the first few, however many, are spread over the split; as many as it has documents for.
+    ([1-D int64 tensor], starts)"""
+    tokens = corpus.tokens("val")
+    starts = np.concatenate([[0], np.flatnonzero(tokens == corpus.meta["eot_token"]) + 1])  # after each end-of-text
+    order = np.argsort((np.arange(len(starts)) * 0.6180339887498949) % 1.0, kind="stable")
+    taken, spans = [], list(avoid)
+    for start in starts[order].tolist():
+        if len(taken) == len(lengths):
+            break
+        end = start + lengths[len(taken)] + 1
+        if end <= len(tokens) and not any(start < e and b < end for b, e in spans):
+            taken.append(start)
+            spans.append((start, end))
+    return [torch.from_numpy(tokens[s:s + n + 1].astype(np.int64)) for s, n in zip(taken, lengths)], taken
 
 
 def the_task(args, checkpoints):
@@ -356,8 +407,17 @@ def prepare_text(reading):
         args.ppl = corpus.meta["tokenizer"] != "bytes"
     reading.corpus = corpus
     reading.sequences, starts = corpus.eval_sequences(args.len, args.num_seqs)
+    lengths = extra_lengths(log_bins(args.len, args.bins), args.num_seqs, args.bin_tokens)
+    reach = max(lengths, default=0) + 1  # no bin holds the same text twice: short ones avoid the long ones' first part
+    short, short_starts = document_prefixes(corpus, lengths, avoid=[(start, start + reach) for start in starts])
+    reading.short = [torch.stack([s for s in short if len(s) == n]) for n in sorted({len(s) for s in short})]
+    if len(short) < len(lengths):
+        print(f"note: the short positions are also read on {len(short)} other documents' first tokens, not the "
+              f"{len(lengths)} that --bin_tokens {args.bin_tokens} asks for (the validation split has no more): the "
+              f"first bins average fewer tokens, and their standard errors say so")
     return {"corpus": corpus.name, "split": "val", "len": args.len, "num_seqs": args.num_seqs, "chunk": args.chunk,
-            "sequence_starts": starts}
+            "sequence_starts": starts, "bin_tokens": args.bin_tokens,
+            "short_sequences": {"lengths": [len(s) - 1 for s in short], "starts": short_starts}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,13 +437,16 @@ class EvalConfig:
     train_len: int = option(None, "the training length T of models that do not record it")
     len: int = option(131072, "tokens per evaluation sequence")
     num_seqs: int = option(8, "evaluation sequences")
-    chunk: int = option(8192, "tokens one forward pass reads, all rows together (fewer for large vocabularies)")
+    chunk: int = option(2048, "tokens one forward pass reads, all rows together (fewer for large vocabularies); "
+                              "more takes more memory, and on a CPU is no faster")
     out: str = option("eval", "output folder")
     data: str = option(None, "corpus to read (default: the one the first checkpoint was trained on); --task "
                              "babilong: its published sets, RMT-team/babilong or a folder (default: generated)")
     data_dir: str = option(str(DATA_DIR), "where corpora live")
     ppl: bool = option(None, "plot perplexity on a log axis (default: unless the corpus is byte tokens)")
     bins: int = option(48, "log-spaced bins of the curves")
+    bin_tokens: int = option(4096, "tokens each bin averages at least, as far as the text has documents: short "
+                                   "positions are also read on other documents' first tokens (0: none)")
     effrem: bool = option(False, "Effective Remembrance")
     effrem_T: int = option(None, "the T of EffRem_T (default: 4 x the first model's training length)")
     effrem_points: int = option(33, "values of t on the EffRem grid")
@@ -402,11 +465,15 @@ class EvalConfig:
                              "(default: half the first model's T)")
     device: str = option("auto", "cpu, cuda, ... (default: cuda when available)")
     backend: str = option(None, "scan implementation (default: auto)", choices=("auto", "torch", "triton"))
+    given: dict = None  # not a flag: the flags given, checked again (ONLY_FOR) once the task is known
 
 
 RULES = [  # the values each option may take (runs.check)
+    (("ckpt", "label", "out", "data", "data_dir"), "a non-empty string", lambda x: x.strip() != ""),
     (("train_len", "len", "num_seqs", "chunk", "bins", "effrem_points", "passkey_lengths", "passkey_trials",
       "copy_lengths", "copy_strings", "span"), "at least 1", lambda x: x >= 1),
+    (("bin_tokens",), "at least 0", lambda x: x >= 0),
+    (("bin_tokens",), "at most 1,048,576", lambda x: x <= 2 ** 20),
     (("len", "effrem_T"), "at most 16,777,216", lambda x: x <= 2 ** 24),
     (("num_seqs", "bins", "effrem_points", "copy_lengths", "copy_strings"), "at most 4,096", lambda x: x <= 4096),
     (("chunk", "passkey_lengths"), "at most 4,194,304", lambda x: x <= 2 ** 22),
@@ -416,11 +483,25 @@ RULES = [  # the values each option may take (runs.check)
 ]
 
 
+# Options that mean something for one task or with one diagnostic only: given anywhere else, they are refused
+# (runs.check), the task's once the checkpoints say what they were trained on.
+ONLY_FOR = {**dict.fromkeys(("len", "num_seqs", "bins", "bin_tokens", "data", "data_dir", "ppl", "effrem", "passkey"),
+                            ("task", ("lm",))),
+            **dict.fromkeys(("copy_lengths", "copy_strings", "along_training"), ("task", ("copy",))),
+            **dict.fromkeys(("effrem_T", "effrem_points"), ("effrem", (True,))),
+            **dict.fromkeys(("passkey_lengths", "passkey_depths", "passkey_trials"), ("passkey", (True,)))}
+
+
+def setting(args, task=None):
+    """What ONLY_FOR's options depend on: the diagnostics asked for, and the task once known."""
+    return {"effrem": args.effrem, "passkey": args.passkey, **({"task": task} if task else {})}
+
+
 def parse(argv):
     """The options: the flags given, EvalConfig's defaults for the rest, each checked."""
     given = runs.parse("eval.py", __doc__, argv, {"evaluation (EvalConfig)": EvalConfig})
-    runs.check(given, RULES)
-    args = EvalConfig(**given)
+    args = EvalConfig(**given, given=given)
+    runs.check(given, RULES, ONLY_FOR, setting(args, args.task))
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file: give a folder for the outputs")
     return args
@@ -434,6 +515,9 @@ def evaluate(args):
         if checkpoint.model.cfg.backend == "triton":
             runs.check_backend(checkpoint.model.cfg, device, compute_dtype)
     task = the_task(args, checkpoints)
+    runs.check(args.given or {}, [], ONLY_FOR, setting(args, task))
+    plots.tabulate_checkpoints(checkpoints, f"reading the {len(checkpoints)} checkpoint(s) given" if args.ckpt
+                               else f"no --ckpt: reading every run under {runs_root(task)}/ (--ckpt chooses)")
     chosen = diagnostics(task, args)
     reading = Reading(args, device, autocast, checkpoints)
     if task == "lm":

@@ -1,10 +1,11 @@
 """plots: the figures and tables of eval.py's diagnostics, drawn from the records it measures (the NAME.json files).
 
-    binned, summary                 how a loss curve is recorded: means in bins of positions (eval.log_bins), and in
-                                    bands of positions
+    binned, summary                 how a loss curve is recorded: means in bins of positions (eval.log_bins) over
+                                    the sequences that reach each, and in bands of positions
 
     positions, tabulate_positions   loss (or perplexity) against position, each model beside its control; the CSV
                                     of the curves and a printed table of mean losses in bands of positions
+    tabulate_checkpoints            the checkpoints read, printed first
     effrem                          EffRem_T(t) against the tokens removed
     state_stats                     the SSM state's norm and standard deviation against position, per layer
 A figure's title names the models, their training length and the text (describe).
@@ -14,6 +15,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from runs import print_table, pyplot
 
@@ -21,14 +23,17 @@ FLOOR = 1e-6  # EffRem values below this are drawn at it: a log axis cannot show
 SUMMARY_BANDS = (("[T/2,T)", 0.5, 1), ("[2T,8T)", 2, 8), ("[8T,len)", 8, None))
 
 
-def binned(losses, bins):
-    """Mean over sequences and positions in each bin, and the standard error across sequences."""
-    means, errors = [], []
+def binned(curves, bins):
+    """Per bin [start, end): the mean loss over the sequences that reach its end (curves: loss tensors (n, length),
+    the long sequences and the short ones, each sequence weighing the same), the standard error of that mean across
+    those sequences, and their number.  (means, standard errors, counts)"""
+    means, errors, counts = [], [], []
     for start, end in bins:
-        per_seq = losses[:, start:end].mean(1)
+        per_seq = torch.cat([c[:, start:end].mean(1) for c in curves if c.shape[1] >= end])
         means.append(per_seq.mean().item())
-        errors.append((per_seq.std(unbiased=True) / math.sqrt(len(per_seq))).item() if len(per_seq) > 1 else 0.0)
-    return means, errors
+        errors.append((per_seq.std() / math.sqrt(len(per_seq))).item() if len(per_seq) > 1 else 0.0)
+        counts.append(len(per_seq))
+    return means, errors, counts
 
 
 def summary(losses, T):
@@ -59,10 +64,11 @@ def positions(records, path, reading):
     ax.plot([], [], color="gray", linestyle="--", linewidth=1, label="training length T (the control's loss jumps "
                                                                      "there: its state restarts)")
     first = records[0]["bins"]
-    loss, err = np.array(first["loss"]), np.array(first["stderr"])
+    loss, err, counts = np.array(first["loss"]), np.array(first["stderr"]), first["sequences"]
+    over = f"the {min(counts)} sequences" if min(counts) == max(counts) else \
+        f"each bin's sequences ({min(counts)} long, up to {max(counts)} at short positions)"
     ax.fill_between(_bin_centres(first), transform(loss - err), transform(loss + err), color="C0", alpha=0.12,
-                    linewidth=0, zorder=0, label=f"standard error over the {reading.args.num_seqs} sequences "
-                                                 f"({records[0]['label']})")
+                    linewidth=0, zorder=0, label=f"standard error over {over} ({records[0]['label']})")
     ax.set_xscale("log")
     if ppl:
         ax.set_yscale("log")
@@ -83,17 +89,24 @@ def tabulate_positions(records, out, reading):
     """The binned curves as CSV, and a table of the summary means printed.  Returns the files written."""
     with open(out / "loss_vs_position.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["checkpoint", "label", "bin_start", "bin_end", "loss", "stderr", "control"])
+        writer.writerow(["checkpoint", "label", "bin_start", "bin_end", "sequences", "loss", "stderr", "control"])
         for r in records:
             b = r["bins"]
-            for row in zip(b["start"], b["end"], b["loss"], b["stderr"], b["control"]):
+            for row in zip(b["start"], b["end"], b["sequences"], b["loss"], b["stderr"], b["control"]):
                 writer.writerow([r["path"], r["label"], *row])
-    print(f"\nmean loss in nats per {per(reading)} (control: state reset every T)")
+    print(f"\nmean loss in nats per {per(reading)} over the {reading.args.num_seqs} sequences of {reading.args.len} "
+          f"(control: state reset every T)")
     bands = list(records[0]["summary"])
     header = ["model"] + [name.replace("len", str(reading.args.len)) for name in bands]
     rows = [[r["label"]] + [_cell(r["summary"][n], r["control_summary"][n]) for n in bands] for r in records]
     print_table([header] + rows, left=1)
     return ["loss_vs_position.csv"]
+
+
+def tabulate_checkpoints(checkpoints, title):
+    """The checkpoints eval.py reads, printed before it reads them (eval.Checkpoint: label, path, step, init, T)."""
+    rows = [[c.label, c.path, "-" if c.step is None else c.step, c.init or "-", c.T] for c in checkpoints]
+    print_table([["label", "checkpoint", "step", "init", "T"]] + rows, left=2, title=title, rule=True)
 
 
 def _cell(value, control):

@@ -125,7 +125,8 @@ def check(values, rules, only_for=None, setting=None):
     """Refuse, in one line naming the flag, a value of values ({name: value}) that breaks its rule. rules: a list of
     (names, what each must be, test); besides them every float must be finite. only_for ({name: (option, values
     it applies to)}) refuses an option given for another value of that option in setting (--noise_std with --init
-    state_passing); an option whose setting is not known yet is not checked."""
+    state_passing), or without a switch it needs (eval.py's --effrem_T without --effrem: allowed (True,)); an
+    option whose setting is not known yet is not checked."""
     for name in values:
         key, allowed = (only_for or {}).get(name, (None, ()))
         if key in (setting or {}) and setting[key] not in allowed:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import eval as evaluation
 import plots
 import pretrained
+from data import load_corpus
 import runs as run_files  # not "runs": the fixture of that name below
 from model import LM, ModelConfig
 from runs import (CHECKPOINT_FORMAT, UsageError, is_checkpoint, load_checkpoint, load_model, model_payload,
@@ -632,3 +633,159 @@ def test_copy_accuracy_along_training_and_the_state_along_long_examples(tmp_path
     with torch.no_grad():
         _, _, after = model(task.sequences(task.eval_strings(4, 3))[:, :5])  # 5 tokens of a training example
     assert states[0]["training_range"][0] >= after.ssm[0].flatten(1).norm(dim=1).mean().item() - 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the figure averages, which flags apply, which checkpoints are read
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_binned_standard_error_is_across_the_sequences_each_bin_holds():
+    long, short = torch.randn(4, 100), torch.randn(60, 10)  # 4 sequences reach position 100, 60 more reach 10
+    means, errors, counts = plots.binned([long, short], [(0, 10), (10, 100)])
+    assert counts == [64, 4]
+    first = torch.cat([long[:, :10].mean(1), short.mean(1)])
+    assert means[0] == pytest.approx(first.mean().item()) and errors[0] == pytest.approx(first.std().item() / 8)
+    assert errors[1] == pytest.approx(long[:, 10:].mean(1).std().item() / 2)
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    """A byte corpus of 600 short documents (a .jsonl, a document a line), half of them held out: document starts
+    enough for the short sequences of the first bins.  (data_dir, name)"""
+    from corpora.prepare import prepare
+
+    root = tmp_path_factory.mktemp("documents")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "x", "for", "in", "range(n)", "if", "else:", "\n", "    ", "# a comment", "0", "42"]
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(600):
+            text = " ".join(rng.choice(words, size=int(rng.integers(10, 60))))
+            f.write(json.dumps({"text": text}) + "\n")
+    prepare(root / "docs.jsonl", name="docs", data_dir=root / "data", val_fraction=0.5, workers=1)
+    return str(root / "data"), "docs"
+
+
+def test_every_bin_averages_enough_tokens_and_its_band_narrows_with_them(runs, documents, tmp_path):
+    """Short positions are also read on other documents' first tokens until each bin holds --bin_tokens tokens,
+    never the same text twice in a bin; each bin's standard error is across the sequences it holds, so it narrows
+    where they are many; the long sequences, the bins they hold alone and the summary table are unchanged."""
+    base = ["--ckpt", str(runs / "zero"), "--ckpt", str(runs / "state_passing"), "--len", "256", "--num_seqs", "2",
+            "--bins", "12", "--data", documents[1], "--data_dir", documents[0]]
+    evaluation.main(base + ["--bin_tokens", "0", "--out", str(tmp_path / "alone")])
+    evaluation.main(base + ["--bin_tokens", "200", "--out", str(tmp_path / "more")])
+    alone, more = (json.loads((tmp_path / name / "loss_vs_position.json").read_text()) for name in ("alone", "more"))
+    assert alone["sequence_starts"] == more["sequence_starts"] and alone["short_sequences"]["lengths"] == []
+    lengths, starts = more["short_sequences"]["lengths"], more["short_sequences"]["starts"]
+    corpus = load_corpus(documents[1], documents[0])
+    tokens, eot = corpus.tokens("val"), corpus.meta["eot_token"]
+    assert all(s == 0 or tokens[s - 1] == eot for s in starts + more["sequence_starts"])  # all at document starts
+    reach = max(lengths) + 1
+    spans = sorted([(s, s + n + 1) for s, n in zip(starts, lengths)]
+                   + [(s, s + reach) for s in more["sequence_starts"]])
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no text in two sequences of one bin
+    narrowing = []
+    for a, m in zip(alone["checkpoints"], more["checkpoints"]):
+        bins = m["bins"]
+        widths = np.subtract(bins["end"], bins["start"])
+        counts = np.array(bins["sequences"])
+        assert (counts * widths >= 200).all() and a["bins"]["sequences"] == [2] * len(widths)
+        assert counts[0] == 25  # 200 / 8 in the first bin, the two long sequences among them
+        assert bins["sequences"] == [2 + sum(n >= end for n in lengths) for end in bins["end"]]
+        assert m["summary"] == a["summary"]
+        alone_bins = counts == 2
+        assert np.array(bins["loss"])[alone_bins].tolist() == np.array(a["bins"]["loss"])[alone_bins].tolist()
+        more_read = counts > 8
+        narrowing.append(np.array(a["bins"]["stderr"])[more_read] / np.array(bins["stderr"])[more_read])
+    assert np.median(np.concatenate(narrowing)) > 1.5  # the band narrows where many more sequences are read
+    # the first model's curve and band, from one full pass over each sequence recorded in the JSON
+    model, bins = load_model(runs / "zero"), more["checkpoints"][0]["bins"]
+    texts = [(s, 256) for s in more["sequence_starts"]] + list(zip(starts, lengths))
+    losses = [full_pass_losses(model, torch.from_numpy(tokens[s:s + n + 1].astype(np.int64))[None])[0]
+              for s, n in texts]
+    for start, end, mean, stderr in zip(bins["start"], bins["end"], bins["loss"], bins["stderr"]):
+        per_seq = torch.stack([x[start:end].mean() for x in losses if len(x) >= end])
+        assert mean == pytest.approx(per_seq.mean().item(), rel=1e-5)
+        assert stderr == pytest.approx(per_seq.std().item() / len(per_seq) ** 0.5, rel=1e-3)
+
+
+def test_many_short_sequences_are_read_a_few_rows_a_pass(runs, documents, tmp_path, monkeypatch):
+    """Memory: every row of a pass carries a whole state, so the short sequences (here 25 for the first bin) are
+    read no more rows a pass than the control reads windows (--chunk // T), and no pass reads more than --chunk."""
+    shapes = []
+    forward = LM.forward
+
+    def recording_forward(self, idx, *args, **kwargs):
+        shapes.append(tuple(idx.shape))
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(LM, "forward", recording_forward)
+    evaluation.main(["--ckpt", str(runs / "zero"), "--len", "256", "--num_seqs", "2", "--bins", "12", "--chunk", "64",
+                     "--bin_tokens", "200", "--data", documents[1], "--data_dir", documents[0], "--out", str(tmp_path)])
+    assert max(rows for rows, _ in shapes) == 64 // 16  # T = 16
+    assert max(rows * length for rows, length in shapes) <= 64
+    record = json.loads((tmp_path / "loss_vs_position.json").read_text())
+    assert len(record["short_sequences"]["lengths"]) == 23  # read, in passes of at most 4 rows
+
+
+def test_too_few_documents_for_the_short_sequences_is_said(runs, tiny_corpus, tmp_path, capsys):
+    """The tiny corpus holds out part of one document: the bins keep the sequences there are, and say so."""
+    evaluation.main(["--ckpt", str(runs / "zero"), "--len", "64", "--num_seqs", "2", "--data_dir", tiny_corpus[0],
+                     "--out", str(tmp_path)])
+    assert "--bin_tokens" in capsys.readouterr().out
+    bins = json.loads((tmp_path / "loss_vs_position.json").read_text())["checkpoints"][0]["bins"]
+    assert bins["sequences"][0] < 4096 // 8 and min(bins["sequences"]) >= 2
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--label", ""], "--label"), (["--label", " "], "--label"), (["--out", ""], "--out"),
+    (["--copy_lengths", "4"], "--copy_lengths"), (["--copy_strings", "8"], "--copy_strings"),
+    (["--along_training"], "--along_training"),
+    (["--effrem_T", "32"], "--effrem_T"), (["--effrem_points", "5"], "--effrem_points"),
+    (["--passkey_lengths", "64"], "--passkey_lengths"), (["--passkey_depths", "0.5"], "--passkey_depths"),
+    (["--passkey_trials", "2"], "--passkey_trials"), (["--train_len", "16"], "--train_len"),
+])
+def test_flags_that_do_not_apply_are_refused_naming_them(runs, tiny_corpus, tmp_path, extra, flag):
+    base = ["--ckpt", str(runs / "zero"), "--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1",
+            "--out", str(tmp_path / "eval")]
+    assert flag in one_line_error(base + extra)  # one line, exit status 1 (a message given to SystemExit)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--len", "64"], "--len"), (["--num_seqs", "2"], "--num_seqs"), (["--bins", "8"], "--bins"),
+    (["--bin_tokens", "64"], "--bin_tokens"), (["--data", "tiny"], "--data"), (["--ppl"], "--ppl"),
+    (["--effrem"], "--effrem"), (["--passkey"], "--passkey"),
+])
+def test_text_flags_are_refused_for_models_of_the_copy_task(copy_runs, tmp_path, extra, flag):
+    """The task is known once the checkpoints say it: the text's flags are refused then, before any reading."""
+    assert flag in one_line_error(["--ckpt", str(copy_runs / "zero"), "--out", str(tmp_path / "eval")] + extra)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_flag_that_does_not_apply_exits_as_train_py_does(runs, tmp_path):
+    """The same exit status and one line as train.py's refusals (runs.ONLY_FOR, runs.check), from a shell."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "eval.py"), "--ckpt", str(runs / "zero"), "--effrem_T", "32"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "--effrem_T" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_the_checkpoints_read_are_printed_scratch_runs_included(runs, tiny_corpus, tmp_path, capsys):
+    """Without --ckpt every out/*/ckpt.pt is read, a scratch run too: the list is printed before any reading."""
+    model = load_model(runs / "zero")
+    for name in ("zero", "scratch"):
+        save(model, tmp_path / "out" / name, args={"seq_len": 16, "init": "zero"}, step=7,
+             corpus={"name": "tiny", "tokenizer": "bytes"})
+    evaluation.main(["--len", "32", "--num_seqs", "1", "--bin_tokens", "0", "--data_dir", tiny_corpus[0],
+                     "--out", str(tmp_path / "eval")])
+    printed = capsys.readouterr().out
+    listed = printed[:printed.index("mean loss")]  # before the results
+    assert "no --ckpt" in listed
+    for name in ("zero", "scratch"):
+        assert str(Path("out") / name / "ckpt.pt") in listed
+    read = json.loads((tmp_path / "eval" / "loss_vs_position.json").read_text())["checkpoints"]
+    assert [c["label"] for c in read] == ["zero", "scratch"]
