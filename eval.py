@@ -485,8 +485,9 @@ RULES = [  # the values each option may take (runs.check)
 
 # Options that mean something for one task or with one diagnostic only: given anywhere else, they are refused
 # (runs.check), the task's once the checkpoints say what they were trained on.
-ONLY_FOR = {**dict.fromkeys(("len", "num_seqs", "bins", "bin_tokens", "data", "data_dir", "ppl", "effrem", "passkey"),
-                            ("task", ("lm",))),
+ONLY_FOR = {**dict.fromkeys(("bins", "bin_tokens", "ppl", "effrem", "passkey"), ("task", ("lm",))),
+            **dict.fromkeys(("len", "num_seqs", "data", "data_dir"), ("task", ("lm", "babilong"))),
+            **dict.fromkeys(("depth", "span"), ("task", ("babilong",))),
             **dict.fromkeys(("copy_lengths", "copy_strings", "along_training"), ("task", ("copy",))),
             **dict.fromkeys(("effrem_T", "effrem_points"), ("effrem", (True,))),
             **dict.fromkeys(("passkey_lengths", "passkey_depths", "passkey_trials"), ("passkey", (True,)))}
