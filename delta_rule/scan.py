@@ -41,9 +41,10 @@ sum_j exp(g_last - g_j) u0_j k_j^T, a rank-C correction of the identity. Per chu
     2. the output           y_i = exp(g_i) S_prev q_i + sum_{j<=i} exp(g_i - g_j) (q_i . k_j) u_j
     3. the hand-over        S_end = exp(g_last) S_prev + sum_j exp(g_last - g_j) u_j k_j^T
 
-A GPU computes U0 and W for every chunk in parallel and leaves only W S_prev^T to the pass over chunks. A CPU walks
-the chunks in order anyway, so the code applies T once to step 1's whole right-hand side: a triangular solve
-(forward substitution; T itself is never formed) of P columns instead of P + N, and no W to keep. Steps 2 and 3 are
+flash-linear-attention's GPU kernels compute U0 and W for every chunk in parallel and leave only W S_prev^T to the
+pass over chunks. Here the chunks are walked in order anyway (a CPU's cache favours it), so T is applied once to step
+1's whole right-hand side: a triangular solve (forward substitution; T itself is never formed) of P columns instead
+of P + N, and no W to keep. Steps 2 and 3 are
 scan_kernels' pieces with u in place of v. Every exponent is g_i - g_j with i >= j, g_i or g_last - g_j: all <= 0,
 so nothing overflows however strong the gate (masked entries get -inf before exp, as in scan_kernels._masked_decay),
 and as g restarts every chunk its magnitude never grows with L. Zero padding to whole chunks is harmless:

@@ -222,3 +222,4 @@ def test_default_commands_do_not_import_the_delta_rule():
     """train.py and eval.py read without this folder: importing them loads nothing of delta_rule/."""
     code = "import sys, train, eval; sys.exit(any(m.startswith('delta_rule') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
