@@ -21,10 +21,11 @@
     python -m bench --estimate       ESTIMATED GPU memory and hours of train.py's official-size presets: memory
                                      from runs.training_memory, time from a FLOP count at an assumed utilisation
 
-Speed is the best (the delta rule's table: the median) of several repetitions after a warm-up, reported as tokens
-per second (B * L / seconds). On the CPU each measurement runs in its own process and peak memory is that process's
-peak resident size above what it held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above
-the inputs.
+Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
+CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
+held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above the inputs. The delta rule's table
+reports medians of rounds that take turns between the implementations instead (a machine shared with other jobs
+then slows them alike).
 """
 if __name__ == "__main__":  # a Ctrl-C while the imports below load ends quietly, not with a traceback
     import signal
@@ -223,17 +224,15 @@ def measure(impl, mode, B, L, G, H, N, P, dtype, device, repeats, decay="scalar"
     else:
         _reset_peak_resident()
         base_mb = _resident_mb()
-    times = []
+    best = float("inf")
     for i in range(repeats + 1):  # the first run is a warm-up (compilation, autotuning, allocator) unless repeats=0
         start = time.perf_counter()
         once()
         sync()
         if i > 0 or repeats == 0:
-            times.append(time.perf_counter() - start)
+            best = min(best, time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else _peak_resident_mb()
-    best = min(times)
-    return {"seconds": best, "median_seconds": sorted(times)[len(times) // 2], "tokens_per_s": B * L / best,
-            "peak_mb": max(0.0, peak - base_mb)}
+    return {"seconds": best, "tokens_per_s": B * L / best, "peak_mb": max(0.0, peak - base_mb)}
 
 
 def measure_isolated(**spec):
@@ -439,29 +438,35 @@ def delta_implementations():
 
 
 def delta_table(repeats):
-    """Ours against fla's naive chunked and recurrent forms, DeltaNet and Gated DeltaNet, each measurement in a fresh
-    process. fla's fwd+bwd are timed once (their row loops and per-step copies take minutes), its recurrent forms at
-    B=1 with their time multiplied by B: their autograd keeps several copies of the state per step (8 GB for
-    DeltaNet's at B=4, over 12 GB for the gated one), and DeltaNet's measured slower at B=4 than 4 times B=1, so the
-    ratio printed for them is conservative."""
+    """Ours against fla's naive chunked and recurrent forms, DeltaNet and Gated DeltaNet: the median of `repeats`
+    rounds, each timing every implementation once in turn (after a warm-up), so that a change in the machine's load
+    falls on all of them alike. fla's fwd+bwd take minutes (its row loops and per-step copies), so each is timed
+    once, in a fresh process; its recurrent forms at B=1 with the time multiplied by B, as their autograd keeps
+    several copies of the state per step (8 GB for DeltaNet's at B=4, over 12 GB for the gated one), and DeltaNet's
+    measured slower at B=4 than 4 times B=1: the ratio printed for them is conservative."""
     shape = dict(CPU_SHAPE, G=CPU_SHAPE["H"], dtype="float32", device="cpu")
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}; median of {repeats}")
-    available, results, rows = delta_implementations(), {}, []
-    for impl, gated in DELTA_ROWS:
-        if impl not in available:
-            continue
-        for mode in ("fwd", "fwd+bwd"):
-            slow = "fla" in impl and mode == "fwd+bwd"
-            batch = 1 if slow and "recurren" in impl else shape["B"]
-            r = measure_isolated(impl=impl, mode=mode, repeats=0 if slow else repeats, **{**shape, "B": batch})
-            results[impl, mode] = dict(r, median_seconds=r["median_seconds"] * shape["B"] / batch)
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}; median of {repeats} "
+          f"rounds")
+    available = [(impl, gated) for impl, gated in DELTA_ROWS if impl in delta_implementations()]
+    fast = [(impl, mode) for impl, _ in available for mode in ("fwd", "fwd+bwd") if "fla" not in impl or mode == "fwd"]
+    times = {key: [] for key in fast}
+    for _ in range(repeats):
+        for impl, mode in fast:
+            times[impl, mode].append(measure(impl=impl, mode=mode, repeats=1, **shape)["seconds"])
+    seconds = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+    for impl, _ in available:
+        if "fla" in impl:
+            batch = 1 if "recurren" in impl else shape["B"]
+            r = measure_isolated(impl=impl, mode="fwd+bwd", repeats=0, **{**shape, "B": batch})
+            seconds[impl, "fwd+bwd"] = r["seconds"] * shape["B"] / batch
+    rows = []
+    for impl, gated in available:
         ours_name = "gated delta rule (ours)" if gated else "delta rule (ours)"
-        ours = [results[ours_name, mode]["median_seconds"] for mode in ("fwd", "fwd+bwd")]
-        theirs = [results[impl, mode]["median_seconds"] for mode in ("fwd", "fwd+bwd")]
+        ours, theirs = ([seconds[name, mode] for mode in ("fwd", "fwd+bwd")] for name in (ours_name, impl))
         note = " (timed once" + (f", B=1 x {shape['B']})" if "recurren" in impl else ")") if "fla" in impl else ""
         rows.append([impl, "gated" if gated else "none", f"{theirs[0] * 1e3:,.0f}", f"{theirs[1] * 1e3:,.0f}{note}",
                      "" if "ours" in impl else f"{theirs[0] / ours[0]:.1f}x / {theirs[1] / ours[1]:.1f}x"])
-    print_table("the delta rule on CPU (ms: the median of the repetitions, fla's fwd+bwd timed once)",
+    print_table("the delta rule on CPU (ms: the median of the rounds; fla's fwd+bwd timed once)",
                 ["implementation", "gate", "fwd ms", "fwd+bwd ms", "ours faster by (fwd / fwd+bwd)"], rows)
 
 
