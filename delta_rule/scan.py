@@ -140,12 +140,13 @@ def chunked_delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chu
 
     q, k          (B, L, G, N)   head h reads q/k group h // (H // G); DeltaNet L2-normalises them
     v             (B, L, H, P)
-    beta          (B, L, H)      the writing strength, in [0, 1]
+    beta          (B, L, H)      the writing strength, usually in [0, 1] (a sigmoid)
     log_decay     (B, L, H)      <= 0, one per head and step (Gated DeltaNet), or None (DeltaNet)
     initial_state (B, H, P, N) or None (the zero state)
     returns y (B, L, H, P) in v's dtype, final_state (B, H, P, N) in float32 (float64 for float64 inputs)
 
-    A chunk longer than the sequence is shortened to it. Activation memory is O(B H L (C + N + P)), nothing L x L.
+    A chunk longer than the sequence is shortened to it. Activation memory grows as B H L (C + N + P + P N / C):
+    (C, C) products inside each chunk and one state per chunk, nothing L x L.
     """
     _check_delta_inputs(q, k, v, beta, log_decay, initial_state)
     if chunk_size < 1:
