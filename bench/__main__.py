@@ -24,8 +24,8 @@
 Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
 held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above the inputs. The delta rule's table
-reports medians of rounds that take turns between the implementations instead (a machine shared with other jobs
-then slows them alike).
+reports the median of rounds that take turns between the implementations (a machine shared with other jobs then
+slows them alike).
 """
 if __name__ == "__main__":  # a Ctrl-C while the imports below load ends quietly, not with a traceback
     import signal
@@ -389,6 +389,7 @@ def gpu_tables(repeats):
 DELTA_ROWS = [("delta rule (ours)", False), ("fla delta_rule_chunkwise", False), ("fla delta_rule_recurrence", False),
               ("gated delta rule (ours)", True), ("fla naive_chunk_gated_delta_rule", True),
               ("fla naive_recurrent_gated_delta_rule", True)]
+DELTA_ROUNDS = 3
 
 
 def _delta_inputs(q, k, v, log_decay, gated, head_first):
@@ -438,21 +439,22 @@ def delta_implementations():
 
 
 def delta_table(repeats):
-    """Ours against fla's naive chunked and recurrent forms, DeltaNet and Gated DeltaNet: the median of `repeats`
-    rounds, each timing every implementation once in turn (after a warm-up), so that a change in the machine's load
-    falls on all of them alike. fla's fwd+bwd take minutes (its row loops and per-step copies), so each is timed
-    once, in a fresh process; its recurrent forms at B=1 with the time multiplied by B, as their autograd keeps
-    several copies of the state per step (8 GB for DeltaNet's at B=4, over 12 GB for the gated one), and DeltaNet's
-    measured slower at B=4 than 4 times B=1: the ratio printed for them is conservative."""
+    """Ours against fla's naive chunked and recurrent forms, DeltaNet and Gated DeltaNet. Each measurement runs in a
+    fresh process (a process's earlier work changes how fast its memory allocator serves large tensors, by up to 2x
+    here), and DELTA_ROUNDS rounds take turns between the implementations, so that a change in a shared machine's
+    load falls on all of them alike: the median of the rounds' bests. fla's fwd+bwd take minutes (its row loops
+    and per-step copies) and are timed once; its recurrent forms at B=1 with the time multiplied by B, as their
+    autograd keeps several copies of the state per step (8 GB for DeltaNet's at B=4, over 12 GB for the gated one)
+    and DeltaNet's measured slower at B=4 than 4 times B=1: the ratio printed for them is conservative."""
     shape = dict(CPU_SHAPE, G=CPU_SHAPE["H"], dtype="float32", device="cpu")
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}; median of {repeats} "
-          f"rounds")
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}; the median of "
+          f"{DELTA_ROUNDS} rounds, each the best of {repeats}")
     available = [(impl, gated) for impl, gated in DELTA_ROWS if impl in delta_implementations()]
     fast = [(impl, mode) for impl, _ in available for mode in ("fwd", "fwd+bwd") if "fla" not in impl or mode == "fwd"]
     times = {key: [] for key in fast}
-    for _ in range(repeats):
+    for _ in range(DELTA_ROUNDS):
         for impl, mode in fast:
-            times[impl, mode].append(measure(impl=impl, mode=mode, repeats=1, **shape)["seconds"])
+            times[impl, mode].append(measure_isolated(impl=impl, mode=mode, repeats=repeats, **shape)["seconds"])
     seconds = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
     for impl, _ in available:
         if "fla" in impl:
@@ -466,7 +468,7 @@ def delta_table(repeats):
         note = " (timed once" + (f", B=1 x {shape['B']})" if "recurren" in impl else ")") if "fla" in impl else ""
         rows.append([impl, "gated" if gated else "none", f"{theirs[0] * 1e3:,.0f}", f"{theirs[1] * 1e3:,.0f}{note}",
                      "" if "ours" in impl else f"{theirs[0] / ours[0]:.1f}x / {theirs[1] / ours[1]:.1f}x"])
-    print_table("the delta rule on CPU (ms: the median of the rounds; fla's fwd+bwd timed once)",
+    print_table(f"the delta rule on CPU (ms: the median of {DELTA_ROUNDS} rounds; fla's fwd+bwd timed once)",
                 ["implementation", "gate", "fwd ms", "fwd+bwd ms", "ours faster by (fwd / fwd+bwd)"], rows)
 
 
