@@ -443,9 +443,9 @@ def delta_table(repeats):
     fresh process (a process's earlier work changes how fast its memory allocator serves large tensors, by up to 2x
     here), and DELTA_ROUNDS rounds take turns between the implementations, so that a change in a shared machine's
     load falls on all of them alike: the median of the rounds' bests. fla's fwd+bwd take minutes (its row loops
-    and per-step copies) and are timed once; its recurrent forms at B=1 with the time multiplied by B, as their
-    autograd keeps several copies of the state per step (8 GB for DeltaNet's at B=4, over 12 GB for the gated one)
-    and DeltaNet's measured slower at B=4 than 4 times B=1: the ratio printed for them is conservative."""
+    and per-step copies) and are timed once; its recurrent forms at B=1 with the time multiplied by B (the rows are
+    independent work; at B=4 their autograd keeps several copies of the state per step, 8 GB for DeltaNet's and
+    over 12 GB for the gated one)."""
     shape = dict(CPU_SHAPE, G=CPU_SHAPE["H"], dtype="float32", device="cpu")
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}; the median of "
           f"{DELTA_ROUNDS} rounds, each the best of {repeats}")
