@@ -9,6 +9,9 @@
     python -m bench --device cuda    GPU: triton vs torch vs flash-linear-attention's chunk_simple_gla (scalar) and
                                      chunk_gla (per channel) vs causal scaled_dot_product_attention, bfloat16, B=8,
                                      H=32, P=64, N=128, L up to 32768; Mamba-1's scan vs mamba_ssm's selective scan
+    python -m bench --delta          CPU: the delta rule (delta_rule/, DeltaNet and Gated DeltaNet) against
+                                     flash-linear-attention's naive chunked and recurrent delta rules, float32,
+                                     (B=4, L=4096, H=8 heads with q and k of their own, P=64, N=64)
     python -m bench --eval           eval.py's default job (8 sequences, loss against position and its control) on
                                      a model of the demo size, at --len 16384 and 131072: time and peak memory
     python -m bench --eval --model mamba2-130m
@@ -20,7 +23,9 @@
 
 Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
-held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above the inputs.
+held once its inputs existed; on CUDA it is torch.cuda.max_memory_allocated above the inputs. The delta rule's table
+reports the median of rounds that take turns between the implementations (a machine shared with other jobs then
+slows them alike).
 """
 if __name__ == "__main__":  # a Ctrl-C while the imports below load ends quietly, not with a traceback
     import signal
@@ -196,7 +201,7 @@ def _reset_peak_resident():
 def measure(impl, mode, B, L, G, H, N, P, dtype, device, repeats, decay="scalar"):
     """Time one implementation in one mode ('fwd' or 'fwd+bwd').  Returns {seconds, tokens_per_s, peak_mb}.
     repeats=0 times the first run itself (for baselines too slow to run twice)."""
-    fn = implementations(device)[impl]
+    fn = delta_implementations()[impl] if impl in dict(DELTA_ROWS) else implementations(device)[impl]
     inputs = make_inputs(B, L, G, H, N, P, getattr(torch, dtype), device, requires_grad=(mode == "fwd+bwd"),
                          decay=decay)
     if hasattr(fn, "prepare"):
@@ -374,6 +379,97 @@ def gpu_tables(repeats):
                     torch.cuda.empty_cache()
                 rows.append(row)
             print_table(f"{mode}, {title} (time / peak memory above inputs)", ["L"] + names, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The delta rule (delta_rule/) against flash-linear-attention's naive PyTorch forms
+# ----------------------------------------------------------------------------------------------------------------
+
+# (implementation, gated): DeltaNet's rows, then Gated DeltaNet's; ours first in each
+DELTA_ROWS = [("delta rule (ours)", False), ("fla delta_rule_chunkwise", False), ("fla delta_rule_recurrence", False),
+              ("gated delta rule (ours)", True), ("fla naive_chunk_gated_delta_rule", True),
+              ("fla naive_recurrent_gated_delta_rule", True)]
+DELTA_ROUNDS = 3
+
+
+def _delta_inputs(q, k, v, log_decay, gated, head_first):
+    """make_inputs' tensors made the delta rule's: k L2-normalised as DeltaNet does, beta U(0, 1) (B, L, H), the gate
+    kept only when gated; transposed to (B, H, L, D) for fla's DeltaNet functions (head_first)."""
+    beta = torch.rand(v.shape[:3], generator=torch.Generator().manual_seed(1)).to(v.device)
+    tensors = [q, F.normalize(k, dim=-1), v, beta] + ([log_decay] if gated else [])
+    if head_first:
+        tensors = [t.transpose(1, 2) for t in tensors]
+    return [t.contiguous().detach().requires_grad_(v.requires_grad) for t in tensors]
+
+
+@functools.lru_cache(maxsize=None)
+def delta_implementations():
+    """name -> function of (q, k, v, beta[, log_decay]) returning (y, final state), with .prepare from make_inputs'
+    tensors: delta_rule's chunked path, and fla's naive functions where fla imports (they scale q by N^-0.5, which
+    costs nothing here; fla's chunkwise DeltaNet keeps its own chunk of 32)."""
+    from delta_rule import chunked_delta_rule
+
+    functions = {"delta rule (ours)": (chunked_delta_rule, False),  # (function, takes (B, H, L, D) tensors)
+                 "gated delta rule (ours)": (chunked_delta_rule, False)}
+    try:
+        import warnings
+        with warnings.catch_warnings():  # on a CPU, fla warns that it falls back from Triton
+            warnings.simplefilter("ignore")
+            from fla.ops.delta_rule.naive import delta_rule_chunkwise, delta_rule_recurrence
+            from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
+        functions.update({
+            "fla delta_rule_chunkwise": (delta_rule_chunkwise, True),
+            "fla delta_rule_recurrence": (delta_rule_recurrence, True),
+            "fla naive_chunk_gated_delta_rule": (  # its gate comes before beta
+                lambda q, k, v, beta, g: naive_chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True),
+                False),
+            "fla naive_recurrent_gated_delta_rule": (
+                lambda q, k, v, beta, g: naive_recurrent_gated_delta_rule(q, k, v, beta, g, output_final_state=True),
+                False)})
+    except Exception as error:  # noqa: BLE001 - any import failure means "not available here"
+        print(f"(flash-linear-attention not available: {type(error).__name__}: {error}; "
+              f"pip install flash-linear-attention)", file=sys.stderr)
+    impls = {}
+    for name, gated in DELTA_ROWS:
+        if name in functions:
+            fn, head_first = functions[name]
+            impls[name] = functools.partial(fn)  # a wrapper of its own, to carry .prepare
+            impls[name].prepare = functools.partial(_delta_inputs, gated=gated, head_first=head_first)
+    return impls
+
+
+def delta_table(repeats):
+    """Ours against fla's naive chunked and recurrent forms, DeltaNet and Gated DeltaNet. Each measurement runs in a
+    fresh process (a process's earlier work changes how fast its memory allocator serves large tensors, by up to 2x
+    here), and DELTA_ROUNDS rounds take turns between the implementations, so that a change in a shared machine's
+    load falls on all of them alike: the median of the rounds' bests. fla's fwd+bwd take minutes (its row loops
+    and per-step copies) and are timed once; its recurrent forms at B=1 with the time multiplied by B (the rows are
+    independent work; at B=4 their autograd keeps several copies of the state per step, 8 GB for DeltaNet's and
+    over 12 GB for the gated one)."""
+    shape = dict(CPU_SHAPE, G=CPU_SHAPE["H"], dtype="float32", device="cpu")
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; shape {shape}; the median of "
+          f"{DELTA_ROUNDS} rounds, each the best of {repeats}")
+    available = [(impl, gated) for impl, gated in DELTA_ROWS if impl in delta_implementations()]
+    fast = [(impl, mode) for impl, _ in available for mode in ("fwd", "fwd+bwd") if "fla" not in impl or mode == "fwd"]
+    times = {key: [] for key in fast}
+    for _ in range(DELTA_ROUNDS):
+        for impl, mode in fast:
+            times[impl, mode].append(measure_isolated(impl=impl, mode=mode, repeats=repeats, **shape)["seconds"])
+    seconds = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+    for impl, _ in available:
+        if "fla" in impl:
+            batch = 1 if "recurren" in impl else shape["B"]
+            r = measure_isolated(impl=impl, mode="fwd+bwd", repeats=0, **{**shape, "B": batch})
+            seconds[impl, "fwd+bwd"] = r["seconds"] * shape["B"] / batch
+    rows = []
+    for impl, gated in available:
+        ours_name = "gated delta rule (ours)" if gated else "delta rule (ours)"
+        ours, theirs = ([seconds[name, mode] for mode in ("fwd", "fwd+bwd")] for name in (ours_name, impl))
+        note = " (timed once" + (f", B=1 x {shape['B']})" if "recurren" in impl else ")") if "fla" in impl else ""
+        rows.append([impl, "gated" if gated else "none", f"{theirs[0] * 1e3:,.0f}", f"{theirs[1] * 1e3:,.0f}{note}",
+                     "" if "ours" in impl else f"{theirs[0] / ours[0]:.1f}x / {theirs[1] / ours[1]:.1f}x"])
+    print_table(f"the delta rule on CPU (ms: the median of {DELTA_ROUNDS} rounds; fla's fwd+bwd timed once)",
+                ["implementation", "gate", "fwd ms", "fwd+bwd ms", "ours faster by (fwd / fwd+bwd)"], rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -641,6 +737,7 @@ class BenchConfig:
                                   "official size)")
     num_seqs: int = option(None, "--eval: sequences (default: 8 for demo, 1 otherwise)")
     estimate: bool = option(False, "print estimated GPU memory and time of train.py's GPU presets")
+    delta: bool = option(False, "time the delta rule (delta_rule/) against flash-linear-attention's naive forms")
 
 
 RULES = [(("repeats", "len", "num_seqs"), "at least 1", lambda x: x >= 1),
@@ -670,6 +767,8 @@ def main(argv=None):
         print(json.dumps(model_measure(**json.loads(hidden["_model_measure"]))))
     elif args.estimate:
         estimate_table()
+    elif args.delta:
+        delta_table(args.repeats)
     elif args.eval:
         eval_table(args.model, sorted(args.len or ([8192, 16384] if official else [16384, 131072])),
                    args.num_seqs or (1 if official else 8))

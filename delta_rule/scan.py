@@ -41,9 +41,10 @@ sum_j exp(g_last - g_j) u0_j k_j^T, a rank-C correction of the identity. Per chu
     2. the output           y_i = exp(g_i) S_prev q_i + sum_{j<=i} exp(g_i - g_j) (q_i . k_j) u_j
     3. the hand-over        S_end = exp(g_last) S_prev + sum_j exp(g_last - g_j) u_j k_j^T
 
-A GPU computes U0 and W for every chunk in parallel and leaves only W S_prev^T to the pass over chunks. A CPU walks
-the chunks in order anyway, so the code applies T once to step 1's whole right-hand side: a triangular solve
-(forward substitution; T itself is never formed) of P columns instead of P + N, and no W to keep. Steps 2 and 3 are
+flash-linear-attention's GPU kernels compute U0 and W for every chunk in parallel and leave only W S_prev^T to the
+pass over chunks. Here the chunks are walked in order anyway (a CPU's cache favours it), so T is applied once to step
+1's whole right-hand side: a triangular solve (forward substitution; T itself is never formed) of P columns instead
+of P + N, and no W to keep. Steps 2 and 3 are
 scan_kernels' pieces with u in place of v. Every exponent is g_i - g_j with i >= j, g_i or g_last - g_j: all <= 0,
 so nothing overflows however strong the gate (masked entries get -inf before exp, as in scan_kernels._masked_decay),
 and as g restarts every chunk its magnitude never grows with L. Zero padding to whole chunks is harmless:
@@ -139,12 +140,13 @@ def chunked_delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chu
 
     q, k          (B, L, G, N)   head h reads q/k group h // (H // G); DeltaNet L2-normalises them
     v             (B, L, H, P)
-    beta          (B, L, H)      the writing strength, in [0, 1]
+    beta          (B, L, H)      the writing strength, usually in [0, 1] (a sigmoid)
     log_decay     (B, L, H)      <= 0, one per head and step (Gated DeltaNet), or None (DeltaNet)
     initial_state (B, H, P, N) or None (the zero state)
     returns y (B, L, H, P) in v's dtype, final_state (B, H, P, N) in float32 (float64 for float64 inputs)
 
-    A chunk longer than the sequence is shortened to it. Activation memory is O(B H L (C + N + P)), nothing L x L.
+    A chunk longer than the sequence is shortened to it. Activation memory grows as B H L (C + N + P + P N / C):
+    (C, C) products inside each chunk and one state per chunk, nothing L x L.
     """
     _check_delta_inputs(q, k, v, beta, log_decay, initial_state)
     if chunk_size < 1:
