@@ -755,9 +755,11 @@ def main(argv=None):
     hidden = {k: given.pop(k, None) for k in ("_measure", "_eval_measure", "_model_measure")}  # one measurement,
     args = BenchConfig(**given)  # in a fresh process
     runs.check(given, RULES, ONLY_FOR, vars(args))
-    others = [name for name in given if name != "estimate"]
-    if args.estimate and others:
-        raise runs.UsageError(f"--estimate prints the GPU estimates alone: drop --{others[0]}")
+    for job, reads in (("estimate", ()), ("delta", ("repeats",))):  # jobs of their own, and the flags they read
+        others = [name for name in given if name != job and name not in reads]
+        if getattr(args, job) and others:
+            raise runs.UsageError(f"--{job} is a job of its own that reads "
+                                  f"{' '.join('--' + r for r in reads) or 'no other flag'}: drop --{others[0]}")
     official = args.model != "demo"
     if hidden["_measure"]:
         print(json.dumps(measure(**json.loads(hidden["_measure"]))))

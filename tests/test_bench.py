@@ -10,6 +10,7 @@ from bench.__main__ import main
     (["--len", "4096"], "--len"), (["--num_seqs", "2"], "--num_seqs"), (["--model", "mamba2-130m"], "--model"),
     (["--eval", "--repeats", "2"], "--repeats"), (["--eval", "--device", "cuda"], "--device"),
     (["--estimate", "--eval"], "--eval"), (["--estimate", "--len", "8"], "--len"),
+    (["--delta", "--eval"], "--eval"), (["--delta", "--device", "cuda"], "--device"),
 ])
 def test_flags_the_job_does_not_read_are_refused(argv, flag, capsys):
     with pytest.raises(runs.UsageError, match=flag):
