@@ -199,7 +199,7 @@ def diagnostics(task, args):
     and optionally tabulate (records, out folder, reading) -> the extra files written, and summarise (records ->
     the JSON's "models"). The tasks' own come from tasks/, imported only when asked for. A flag that asks for what
     these models cannot be read with is refused."""
-    kinds = {"effrem": "lm", "passkey": "lm", "along_training": "copy"}
+    kinds = {"effrem": "lm", "passkey": "lm", "along_training": "copy", "depth": "babilong", "span": "babilong"}
     elsewhere = [f"--{flag}" for flag, kind in kinds.items() if getattr(args, flag) and task != kind]
     if elsewhere:
         raise UsageError(f"{', '.join(elsewhere)} cannot be measured on these checkpoints, trained on {task}")
@@ -395,9 +395,9 @@ class EvalConfig:
     copy_lengths: List[int] = option(None, "string lengths to copy (default: every length from 1 to 4 n_train)")
     copy_strings: int = option(256, "strings per length (256: a standard error of at most 0.031 per length)")
     along_training: bool = option(False, "copy: accuracy against training step, from a run's ckpt_STEP.pt files")
-    depth: str = option("any", "babilong, generated: where the facts go: anywhere; early, in the first --span tokens "
-                               "(memory); late, in the last --span tokens (robustness)",
-                        choices=("any", "early", "late"))
+    depth: str = option(None, "babilong, generated: where the facts go: early, in the first --span tokens of the "
+                              "context (memory); late, in the last --span tokens (robustness) (default: anywhere)",
+                        choices=("early", "late"))
     span: int = option(None, "babilong: tokens of the context that hold the facts with --depth early or late "
                              "(default: half the first model's T)")
     device: str = option("auto", "cpu, cuda, ... (default: cuda when available)")
