@@ -441,3 +441,17 @@ def test_fresh_training_refuses_contradictions(tmp_path, flags):
         train.main(flags + ["--max_steps", "1", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
     assert str(exit_info.value.code).startswith("train.py: error:") and "\n" not in str(exit_info.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_depth_is_refused_where_it_cannot_apply(tmp_path):
+    """--depth places the facts of generated samples: not those of a published set, nor anything but BABILong."""
+    import eval as evaluation
+
+    save_random_model(tmp_path / "lm", "lm")
+    (tmp_path / "set" / "qa1").mkdir(parents=True)
+    for extra in (["--task", "babilong", "--data", str(tmp_path / "set")], ["--task", "lm"]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluation.main(["--ckpt", str(tmp_path / "lm"), "--len", "1024", "--depth", "late", "--out",
+                             str(tmp_path / "out"), "--device", "cpu"] + extra)
+        assert str(exit_info.value.code).startswith("eval.py: error:") and "--depth" in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists()

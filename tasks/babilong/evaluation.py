@@ -57,9 +57,9 @@ def prepare(reading):
     tokenizer = get_tokenizer(spec)
     trained = first.args if first.args.get("task") == "babilong" else {}  # stories as the first model learnt them
     tasks, facts = tuple(trained.get("babilong_tasks") or TASKS), trained.get("babilong_facts")
-    span = args.span or first.T // 2
+    depth, span = args.depth or "any", args.span or first.T // 2
     if args.data:
-        if args.depth != "any":
+        if depth != "any":
             raise UsageError(f"--depth {args.depth} places the facts of generated samples; the published sets have "
                              f"theirs anywhere: drop --data or --depth")
         lengths = [name for name in LENGTH_NAMES if length_tokens(name) <= args.len]
@@ -69,14 +69,14 @@ def prepare(reading):
         shortest = max(shortest_length(task, tokenizer, facts) for task in tasks)
         lengths = [0] + [2 ** k for k in range(40) if shortest <= 2 ** k <= args.len]
         tokens = lengths
-        sets = {(task, n): generated_set(task, n, args.num_seqs, tokenizer, facts=facts, depth=args.depth, span=span)
+        sets = {(task, n): generated_set(task, n, args.num_seqs, tokenizer, facts=facts, depth=depth, span=span)
                 for task in tasks for n in lengths}
     reading.task = Samples(tokenizer, args.data, sets, lengths, tokens, tasks)
-    if args.depth != "any":
-        reading.task.where = f", facts in the {'first' if args.depth == 'early' else 'last'} {span} tokens"
+    if depth != "any":
+        reading.task.where = f", facts in the {'first' if depth == 'early' else 'last'} {span} tokens"
     return {"task": "babilong", "source": args.data or "generated", "tasks": list(tasks), "lengths": lengths,
-            "samples": args.num_seqs, "chunk": args.chunk, "facts": facts, "depth": args.depth,
-            "span": None if args.depth == "any" else span}
+            "samples": args.num_seqs, "chunk": args.chunk, "facts": facts, "depth": depth,
+            "span": None if depth == "any" else span}
 
 
 @torch.no_grad()  # no graph: the state handed from piece to piece would keep every piece's activations alive

@@ -1,6 +1,8 @@
 """tasks/babilong/task.py: BABILong as a fine-tuning task (train.py --task babilong) and its prompts in tokens.
 
     task = BabilongTask(tokenizer, seq_len=2048)          the tokenizer of the model it fine-tunes
+    BabilongTask(bytes, 256, ["qa1"], (1, 2))             a small-T setting: qa1 stories of 1 or 2 facts
+                                                          (train.py --babilong_tasks qa1 --babilong_facts 1 2)
     inputs, targets = task.batch(batch_size, generator)  (B, L) each, L <= seq_len, targets -1 but on the answer
 
 A training example is a generated qa1 or qa2 sample (one task and one length L per batch, L uniform up to the
