@@ -656,7 +656,8 @@ GPU_MEMORY = 80 * 2 ** 30
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12}  # dense bfloat16 tensor-core peaks
 UTILISATION = 0.4  # an assumed sustained share of the peak, not a measured one
 ESTIMATED_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba-130m", "mamba-370m",
-                     "mamba-790m", "mamba-1.4b", "paper", "gla-paper")
+                     "mamba-790m", "mamba-1.4b", "paper", "gla-paper", "gla-1.3b", "deltanet-1.3b",
+                     "gated-deltanet-340m")  # (linear-moe-hub/Gated-Deltanet-1.3B's sizes are not known here)
 
 
 def parameters(size):
@@ -681,11 +682,14 @@ def preset_run(name):
     """(ModelConfig, options) of the run `python train.py --preset NAME` starts, on the meta device: the official
     models' architecture comes from pretrained.official_config, without downloading them."""
     import train
-    from pretrained import official_config
+    from pretrained import config_from_json, fla, official_config
 
     preset = runs.PRESETS[name]
     values = {**train.DEFAULTS, **{k: v for k, v in preset.items() if k not in ("post", "init_from")}}
     args = argparse.Namespace(**values)
+    if preset.get("init_from") in fla.PUBLIC:  # flash-linear-attention's checkpoints, as far as known here
+        cfg, _ = config_from_json(fla.PUBLIC[preset["init_from"]], chunk_size=args.chunk_size)
+        return dataclasses.replace(cfg, recompute=args.recompute), args
     if "init_from" in preset:
         computation = {k: getattr(args, k) for k in ModelConfig.COMPUTATION}
         return official_config(preset["init_from"], **computation), args
@@ -723,6 +727,27 @@ def estimate_table():
                 f"bfloat16 peak ({peaks} TFLOP/s)",
                 ["preset", "mixer", "params", "tokens/step", "micro-batch x accum", "est. GiB", "fits",
                  "largest micro-batch", *[f"est. h/500 steps {g}" for g in GPU_PEAK_FLOPS]], rows)
+
+
+def reading_table():
+    """BABILong's reading in RESULTS.md's GPU recipe (eval.py --task babilong --len 262144 --num_seqs 100): 100
+    samples of qa1 and qa2 at each published length from 0k to 256k (the few-shot prompt's examples add under 1%),
+    read in batches of a length's samples; forward passes only, 2 FLOPs per parameter and token (the scan's share is
+    below 2% at these sizes) at the same assumed utilisation."""
+    from tasks.babilong.babi import TASKS
+    from tasks.babilong.dataset import LENGTH_NAMES, length_tokens
+
+    tokens = 100 * len(TASKS) * sum(length_tokens(n) for n in LENGTH_NAMES if length_tokens(n) <= 262144)
+    rows = []
+    for name in ("mamba2-370m", "mamba2-780m", "mamba2-1.3b"):
+        cfg, _ = preset_run(name)
+        with torch.device("meta"):
+            n = LM(cfg).num_parameters()
+        hours = [2 * n * tokens / (UTILISATION * peak) / 3600 for peak in GPU_PEAK_FLOPS.values()]
+        rows.append([name, f"{n / 1e6:.0f}M", f"{tokens / 1e6:.1f}M", *[f"{h * 60:.0f}" for h in hours]])
+    print_table(f"ESTIMATES, not measurements: eval.py --task babilong --len 262144 --num_seqs 100, one model, "
+                f"2 x parameters x tokens at an ASSUMED {UTILISATION:.0%} of the bfloat16 peak",
+                ["model", "params", "tokens read", *[f"est. min {g}" for g in GPU_PEAK_FLOPS]], rows)
 
 
 @dataclasses.dataclass
@@ -769,6 +794,7 @@ def main(argv=None):
         print(json.dumps(model_measure(**json.loads(hidden["_model_measure"]))))
     elif args.estimate:
         estimate_table()
+        reading_table()
     elif args.delta:
         delta_table(args.repeats)
     elif args.eval:

@@ -37,3 +37,14 @@ for _name, _batch in (("mamba2-130m", 16), ("mamba2-370m", 8), ("mamba2-780m", 4
                           warmup_steps=50, eval_interval=100)
 
 TASK_DEFAULTS = {"passkey": dict(max_steps=1000)}  # the paper fine-tunes on passkeys for 1000 steps
+
+# flash-linear-attention's public checkpoints (pretrained/fla.py), post-trained as the official Mamba-2 models are:
+# 500 steps of 0.5M tokens on a corpus in their own tokens. fla-hub's folders hold their tokenizer (python -m corpora
+# --input PATH --tokenizer fla-hub/gla-1.3B-100B --name slimpajama-fla); linear-moe-hub's hold none. T = 2048 is an
+# assumption: neither their model cards nor their configs state a training length (RESULTS.md says what is known).
+for _name, _hub, _batch in (("gla-1.3b", "fla-hub/gla-1.3B-100B", 4), ("deltanet-1.3b", "fla-hub/delta_net-1.3B-100B", 4),
+                            ("gated-deltanet-340m", "linear-moe-hub/Gated-Deltanet-340M", 8),
+                            ("gated-deltanet-1.3b", "linear-moe-hub/Gated-Deltanet-1.3B", 4)):
+    PRESETS[_name] = dict(init_from=_hub, recompute=True, data="slimpajama-fla", seq_len=2048, batch_size=_batch,
+                          grad_accum=256 // _batch, max_steps=500, lr=3e-4, min_lr=3e-5, warmup_steps=50,
+                          eval_interval=100)

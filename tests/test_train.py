@@ -972,6 +972,8 @@ def test_an_official_model_named_by_init_from_brings_its_preset(tmp_path, monkey
         assert preset["init_from"] == f"state-spaces/{name}" and preset["seq_len"] == 2048
         assert preset["batch_size"] * preset["grad_accum"] == 256  # 0.5M tokens per step
         assert runs.base_run(train.parse(["--preset", name, "--init", "state_passing"]), train.reads_text) is None
+    args, _ = resolve(train.parse(["--init", "state_passing", "--init_from", "fla-hub/gla-1.3B-100B"]))
+    assert args.preset == "gla-1.3b" and args.batch_size * args.grad_accum == 256 and args.seq_len == 2048
 
 
 # ----------------------------------------------------------------------------------------------------------------
