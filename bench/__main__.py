@@ -19,7 +19,8 @@
                                      its vocabulary (1 sequence of 8192 and 16384), and what the README's
                                      evaluation of mamba2-370m should take here, scaled by parameters
     python -m bench --estimate       ESTIMATED GPU memory and hours of train.py's official-size presets: memory
-                                     from runs.training_memory, time from a FLOP count at an assumed utilisation
+                                     from runs.training_memory, time from a FLOP count at an assumed utilisation;
+                                     and the minutes of BABILong's reading in RESULTS.md's GPU recipe
 
 Speed is the best of several repetitions after a warm-up, reported as tokens per second (B * L / seconds). On the
 CPU each measurement runs in its own process and peak memory is that process's peak resident size above what it
