@@ -581,7 +581,7 @@ RESUMABLE = ("resume", "out_dir", "max_steps", "stop_at", "device", "compile", "
              "save_every", *ModelConfig.COMPUTATION)
 # Post-training takes these from the run of the model it starts from, unless they are given.
 INHERITED = ("task", "alphabet_size", "n_train", "context", "data", "data_dir", "seq_len", "batch_size",
-             "grad_accum", "chunk_size", "babilong_tasks", "babilong_facts")
+             "grad_accum", "chunk_size", "babilong_tasks", "babilong_facts", "passkey_filler")
 # Options that concern the post-training only: the automatic pre-training of out/zero does not take them.
 POST_ONLY = ("init", "init_from", "base_steps", "from_scratch", "resume", "overwrite", "out_dir", "max_steps", "lr",
              "min_lr", "warmup_steps", "eval_interval", "stop_at", *{o for cls in INITS.values() for o in cls.options})
@@ -589,7 +589,7 @@ POST_ONLY = ("init", "init_from", "base_steps", "from_scratch", "resume", "overw
 ONLY_FOR = {"data": ("task", ("lm",)), "seq_len": ("task", ("lm", "babilong")),
             "alphabet_size": ("task", ("copy",)), "n_train": ("task", ("copy",)), "context": ("task", ("copy",)),
             "tokenizer": ("task", ("passkey", "babilong")), "babilong_tasks": ("task", ("babilong",)),
-            "babilong_facts": ("task", ("babilong",)),
+            "babilong_facts": ("task", ("babilong",)), "passkey_filler": ("task", ("passkey",)),
             **{o: ("init", tuple(n for n, cls in INITS.items() if o in cls.options))
                for cls in INITS.values() for o in cls.options},
             **{o: ("init", tuple(n for n in INITS if n != "zero")) for o in ("from_scratch", "base_steps")},

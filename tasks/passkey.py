@@ -6,7 +6,13 @@ A 5-digit key is hidden at relative depth d of filler text and asked for at the 
 fine-tunes on examples no longer than the training length (PasskeyTask) so that a model that generalises in length
 finds the key far beyond it. Prompts are in words, so the task needs a tokenizer (data.get_tokenizer) and is only
 meaningful for models trained on natural language.
+
+The filler is the paper's line of five short sentences again and again (repeated), or, so that the state a long
+prompt reaches is not that of one sentence seen over and over, natural sentences: the standard library's docstrings
+from a random place on, as BABILong's background (varied; train.py --passkey_filler, eval.py --passkey_filler).
 """
+import itertools
+
 import numpy as np
 import torch
 
@@ -17,6 +23,7 @@ PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant t
                  "I will quiz you about the important information there.\n")
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_FILLERS = ("repeated", "varied")
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
 PASSKEY_LENGTHS = tuple(2 ** k for k in range(11, 19))  # 2k .. 256k tokens
 
@@ -30,16 +37,44 @@ def passkey_answer(key):
     return f" {key}."
 
 
-def passkey_prompt(tokenizer, length, depth, key):
+def filler_pieces(tokenizer, filler, start=0):
+    """Endless filler as lists of token ids: PASSKEY_FILLER's line again and again (repeated), or the standard
+    library's docstring sentences from sentence number start on, going round them (varied)."""
+    if filler == "repeated":
+        return itertools.repeat(tokenizer.encode_ordinary(PASSKEY_FILLER))
+    from tasks.babilong.haystack import stdlib_sentences  # BABILong's background text, read only when asked for
+
+    sentences = stdlib_sentences()
+    return (tokenizer.encode_ordinary(sentences[(start + i) % len(sentences)] + " ") for i in itertools.count())
+
+
+def split_filler(pieces, room, depth):
+    """room tokens of filler taken from pieces, split where a piece ends nearest to depth * room.
+    Returns (ids before the key, ids after it)."""
+    tokens, boundaries = [], [0]
+    while len(tokens) < room:
+        tokens += next(pieces)
+        boundaries.append(min(len(tokens), room))
+    at = min(boundaries, key=lambda boundary: abs(boundary - depth * room))
+    return tokens[:at], tokens[at:room]
+
+
+def passkey_prompt(tokenizer, length, depth, key, filler="repeated", start=0):
     """Token ids of about `length` tokens: intro, filler with the key sentence at relative depth `depth`
-    (0 = right after the intro, 1 = right before the question, placed between filler sentences), question."""
+    (0 = right after the intro, 1 = right before the question, placed between filler sentences), question.
+    The paper's repeated filler comes in whole lines; varied filler (from sentence start on) is cut to make the
+    length exact."""
     encode = tokenizer.encode_ordinary
     intro, question = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION)
     needle = encode(passkey_needle(key))
-    filler = encode(PASSKEY_FILLER)
-    repeats = max(1, (length - len(intro) - len(needle) - len(question)) // len(filler))
+    if filler == "varied":
+        room = max(0, length - len(intro) - len(needle) - len(question))
+        before, after = split_filler(filler_pieces(tokenizer, filler, start), room, depth)
+        return intro + before + needle + after + question
+    line = encode(PASSKEY_FILLER)
+    repeats = max(1, (length - len(intro) - len(needle) - len(question)) // len(line))
     at = round(depth * repeats)
-    return intro + filler * at + needle + filler * (repeats - at) + question
+    return intro + line * at + needle + line * (repeats - at) + question
 
 
 def score_answer(text, key):
@@ -61,10 +96,10 @@ class PasskeyTask:
     name = "passkey"
     needs_tokenizer = True
 
-    def __init__(self, tokenizer, max_len=2048):
+    def __init__(self, tokenizer, max_len=2048, passkey_filler="repeated"):
         encode = tokenizer.encode_ordinary
-        self.tokenizer, self.max_len = tokenizer, max_len
-        self.intro, self.filler, self.question = encode(PASSKEY_INTRO), encode(PASSKEY_FILLER), encode(PASSKEY_QUESTION)
+        self.tokenizer, self.max_len, self.filler = tokenizer, max_len, passkey_filler
+        self.intro, self.question = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION)
         # room for any key: a token covers at least one byte, so the key's sentences take at most their byte count
         longest = len((passkey_needle(99999) + passkey_answer(99999)).encode())
         self.min_len = len(self.intro) + len(self.question) + longest
@@ -80,17 +115,16 @@ class PasskeyTask:
     def train_tokens(self):
         return self.max_len
 
-    def example(self, length, depth, key):
+    def example(self, length, depth, key, start=0):
         """(inputs, targets), each (length,) int64: the prompt and the answer, targets -1 except where the next
-        token is part of the answer."""
+        token is part of the answer. start: the first sentence of varied filler."""
         encode = self.tokenizer.encode_ordinary
         needle, answer = encode(passkey_needle(key)), encode(passkey_answer(key))
         room = length - len(self.intro) - len(needle) - len(self.question) - len(answer)
         if room < 0:
             raise ValueError(f"key {key} does not fit in {length} tokens")
-        filler = (self.filler * (room // len(self.filler) + 1))[:room]
-        at = min([*range(0, room, len(self.filler)), room], key=lambda boundary: abs(boundary - depth * room))
-        tokens = self.intro + filler[:at] + needle + filler[at:] + self.question + answer
+        before, after = split_filler(filler_pieces(self.tokenizer, self.filler, start), room, depth)
+        tokens = self.intro + before + needle + after + self.question + answer
         inputs = torch.tensor(tokens)
         targets = torch.full_like(inputs, -1)
         targets[length - len(answer) - 1:-1] = inputs[length - len(answer):]
@@ -101,7 +135,9 @@ class PasskeyTask:
         length = int(torch.randint(self.min_len, self.max_len + 1, (1,), generator=generator))
         keys = torch.randint(10000, 100000, (batch_size,), generator=generator).tolist()
         depths = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
-        rows = [self.example(length, depth, key) for depth, key in zip(depths, keys)]
+        starts = torch.randint(2 ** 31, (batch_size,), generator=generator).tolist() if self.filler == "varied" \
+            else [0] * batch_size  # (drawn only for varied filler: the paper's examples stay as they were)
+        rows = [self.example(length, depth, key, start) for depth, key, start in zip(depths, keys, starts)]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
@@ -110,7 +146,8 @@ class PasskeyTask:
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast, chunk, seed=0, bar=None):
+def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast, chunk, seed=0, bar=None,
+                     filler="repeated"):
     """Accuracy[length][depth] over `trials` random keys, greedy decoding through LM.step."""
     rng = np.random.default_rng(seed)
     accuracy = []
@@ -118,7 +155,8 @@ def passkey_accuracy(model, tokenizer, lengths, depths, trials, device, autocast
         row = []
         for depth in depths:
             keys = rng.integers(10000, 100000, size=trials).tolist()
-            prompts = [passkey_prompt(tokenizer, length, depth, key) for key in keys]
+            starts = rng.integers(2 ** 31, size=trials).tolist() if filler == "varied" else [0] * trials
+            prompts = [passkey_prompt(tokenizer, length, depth, key, filler, start) for key, start in zip(keys, starts)]
             correct = []
             # a key's digits may take different numbers of tokens: decode prompts of equal length together
             for size in sorted({len(p) for p in prompts}):
@@ -150,8 +188,9 @@ def measure_passkey(checkpoints, reading):
         total = sum(lengths) * len(depths) * args.passkey_trials
         with reading.progress(total, f"{c.label}: passkey") as bar:
             accuracy = passkey_accuracy(c.model, tokenizer, lengths, depths, args.passkey_trials, reading.device,
-                                        reading.autocast, args.chunk, bar=bar)
-        records.append({**c.record(), "lengths": lengths, "depths": depths, "accuracy": accuracy})
+                                        reading.autocast, args.chunk, bar=bar, filler=args.passkey_filler)
+        records.append({**c.record(), "lengths": lengths, "depths": depths, "filler": args.passkey_filler,
+                        "accuracy": accuracy})
     return records
 
 

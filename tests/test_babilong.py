@@ -431,7 +431,8 @@ def test_a_fresh_model_trains_in_byte_tokens_and_is_evaluated_by_depth(tmp_path,
 @pytest.mark.parametrize("flags", [["--task", "babilong", "--tokenizer", "bytes", "--init_from", "{base}"],
                                    ["--task", "copy", "--tokenizer", "bytes"],
                                    ["--task", "babilong"],
-                                   ["--task", "babilong", "--tokenizer", "bytes", "--babilong_tasks", "qa7"]])
+                                   ["--task", "babilong", "--tokenizer", "bytes", "--babilong_tasks", "qa7"],
+                                   ["--task", "babilong", "--tokenizer", "bytes", "--passkey_filler", "varied"]])
 def test_fresh_training_refuses_contradictions(tmp_path, flags):
     import train
 

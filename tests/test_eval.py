@@ -138,7 +138,8 @@ def test_evaluation_writes_figures_and_tables(runs, tiny_corpus, tmp_path, capsy
     evaluation.main(["--ckpt", str(runs / "zero"), "--ckpt", str(runs / "state_passing" / "ckpt.pt"), "--len", "96",
                      "--num_seqs", "2", "--chunk", "32", "--out", str(out), "--data_dir", data_dir, "--effrem",
                      "--state_stats", "--passkey", "--passkey_lengths", "64", "--passkey_trials", "1",
-                     "--bins", "8"])
+                     "--passkey_filler", "varied", "--bins", "8"])
+    assert json.loads((out / "passkey.json").read_text())["checkpoints"][0]["filler"] == "varied"
     for name in ("loss_vs_position.png", "loss_vs_position.csv", "effrem.png", "state_stats.png", "passkey.png"):
         assert (out / name).stat().st_size > 0
     record = json.loads((out / "loss_vs_position.json").read_text())
@@ -423,6 +424,41 @@ def test_passkey_training_examples():
     assert min(depths) < 0.15 and max(depths) > 0.7 and 0.3 < sum(depths) / len(depths) < 0.7  # depths spread
     with pytest.raises(ValueError, match="too short"):
         passkey.PasskeyTask(enc, max_len=100)
+
+
+def test_varied_passkey_filler_is_natural_text_of_the_exact_length():
+    """--passkey_filler varied: the prompt is exactly `length` tokens, the key sits at its depth between two
+    sentences, the filler is many different sentences (not one line again and again), and another start gives other
+    text; training examples likewise, while the paper's repeated filler stays whole lines of PASSKEY_FILLER."""
+    from corpora.tokenizer import bytes_encoding
+
+    enc = bytes_encoding()
+    for depth in (0.0, 0.5, 1.0):
+        ids = passkey.passkey_prompt(enc, 3000, depth, 48213, filler="varied", start=7)
+        text = enc.decode(ids)
+        assert len(ids) == 3000 and text.startswith(passkey.PASSKEY_INTRO) and text.endswith(passkey.PASSKEY_QUESTION)
+        needle = passkey.passkey_needle(48213)
+        before = text[len(passkey.PASSKEY_INTRO):text.index(needle)]
+        assert abs(len(before) / (3000 - len(passkey.PASSKEY_INTRO) - len(needle) - len(passkey.PASSKEY_QUESTION))
+                   - depth) < 0.05
+        after = text[text.index(needle) + len(needle):-len(passkey.PASSKEY_QUESTION)]
+        assert before == "" or before.endswith(". ") or after == ""  # between sentences, or after the (cut) last
+        filler = before + after
+        assert passkey.PASSKEY_FILLER not in filler and len(set(filler.split(". "))) > 20
+    other = enc.decode(passkey.passkey_prompt(enc, 3000, 0.5, 48213, filler="varied", start=8))
+    assert other != text and len(passkey.passkey_prompt(enc, 3000, 0.5, 48213)) <= 3000  # repeated: whole lines
+    task = passkey.PasskeyTask(enc, max_len=600, passkey_filler="varied")
+    inputs, targets = task.batch(4, torch.Generator().manual_seed(0))
+    texts = [enc.decode(row.tolist()) for row in inputs]
+    assert len(set(texts)) == 4 and all(passkey.PASSKEY_FILLER not in t for t in texts)
+    for row, target, text in zip(inputs, targets, texts):
+        key = text[-6:-1]
+        assert enc.decode(target[target >= 0].tolist()) == f" {key}." and passkey.passkey_needle(int(key)) in text
+    inputs, _ = passkey.PasskeyTask(enc, max_len=600).batch(4, torch.Generator().manual_seed(0))
+    for row in inputs:
+        text = enc.decode(row.tolist())
+        filler = text[len(passkey.PASSKEY_INTRO):text.index("The pass key is")]
+        assert filler == passkey.PASSKEY_FILLER * (len(filler) // len(passkey.PASSKEY_FILLER))  # whole lines
 
 
 def test_passkey_training_loss_counts_the_answer_only():
@@ -742,7 +778,8 @@ def test_too_few_documents_for_the_short_sequences_is_said(runs, tiny_corpus, tm
     (["--along_training"], "--along_training"),
     (["--effrem_T", "32"], "--effrem_T"), (["--effrem_points", "5"], "--effrem_points"),
     (["--passkey_lengths", "64"], "--passkey_lengths"), (["--passkey_depths", "0.5"], "--passkey_depths"),
-    (["--passkey_trials", "2"], "--passkey_trials"), (["--train_len", "16"], "--train_len"),
+    (["--passkey_trials", "2"], "--passkey_trials"), (["--passkey_filler", "varied"], "--passkey_filler"),
+    (["--train_len", "16"], "--train_len"),
 ])
 def test_flags_that_do_not_apply_are_refused_naming_them(runs, tiny_corpus, tmp_path, extra, flag):
     base = ["--ckpt", str(runs / "zero"), "--data_dir", tiny_corpus[0], "--len", "64", "--num_seqs", "1",

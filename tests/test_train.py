@@ -1037,14 +1037,14 @@ def test_passkey_fine_tunes_a_model_in_its_own_tokenizer(bpe_model, tmp_path):
 def test_passkey_resumes_exactly_and_defaults_to_the_paper_recipe(bpe_model, tmp_path):
     base, _ = bpe_model
     flags = lambda out: passkey_flags(out, "--init", "state_passing", "--init_from", str(base),  # noqa: E731
-                                      "--max_steps", "3", "--eval_interval", "3")
+                                      "--max_steps", "3", "--eval_interval", "3", "--passkey_filler", "varied")
     assert run_main(flags(tmp_path / "whole")) is None
     assert run_main(flags(tmp_path / "split") + ["--stop_at", "1"]) is None
     assert run_main(["--resume", "--out_dir", str(tmp_path / "split")]) is None
     whole, split = load(tmp_path / "whole"), load(tmp_path / "split")
     for key, value in whole["model"].items():
         assert torch.equal(value, split["model"][key]), key
-    assert split["corpus"] == whole["corpus"]
+    assert split["corpus"] == whole["corpus"] and split["args"]["passkey_filler"] == "varied"
     args, _ = resolve(train.parse(["--task", "passkey", "--init_from", str(base)]))
     assert (args.max_steps, tasks.build(args).train_tokens, args.out_dir) == (1000, 2048,
                                                                               os.path.join("out", "passkey", "zero"))
