@@ -455,8 +455,7 @@ class EvalConfig:
     passkey_lengths: List[int] = option(None, "prompt lengths in tokens (default, the paper's: 2048 ... 262144)")
     passkey_depths: List[float] = option(None, "relative depths of the key in [0, 1] (default: 0.1 0.5 0.9)")
     passkey_trials: int = option(4, "random keys per (length, depth) cell")
-    passkey_filler: str = option("repeated", "the filler: repeated, the paper's line of five sentences again and "
-                                             "again; varied, the standard library's docstring sentences",
+    passkey_filler: str = option("repeated", "the paper's repeated line, or varied: natural sentences",
                                  choices=("repeated", "varied"))
     copy_lengths: List[int] = option(None, "string lengths to copy (default: every length from 1 to 4 n_train)")
     copy_strings: int = option(256, "strings per length (256: a standard error of at most 0.031 per length)")
@@ -494,7 +493,7 @@ ONLY_FOR = {**dict.fromkeys(("bins", "bin_tokens", "ppl", "effrem", "passkey"), 
             **dict.fromkeys(("copy_lengths", "copy_strings", "along_training"), ("task", ("copy",))),
             **dict.fromkeys(("effrem_T", "effrem_points"), ("effrem", (True,))),
             **dict.fromkeys(("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_filler"),
-                          ("passkey", (True,)))}
+                            ("passkey", (True,)))}
 
 
 def setting(args, task=None):

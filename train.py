@@ -153,8 +153,7 @@ class TrainConfig:
                                   "in this tokenizer (bytes, gpt2, a tokenizer.json)")
     babilong_tasks: List[str] = option(None, "babilong: the bAbI tasks trained on (default: qa1 qa2)")
     babilong_facts: List[int] = option(None, "babilong: the fewest and the most facts a story (default: bAbI's)")
-    passkey_filler: str = option("repeated", "passkey: the filler: repeated, the paper's line of five sentences "
-                                             "again and again; varied, the standard library's docstring sentences",
+    passkey_filler: str = option("repeated", "passkey: the paper's repeated line, or varied: natural sentences",
                                  choices=("repeated", "varied"))
     # data and optimisation
     data: str = option(DEFAULT_CORPUS, "a prepared corpus name under --data_dir, or its folder (python -m corpora)")
