@@ -23,7 +23,6 @@ PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant t
                  "I will quiz you about the important information there.\n")
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
-PASSKEY_FILLERS = ("repeated", "varied")
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
 PASSKEY_LENGTHS = tuple(2 ** k for k in range(11, 19))  # 2k .. 256k tokens
 
