@@ -681,7 +681,8 @@ def training_flops_per_token(cfg, num_parameters):
 
 def preset_run(name):
     """(ModelConfig, options) of the run `python train.py --preset NAME` starts, on the meta device: the official
-    models' architecture comes from pretrained.official_config, without downloading them."""
+    models' architecture comes from pretrained.official_config, flash-linear-attention's from pretrained.fla.PUBLIC,
+    without downloading them."""
     import train
     from pretrained import config_from_json, fla, official_config
 
